@@ -1,0 +1,10 @@
+//! `effdet-pipeline` owns everything between files on disk and training batches:
+//! TFRecord framing ([`tfrecord`]), `tf.train.Example` messages ([`example`]),
+//! COCO annotation handling and conversion ([`coco`]), and (later) decode,
+//! augmentation, anchor labeling and batching.
+//!
+//! It does not depend on the model crate; the model consumes its flat batch arrays.
+
+pub mod coco;
+pub mod example;
+pub mod tfrecord;

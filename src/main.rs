@@ -1,0 +1,40 @@
+//! `effdet`: the command-line front of the EfficientDet framework. Each subcommand lives in
+//! its own module under `src/commands/`; the work itself is in the `pipeline` and `model` crates.
+
+mod commands;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "effdet",
+    version,
+    about = "EfficientDet: data pipeline, training and evaluation"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print TFRecord records as JSON, count them, or verify every CRC.
+    Inspect(commands::inspect::Args),
+    /// Generate a synthetic COCO-format dataset (JPEGs + instances JSON).
+    SynthCoco(commands::synth::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Inspect(a) => commands::inspect::run(a),
+        Command::SynthCoco(a) => commands::synth::run(a),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
