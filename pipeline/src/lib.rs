@@ -1,10 +1,16 @@
 //! `effdet-pipeline` owns everything between files on disk and training batches:
-//! TFRecord framing ([`tfrecord`]), `tf.train.Example` messages ([`example`]),
-//! COCO annotation handling and conversion ([`coco`]), and (later) decode,
-//! augmentation, anchor labeling and batching.
+//! TFRecord framing ([`tfrecord`]), `tf.train.Example` messages ([`example`]), COCO
+//! annotations and conversion ([`coco`]), record sources ([`source`]), Example → sample
+//! parsing ([`sample`]), image decoding ([`decode`]), D0 augmentation ([`augment`]), and the
+//! multi-threaded batch loader ([`loader`]).
 //!
 //! It does not depend on the model crate; the model consumes its flat batch arrays.
 
+pub mod augment;
 pub mod coco;
+pub mod decode;
 pub mod example;
+pub mod loader;
+pub mod sample;
+pub mod source;
 pub mod tfrecord;

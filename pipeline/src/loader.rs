@@ -1,0 +1,898 @@
+//! Batches from shards: a source thread reads records (see [`crate::source`]), worker threads
+//! parse, decode, augment and label them into pooled sample buffers, and an assembler thread
+//! puts samples back in sequence order and copies them into pooled batch buffers, which go to
+//! a bounded prefetch queue. Dropping a [`Batch`] returns its buffers to the pool, so the
+//! steady state allocates nothing per image.
+//!
+//! Determinism: all randomness of sample `n` of epoch `e` comes from `(seed, e, n, rank)`, and
+//! batches are filled in sequence order (skipping samples that fail to decode), so the batch
+//! stream is the same for any thread count.
+//!
+//! Layouts: images `[B, 3, H, W]` (f32 or f16); targets level-major, each level contiguous as
+//! `[B, H_l, W_l, A]` for classes and `[B, H_l, W_l, 4A]` for boxes, `A` anchors per cell.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use half::f16;
+use prost::bytes::Bytes;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::augment::{
+    render_image, transform_boxes, AugmentConfig, ImageWorkspace, Mode, ScaleParams,
+};
+use crate::decode::{DecodedImage, ImageDecoder};
+use crate::example::Example;
+use crate::sample::Sample;
+use crate::source::{mix_seed, EpochReader, SourceConfig, SourceRecord};
+
+/// Assigns anchor targets to the boxes of one augmented image.
+pub trait TargetAssigner: Send + Sync {
+    /// `(height, width)` of each level's anchor grid, lowest level first.
+    fn level_shapes(&self) -> Vec<(usize, usize)>;
+    /// Anchors per grid cell.
+    fn anchors_per_cell(&self) -> usize;
+    /// Writes class targets (`num_anchors`) and box targets (`4 · num_anchors`) in anchor
+    /// order (level → y → x → anchor); returns the number of positive anchors.
+    fn assign(
+        &self,
+        boxes: &[[f32; 4]],
+        classes: &[i32],
+        cls_out: &mut [i32],
+        box_out: &mut [f32],
+    ) -> f32;
+}
+
+/// Element type of the image tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageDtype {
+    F32,
+    F16,
+}
+
+/// Everything the loader needs to know.
+#[derive(Debug, Clone)]
+pub struct LoaderConfig {
+    pub mode: Mode,
+    pub augment: AugmentConfig,
+    pub batch_size: usize,
+    /// Worker threads (0 = all cores).
+    pub threads: usize,
+    /// Batches queued ahead of the consumer.
+    pub prefetch: usize,
+    pub image_dtype: ImageDtype,
+    /// Ground-truth rows per image in `gt_boxes` / `gt_classes` (automl: 100).
+    pub max_instances: usize,
+    pub seed: u64,
+    pub rank: usize,
+    pub world_size: usize,
+    /// First epoch to produce (for resuming).
+    pub start_epoch: u64,
+    /// Epochs to produce; `None` repeats forever.
+    pub epochs: Option<u64>,
+    /// Samples of the first epoch to skip without decoding (for resuming).
+    pub skip_samples: u64,
+    pub shuffle_buffer: usize,
+    pub cycle_length: usize,
+    /// Only read, decode and resize (the pipeline's own ceiling); no labels.
+    pub decode_only: bool,
+}
+
+impl LoaderConfig {
+    /// Defaults for a mode: train shuffles and repeats; eval reads the files once in order.
+    pub fn new(mode: Mode, image_size: u32, batch_size: usize) -> LoaderConfig {
+        let train = mode == Mode::Train;
+        LoaderConfig {
+            mode,
+            augment: AugmentConfig::d0(image_size),
+            batch_size,
+            threads: 0,
+            prefetch: 2,
+            image_dtype: ImageDtype::F32,
+            max_instances: 100,
+            seed: 0,
+            rank: 0,
+            world_size: 1,
+            start_epoch: 0,
+            epochs: if train { None } else { Some(1) },
+            skip_samples: 0,
+            shuffle_buffer: if train { 64 } else { 0 },
+            cycle_length: if train { 4 } else { 1 },
+            decode_only: false,
+        }
+    }
+
+    fn worker_threads(&self) -> usize {
+        if self.threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            self.threads
+        }
+    }
+}
+
+/// Image tensor storage.
+#[derive(Debug, Clone)]
+pub enum ImageData {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
+
+impl ImageData {
+    pub fn len(&self) -> usize {
+        match self {
+            ImageData::F32(v) => v.len(),
+            ImageData::F16(v) => v.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The images as f32 (converted when stored as f16).
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self {
+            ImageData::F32(v) => v.clone(),
+            ImageData::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+        }
+    }
+}
+
+/// Per-level layout of the flat target arrays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LevelLayout {
+    pub height: usize,
+    pub width: usize,
+    /// Offset of this level in one image's anchor list.
+    pub anchor_offset: usize,
+}
+
+/// The reusable storage of one batch.
+#[derive(Debug)]
+pub struct BatchBuffers {
+    pub images: ImageData,
+    pub cls_targets: Vec<i32>,
+    pub box_targets: Vec<f32>,
+    pub num_positives: Vec<f32>,
+    pub source_ids: Vec<i64>,
+    pub image_scales: Vec<f32>,
+    pub gt_boxes: Vec<f32>,
+    pub gt_classes: Vec<f32>,
+}
+
+/// One batch. Dropping it hands its buffers back to the loader.
+#[derive(Debug)]
+pub struct Batch {
+    /// Samples in this batch (the batch size, except a last eval batch).
+    pub len: usize,
+    pub batch_size: usize,
+    /// Epoch of the first sample and its sequence number in that epoch.
+    pub epoch: u64,
+    pub first_sequence: u64,
+    pub image_size: (usize, usize),
+    pub anchors_per_cell: usize,
+    pub levels: Vec<LevelLayout>,
+    /// Images whose original size was larger than the output etc. are all the same shape:
+    /// `[batch_size, 3, H, W]`; unused slots of a short batch are zero.
+    pub buffers: Option<BatchBuffers>,
+    recycle: Option<Sender<BatchBuffers>>,
+}
+
+impl Batch {
+    pub fn buffers(&self) -> &BatchBuffers {
+        self.buffers
+            .as_ref()
+            .expect("batch buffers present until drop")
+    }
+    pub fn num_anchors(&self) -> usize {
+        self.levels
+            .last()
+            .map(|l| l.anchor_offset + l.height * l.width * self.anchors_per_cell)
+            .unwrap_or(0)
+    }
+    /// Class targets of level index `l` (0 = lowest level): `[batch_size, H, W, A]`.
+    pub fn cls_targets(&self, l: usize) -> &[i32] {
+        let (start, len) = self.level_span(l, 1);
+        &self.buffers().cls_targets[start..start + len]
+    }
+    /// Box targets of level index `l`: `[batch_size, H, W, 4A]`.
+    pub fn box_targets(&self, l: usize) -> &[f32] {
+        let (start, len) = self.level_span(l, 4);
+        &self.buffers().box_targets[start..start + len]
+    }
+    fn level_span(&self, l: usize, per_anchor: usize) -> (usize, usize) {
+        let lv = &self.levels[l];
+        let start = lv.anchor_offset * self.batch_size * per_anchor;
+        let len = self.batch_size * lv.height * lv.width * self.anchors_per_cell * per_anchor;
+        (start, len)
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        if let (Some(b), Some(tx)) = (self.buffers.take(), self.recycle.take()) {
+            let _ = tx.try_send(b);
+        }
+    }
+}
+
+/// Time spent per stage, summed over threads.
+#[derive(Debug, Default)]
+pub struct StageTimes {
+    pub read_ns: AtomicU64,
+    pub parse_ns: AtomicU64,
+    pub decode_ns: AtomicU64,
+    pub augment_ns: AtomicU64,
+    pub label_ns: AtomicU64,
+    pub batch_ns: AtomicU64,
+    pub images: AtomicU64,
+    pub skipped_images: AtomicU64,
+    pub skipped_records: AtomicU64,
+}
+
+impl StageTimes {
+    fn add(counter: &AtomicU64, since: Instant) -> Instant {
+        let now = Instant::now();
+        counter.fetch_add((now - since).as_nanos() as u64, Ordering::Relaxed);
+        now
+    }
+    /// Seconds per stage as a JSON object.
+    pub fn to_json(&self) -> serde_json::Value {
+        let s = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64 / 1e9;
+        serde_json::json!({
+            "read": s(&self.read_ns),
+            "parse": s(&self.parse_ns),
+            "decode": s(&self.decode_ns),
+            "augment": s(&self.augment_ns),
+            "label": s(&self.label_ns),
+            "batch": s(&self.batch_ns),
+        })
+    }
+}
+
+/// A sample that failed to parse or decode.
+#[derive(Debug, Clone)]
+pub struct SkippedSample {
+    pub file: Arc<PathBuf>,
+    pub offset: u64,
+    pub source_id: Option<i64>,
+    pub reason: String,
+}
+
+/// One worker's output for one sample.
+struct SampleBuf {
+    image: Vec<f32>,
+    cls: Vec<i32>,
+    boxes: Vec<f32>,
+    num_positives: f32,
+    source_id: i64,
+    image_scale: f32,
+    gt_boxes: Vec<[f32; 4]>,
+    gt_classes: Vec<i32>,
+}
+
+enum WorkResult {
+    Done(SampleBuf),
+    Skipped(SampleBuf, SkippedSample),
+}
+
+/// What the assembler receives: samples from the workers, epoch lengths from the source.
+enum Msg {
+    Sample(u64, u64, WorkResult),
+    EpochEnd { epoch: u64, samples: u64 },
+}
+
+struct Job {
+    epoch: u64,
+    sequence: u64,
+    record: SourceRecord,
+}
+
+/// The running pipeline; iterate it for batches.
+pub struct Loader {
+    batches: Receiver<anyhow::Result<Batch>>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    pub stats: Arc<StageTimes>,
+    pub skipped: Arc<Mutex<Vec<SkippedSample>>>,
+    pub worker_threads: usize,
+}
+
+impl Loader {
+    /// Starts the pipeline threads.
+    pub fn start(
+        cfg: LoaderConfig,
+        files: Vec<PathBuf>,
+        assigner: Arc<dyn TargetAssigner>,
+        decoder: Arc<dyn ImageDecoder>,
+    ) -> anyhow::Result<Loader> {
+        anyhow::ensure!(cfg.batch_size > 0, "batch size must be at least 1");
+        let train = cfg.mode == Mode::Train;
+        let source_cfg = SourceConfig {
+            files,
+            rank: cfg.rank,
+            world_size: cfg.world_size,
+            shuffle_files: train,
+            cycle_length: cfg.cycle_length,
+            shuffle_buffer: cfg.shuffle_buffer,
+            seed: cfg.seed,
+        };
+        source_cfg.validate()?;
+        let threads = cfg.worker_threads();
+        let stats = Arc::new(StageTimes::default());
+        let skipped = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let cfg = Arc::new(cfg);
+
+        let levels = level_layouts(assigner.as_ref());
+        let num_anchors = levels
+            .last()
+            .map(|l| l.anchor_offset + l.height * l.width * assigner.anchors_per_cell())
+            .unwrap_or(0);
+        let (out_h, out_w) = (
+            cfg.augment.image_size.0 as usize,
+            cfg.augment.image_size.1 as usize,
+        );
+        let image_len = 3 * out_h * out_w;
+
+        // Sample buffers in flight: enough for every worker plus the reorder window.
+        let in_flight = threads * 2 + cfg.batch_size;
+        let (pool_tx, pool_rx) = bounded::<SampleBuf>(in_flight);
+        for _ in 0..in_flight {
+            pool_tx
+                .send(SampleBuf {
+                    image: vec![0.0; image_len],
+                    cls: vec![-1; if cfg.decode_only { 0 } else { num_anchors }],
+                    boxes: vec![0.0; if cfg.decode_only { 0 } else { num_anchors * 4 }],
+                    num_positives: 0.0,
+                    source_id: -1,
+                    image_scale: 1.0,
+                    gt_boxes: Vec::with_capacity(cfg.max_instances),
+                    gt_classes: Vec::with_capacity(cfg.max_instances),
+                })
+                .expect("pool has room");
+        }
+        let (job_tx, job_rx) = bounded::<Job>(in_flight);
+        let (res_tx, res_rx) = bounded::<Msg>(in_flight);
+        let (batch_tx, batch_rx) = bounded::<anyhow::Result<Batch>>(cfg.prefetch.max(1));
+        let mut handles = Vec::new();
+
+        // Source thread.
+        {
+            let cfg = cfg.clone();
+            let stop = stop.clone();
+            let stats = stats.clone();
+            let batch_tx = batch_tx.clone();
+            let res_tx = res_tx.clone();
+            handles.push(std::thread::spawn(move || {
+                let result = run_source(&cfg, &source_cfg, &job_tx, &res_tx, &stop, &stats);
+                if let Err(e) = result {
+                    let _ = batch_tx.send(Err(e));
+                }
+            }));
+        }
+        // Workers.
+        for _ in 0..threads {
+            let (cfg, stop, stats) = (cfg.clone(), stop.clone(), stats.clone());
+            let (job_rx, res_tx, pool_rx) = (job_rx.clone(), res_tx.clone(), pool_rx.clone());
+            let (assigner, decoder) = (assigner.clone(), decoder.clone());
+            handles.push(std::thread::spawn(move || {
+                let mut worker = Worker::new(cfg, assigner, decoder, stats);
+                // Take the buffer before the job, so the job the assembler waits for always
+                // has a buffer (no deadlock with the reorder window).
+                while let Ok(buf) = pool_rx.recv() {
+                    let Ok(job) = job_rx.recv() else { break };
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let (epoch, sequence) = (job.epoch, job.sequence);
+                    let result = worker.process(job, buf);
+                    if res_tx.send(Msg::Sample(epoch, sequence, result)).is_err() {
+                        break;
+                    }
+                }
+            }));
+        }
+        drop(res_tx);
+        // Assembler.
+        {
+            let (cfg, stop, stats, skipped) =
+                (cfg.clone(), stop.clone(), stats.clone(), skipped.clone());
+            let (recycle_tx, recycle_rx) = bounded::<BatchBuffers>(cfg.prefetch.max(1) + 2);
+            handles.push(std::thread::spawn(move || {
+                let mut asm = Assembler {
+                    cfg: cfg.clone(),
+                    levels,
+                    anchors_per_cell: assigner.anchors_per_cell(),
+                    num_anchors,
+                    image_len,
+                    recycle_tx,
+                    recycle_rx,
+                    stats,
+                    skipped,
+                    current: None,
+                };
+                asm.run(res_rx, pool_tx, batch_tx, &stop);
+            }));
+        }
+        Ok(Loader {
+            batches: batch_rx,
+            stop,
+            threads: handles,
+            stats,
+            skipped,
+            worker_threads: threads,
+        })
+    }
+
+    /// Next batch; `None` when the configured epochs are done.
+    pub fn next_batch(&mut self) -> Option<anyhow::Result<Batch>> {
+        self.batches.recv().ok()
+    }
+}
+
+impl Iterator for Loader {
+    type Item = anyhow::Result<Batch>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_batch()
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Drain so blocked senders wake up and see the stop flag.
+        while self.batches.try_recv().is_ok() {}
+        let (tx, rx) = bounded::<anyhow::Result<Batch>>(0);
+        drop(tx);
+        self.batches = rx;
+        for h in self.threads.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Per-level offsets of the anchor list.
+pub fn level_layouts(assigner: &dyn TargetAssigner) -> Vec<LevelLayout> {
+    let a = assigner.anchors_per_cell();
+    let mut offset = 0;
+    assigner
+        .level_shapes()
+        .into_iter()
+        .map(|(h, w)| {
+            let l = LevelLayout {
+                height: h,
+                width: w,
+                anchor_offset: offset,
+            };
+            offset += h * w * a;
+            l
+        })
+        .collect()
+}
+
+fn run_source(
+    cfg: &LoaderConfig,
+    source: &SourceConfig,
+    jobs: &Sender<Job>,
+    results: &Sender<Msg>,
+    stop: &AtomicBool,
+    stats: &StageTimes,
+) -> anyhow::Result<()> {
+    let mut epoch = cfg.start_epoch;
+    let mut to_skip = cfg.skip_samples;
+    loop {
+        if cfg.epochs.is_some_and(|n| epoch >= cfg.start_epoch + n) {
+            return Ok(());
+        }
+        let mut reader = EpochReader::new(source, epoch);
+        let mut produced = 0u64;
+        let mut t = Instant::now();
+        while let Some(record) = reader.next_record()? {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            produced += 1;
+            if to_skip > 0 {
+                to_skip -= 1;
+                continue;
+            }
+            StageTimes::add(&stats.read_ns, t);
+            let job = Job {
+                epoch,
+                sequence: record.sequence,
+                record,
+            };
+            if jobs.send(job).is_err() {
+                return Ok(());
+            }
+            t = Instant::now();
+        }
+        stats
+            .skipped_records
+            .fetch_add(reader.skipped.len() as u64, Ordering::Relaxed);
+        anyhow::ensure!(
+            produced > 0 || !reader.skipped.is_empty(),
+            "epoch {epoch}: the input files hold no records"
+        );
+        let end = Msg::EpochEnd {
+            epoch,
+            samples: produced,
+        };
+        if results.send(end).is_err() {
+            return Ok(());
+        }
+        epoch += 1;
+    }
+}
+
+struct Worker {
+    cfg: Arc<LoaderConfig>,
+    assigner: Arc<dyn TargetAssigner>,
+    decoder: Arc<dyn ImageDecoder>,
+    stats: Arc<StageTimes>,
+    decoded: DecodedImage,
+    ws: ImageWorkspace,
+    boxes: Vec<[f32; 4]>,
+    classes: Vec<i32>,
+    out_boxes: Vec<[f32; 4]>,
+    keep: Vec<usize>,
+}
+
+impl Worker {
+    fn new(
+        cfg: Arc<LoaderConfig>,
+        assigner: Arc<dyn TargetAssigner>,
+        decoder: Arc<dyn ImageDecoder>,
+        stats: Arc<StageTimes>,
+    ) -> Worker {
+        Worker {
+            cfg,
+            assigner,
+            decoder,
+            stats,
+            decoded: DecodedImage::default(),
+            ws: ImageWorkspace::default(),
+            boxes: Vec::new(),
+            classes: Vec::new(),
+            out_boxes: Vec::new(),
+            keep: Vec::new(),
+        }
+    }
+
+    fn process(&mut self, job: Job, mut buf: SampleBuf) -> WorkResult {
+        let skip = |buf, reason: String, source_id| {
+            WorkResult::Skipped(
+                buf,
+                SkippedSample {
+                    file: job.record.file.clone(),
+                    offset: job.record.offset,
+                    source_id,
+                    reason,
+                },
+            )
+        };
+        let t = Instant::now();
+        let sample = match Example::decode_bytes(Bytes::clone(&job.record.payload))
+            .map_err(|e| format!("malformed Example: {e}"))
+            .and_then(|ex| Sample::from_example(&ex).map_err(|e| e.to_string()))
+        {
+            Ok(s) => s,
+            Err(reason) => return skip(buf, reason, None),
+        };
+        let t = StageTimes::add(&self.stats.parse_ns, t);
+        if let Err(e) = self.decoder.decode_into(&sample.image, &mut self.decoded) {
+            return skip(
+                buf,
+                format!("cannot decode image: {e}"),
+                Some(sample.source_id),
+            );
+        }
+        let t = StageTimes::add(&self.stats.decode_ns, t);
+        let cfg = &self.cfg;
+        let (h, w) = (self.decoded.height, self.decoded.width);
+        let params = match cfg.mode {
+            Mode::Train => {
+                let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(&[
+                    cfg.seed,
+                    job.epoch,
+                    job.sequence,
+                    cfg.rank as u64,
+                ]));
+                ScaleParams::train(&mut rng, h, w, &cfg.augment)
+            }
+            Mode::Eval => ScaleParams::eval(h, w, &cfg.augment),
+        };
+        if cfg.decode_only {
+            if let Err(e) = render_image(
+                &self.decoded,
+                &params,
+                &cfg.augment,
+                &mut self.ws,
+                &mut buf.image,
+            ) {
+                return skip(
+                    buf,
+                    format!("cannot resize image: {e}"),
+                    Some(sample.source_id),
+                );
+            }
+            StageTimes::add(&self.stats.augment_ns, t);
+            buf.source_id = sample.source_id;
+            buf.image_scale = 1.0 / params.image_scale;
+            buf.num_positives = 0.0;
+            buf.gt_boxes.clear();
+            buf.gt_classes.clear();
+            return WorkResult::Done(buf);
+        }
+        self.boxes.clear();
+        self.classes.clear();
+        let drop_crowd = cfg.mode == Mode::Train && cfg.augment.skip_crowd_during_training;
+        for i in 0..sample.boxes.len() {
+            if drop_crowd && sample.is_crowd[i] {
+                continue;
+            }
+            self.boxes.push(sample.boxes[i]);
+            self.classes.push(sample.classes[i]);
+        }
+        transform_boxes(
+            &self.boxes,
+            &params,
+            &cfg.augment,
+            &mut self.out_boxes,
+            &mut self.keep,
+        );
+        if let Err(e) = render_image(
+            &self.decoded,
+            &params,
+            &cfg.augment,
+            &mut self.ws,
+            &mut buf.image,
+        ) {
+            return skip(
+                buf,
+                format!("cannot resize image: {e}"),
+                Some(sample.source_id),
+            );
+        }
+        let t = StageTimes::add(&self.stats.augment_ns, t);
+        buf.gt_classes.clear();
+        buf.gt_classes
+            .extend(self.keep.iter().map(|&i| self.classes[i]));
+        buf.num_positives = self.assigner.assign(
+            &self.out_boxes,
+            &buf.gt_classes,
+            &mut buf.cls,
+            &mut buf.boxes,
+        );
+        StageTimes::add(&self.stats.label_ns, t);
+        // Ground truth for evaluation: boxes back in original pixels (automl multiplies the
+        // clipped boxes by 1 / image_scale).
+        let to_original = 1.0 / params.image_scale;
+        buf.gt_boxes.clear();
+        buf.gt_boxes
+            .extend(self.out_boxes.iter().map(|b| b.map(|v| v * to_original)));
+        buf.source_id = sample.source_id;
+        buf.image_scale = to_original;
+        WorkResult::Done(buf)
+    }
+}
+
+struct Assembler {
+    cfg: Arc<LoaderConfig>,
+    levels: Vec<LevelLayout>,
+    anchors_per_cell: usize,
+    num_anchors: usize,
+    image_len: usize,
+    recycle_tx: Sender<BatchBuffers>,
+    recycle_rx: Receiver<BatchBuffers>,
+    stats: Arc<StageTimes>,
+    skipped: Arc<Mutex<Vec<SkippedSample>>>,
+    current: Option<Batch>,
+}
+
+impl Assembler {
+    fn run(
+        &mut self,
+        results: Receiver<Msg>,
+        pool: Sender<SampleBuf>,
+        batches: Sender<anyhow::Result<Batch>>,
+        stop: &AtomicBool,
+    ) {
+        let mut pending: BTreeMap<(u64, u64), WorkResult> = BTreeMap::new();
+        let mut epoch_len: BTreeMap<u64, u64> = BTreeMap::new();
+        // Resumed runs start mid-epoch.
+        let mut next = (self.cfg.start_epoch, self.cfg.skip_samples);
+        for msg in results.iter() {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            match msg {
+                Msg::Sample(epoch, seq, result) => {
+                    pending.insert((epoch, seq), result);
+                }
+                Msg::EpochEnd { epoch, samples } => {
+                    epoch_len.insert(epoch, samples);
+                }
+            }
+            loop {
+                if epoch_len.get(&next.0) == Some(&next.1) {
+                    epoch_len.remove(&next.0);
+                    next = (next.0 + 1, 0);
+                    continue;
+                }
+                let Some(result) = pending.remove(&next) else {
+                    break;
+                };
+                let key = next;
+                next.1 += 1;
+                let buf = match result {
+                    WorkResult::Done(buf) => {
+                        let t = Instant::now();
+                        let full = self.add(key, &buf);
+                        StageTimes::add(&self.stats.batch_ns, t);
+                        if let Some(full) = full {
+                            if batches.send(Ok(full)).is_err() {
+                                return;
+                            }
+                        }
+                        buf
+                    }
+                    WorkResult::Skipped(buf, info) => {
+                        eprintln!(
+                            "warning: skipping sample{} from {} at byte offset {}: {}",
+                            info.source_id
+                                .map(|id| format!(" {id}"))
+                                .unwrap_or_default(),
+                            info.file.display(),
+                            info.offset,
+                            info.reason
+                        );
+                        self.stats.skipped_images.fetch_add(1, Ordering::Relaxed);
+                        self.skipped.lock().expect("skip log").push(info);
+                        buf
+                    }
+                };
+                if pool.send(buf).is_err() {
+                    return;
+                }
+            }
+        }
+        // End of stream: flush a short batch in eval mode (training drops the remainder).
+        if let Some(mut batch) = self.current.take() {
+            if self.cfg.mode == Mode::Eval && batch.len > 0 {
+                let len = batch.len;
+                let image_len = self.image_len;
+                if let Some(b) = batch.buffers.as_mut() {
+                    match &mut b.images {
+                        ImageData::F32(v) => v[len * image_len..].fill(0.0),
+                        ImageData::F16(v) => v[len * image_len..].fill(f16::ZERO),
+                    }
+                    let a = self.anchors_per_cell;
+                    let bsz = self.cfg.batch_size;
+                    for lv in &self.levels {
+                        if b.cls_targets.is_empty() {
+                            break;
+                        }
+                        let n = lv.height * lv.width * a;
+                        let from = lv.anchor_offset * bsz + len * n;
+                        let to = lv.anchor_offset * bsz + bsz * n;
+                        b.cls_targets[from..to].fill(-1);
+                        b.box_targets[from * 4..to * 4].fill(0.0);
+                    }
+                    b.num_positives[len..].fill(0.0);
+                    b.source_ids[len..].fill(-1);
+                    b.gt_boxes[len * self.cfg.max_instances * 4..].fill(-1.0);
+                    b.gt_classes[len * self.cfg.max_instances..].fill(-1.0);
+                }
+                let _ = batches.send(Ok(batch));
+            }
+        }
+    }
+
+    fn fresh_buffers(&self) -> BatchBuffers {
+        let b = self.cfg.batch_size;
+        let images = match self.cfg.image_dtype {
+            ImageDtype::F32 => ImageData::F32(vec![0.0; b * self.image_len]),
+            ImageDtype::F16 => ImageData::F16(vec![f16::ZERO; b * self.image_len]),
+        };
+        let anchors = if self.cfg.decode_only {
+            0
+        } else {
+            self.num_anchors
+        };
+        BatchBuffers {
+            images,
+            cls_targets: vec![-1; b * anchors],
+            box_targets: vec![0.0; b * anchors * 4],
+            num_positives: vec![0.0; b],
+            source_ids: vec![-1; b],
+            image_scales: vec![0.0; b],
+            gt_boxes: vec![-1.0; b * self.cfg.max_instances * 4],
+            gt_classes: vec![-1.0; b * self.cfg.max_instances],
+        }
+    }
+
+    /// Copies one sample into the current batch; returns the batch when it is full.
+    fn add(&mut self, key: (u64, u64), s: &SampleBuf) -> Option<Batch> {
+        if self.current.is_none() {
+            let buffers = self
+                .recycle_rx
+                .try_recv()
+                .unwrap_or_else(|_| self.fresh_buffers());
+            self.current = Some(Batch {
+                len: 0,
+                batch_size: self.cfg.batch_size,
+                epoch: key.0,
+                first_sequence: key.1,
+                image_size: (
+                    self.cfg.augment.image_size.0 as usize,
+                    self.cfg.augment.image_size.1 as usize,
+                ),
+                anchors_per_cell: self.anchors_per_cell,
+                levels: self.levels.clone(),
+                buffers: Some(buffers),
+                recycle: Some(self.recycle_tx.clone()),
+            });
+        }
+        let batch = self.current.as_mut().expect("current batch");
+        let slot = batch.len;
+        let bsz = self.cfg.batch_size;
+        let max_inst = self.cfg.max_instances;
+        let a = self.anchors_per_cell;
+        let levels = &self.levels;
+        let decode_only = self.cfg.decode_only;
+        let bufs = batch.buffers.as_mut().expect("buffers");
+        let img = &s.image;
+        match &mut bufs.images {
+            ImageData::F32(v) => v[slot * img.len()..(slot + 1) * img.len()].copy_from_slice(img),
+            ImageData::F16(v) => {
+                for (d, &x) in v[slot * img.len()..(slot + 1) * img.len()]
+                    .iter_mut()
+                    .zip(img)
+                {
+                    *d = f16::from_f32(x);
+                }
+            }
+        }
+        if !decode_only {
+            for lv in levels {
+                let n = lv.height * lv.width * a;
+                let src = lv.anchor_offset..lv.anchor_offset + n;
+                let dst = lv.anchor_offset * bsz + slot * n;
+                bufs.cls_targets[dst..dst + n].copy_from_slice(&s.cls[src.clone()]);
+                bufs.box_targets[dst * 4..(dst + n) * 4]
+                    .copy_from_slice(&s.boxes[src.start * 4..src.end * 4]);
+            }
+        }
+        bufs.num_positives[slot] = s.num_positives;
+        bufs.source_ids[slot] = s.source_id;
+        bufs.image_scales[slot] = s.image_scale;
+        let gtb = &mut bufs.gt_boxes[slot * max_inst * 4..(slot + 1) * max_inst * 4];
+        gtb.fill(-1.0);
+        let gtc = &mut bufs.gt_classes[slot * max_inst..(slot + 1) * max_inst];
+        gtc.fill(-1.0);
+        for (i, (b, &c)) in s
+            .gt_boxes
+            .iter()
+            .zip(&s.gt_classes)
+            .take(max_inst)
+            .enumerate()
+        {
+            gtb[i * 4..i * 4 + 4].copy_from_slice(b);
+            gtc[i] = c as f32;
+        }
+        batch.len += 1;
+        if batch.len == bsz {
+            self.current.take()
+        } else {
+            None
+        }
+    }
+}
