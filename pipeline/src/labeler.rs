@@ -1,0 +1,452 @@
+//! Anchor labeling (training target assignment), bit-compatible with automl's `AnchorLabeler`
+//! (IoU similarity → `ArgMaxMatcher` with `force_match_for_each_row` → `TargetAssigner` with
+//! the Faster R-CNN box coder, no scale factors).
+//!
+//! This module owns the matching rules and the fast grid search that applies them. Semantics
+//! reproduced from the reference, all in `f32`:
+//! - IoU = `inter / ((area_gt + area_anchor) - inter)`, and exactly 0 when `inter == 0`.
+//! - Each anchor takes the ground-truth box (GT) of highest IoU, the lowest GT index on ties,
+//!   when that IoU is `>= threshold`; otherwise it is background. Matched and unmatched
+//!   thresholds are equal, so no anchor is ever "ignored" (the reference's -2 never occurs).
+//! - Force match: every GT claims its best anchor (highest IoU, lowest anchor index on ties;
+//!   a GT overlapping no anchor — zero area, inverted, or outside every anchor — claims anchor
+//!   0). A claimed anchor goes to its claimer even if another GT has a higher IoU with it;
+//!   when several GTs claim one anchor the lowest GT index wins.
+//! - Class target = class id − 1 for matched anchors, −1 for background; box targets are
+//!   `(ty, tx, th, tw)` of the matched GT relative to the anchor (sizes floored at 1e-8),
+//!   zeros for background; `num_positives` = number of matched anchors.
+//!
+//! Speed: instead of the full `boxes × anchors` IoU matrix, each GT only visits anchors that
+//! can reach a given IoU. Anchors lie on per-level grids, so for an anchor shape the condition
+//! `IoU >= t` bounds the row overlap `ih` from below (see [`row_bound`]), which confines
+//! candidate rows and columns to a window around the box. The window is computed with rounding
+//! margins and then every candidate is evaluated with the reference's exact `f32` formula, so
+//! the result equals the full scan bit for bit. For the force match the same search runs with
+//! `t` = the best IoU among a few seed anchors (nearest grid cell of every shape), which is a
+//! lower bound of the box's best IoU, so the window holds every anchor that can tie or beat it.
+
+use crate::anchors::{Anchors, LevelInfo};
+
+/// Reference `EPSILON` of the Faster R-CNN coder, applied to heights and widths.
+const CODER_EPSILON: f32 = 1e-8;
+/// Largest accepted |coordinate| in pixels; keeps areas far from `f32` overflow.
+pub const MAX_COORD: f32 = 1e7;
+
+/// Bad labeler input.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LabelError {
+    #[error("{boxes} boxes but {classes} classes")]
+    LengthMismatch { boxes: usize, classes: usize },
+    #[error("box {index} has a non-finite or out-of-range coordinate: {coords:?}")]
+    BadBox { index: usize, coords: [f32; 4] },
+    #[error("box {index} has class id {class}; class ids start at 1")]
+    BadClass { index: usize, class: i32 },
+    #[error("match threshold must be in (0, 1], got {0}")]
+    BadThreshold(f32),
+    #[error("more than {0} boxes")]
+    TooManyBoxes(usize),
+}
+
+/// Per-image training targets, caller-owned and reused across calls.
+#[derive(Debug, Clone, Default)]
+pub struct Targets {
+    /// Class target per anchor, level-major (`[H, W, A]` per level): class id − 1, or −1.
+    pub cls: Vec<i32>,
+    /// Box target per anchor (`[H, W, A * 4]` per level): `ty, tx, th, tw`, zeros if unmatched.
+    pub boxes: Vec<f32>,
+    /// Number of matched anchors.
+    pub num_positives: f32,
+    scratch: Scratch,
+}
+
+impl Targets {
+    /// Empty targets sized for `anchors`.
+    pub fn new(anchors: &Anchors) -> Self {
+        let n = anchors.num_anchors();
+        Targets {
+            cls: vec![-1; n],
+            boxes: vec![0.0; 4 * n],
+            num_positives: 0.0,
+            scratch: Scratch::default(),
+        }
+    }
+    /// Class targets of one level, `[H, W, A]` row-major.
+    pub fn level_cls(&self, level: &LevelInfo) -> &[i32] {
+        &self.cls[level.anchor_range()]
+    }
+    /// Box targets of one level, `[H, W, A * 4]` row-major.
+    pub fn level_boxes(&self, level: &LevelInfo) -> &[f32] {
+        &self.boxes[level.box_range()]
+    }
+}
+
+/// A matched anchor while labeling one image.
+#[derive(Debug, Clone, Copy, Default)]
+struct Entry {
+    anchor: u32,
+    gt: u32,
+    iou: f32,
+    forced: bool,
+}
+
+/// Reusable working memory. Invariant between calls: every `slot` is `u32::MAX`.
+#[derive(Debug, Clone, Default)]
+struct Scratch {
+    slot: Vec<u32>,
+    entries: Vec<Entry>,
+    forced: Vec<u32>,
+    /// Candidate rows of the shape being searched: (row, overlap, anchor height).
+    rows: Vec<(usize, f32, f32)>,
+}
+
+impl Scratch {
+    fn ensure(&mut self, n: usize) {
+        if self.slot.len() != n {
+            self.slot.clear();
+            self.slot.resize(n, u32::MAX);
+        }
+    }
+}
+
+/// Assigns classification and box-regression targets to anchors.
+#[derive(Debug, Clone)]
+pub struct Labeler {
+    anchors: Anchors,
+    threshold: f32,
+}
+
+/// The reference IoU of a GT box (with its precomputed area) and an anchor, op for op in f32.
+#[inline(always)]
+pub fn iou(gt: &[f32; 4], gt_area: f32, a: &[f32; 4]) -> f32 {
+    let ih = (gt[2].min(a[2]) - gt[0].max(a[0])).max(0.0);
+    let iw = (gt[3].min(a[3]) - gt[1].max(a[1])).max(0.0);
+    iou_from_parts(ih, iw, gt_area, (a[2] - a[0]) * (a[3] - a[1]))
+}
+
+#[inline(always)]
+fn iou_from_parts(ih: f32, iw: f32, gt_area: f32, anchor_area: f32) -> f32 {
+    let inter = ih * iw;
+    if inter == 0.0 {
+        0.0
+    } else {
+        inter / ((gt_area + anchor_area) - inter)
+    }
+}
+
+/// Reference area of a box: `(ymax - ymin) * (xmax - xmin)` in f32.
+#[inline(always)]
+pub fn area(b: &[f32; 4]) -> f32 {
+    (b[2] - b[0]) * (b[3] - b[1])
+}
+
+/// Faster R-CNN encoding `(ty, tx, th, tw)` of `gt` relative to `anchor`, as the reference's
+/// coder computes it in f32 (centers from unclamped sizes, sizes floored at 1e-8).
+pub fn encode(gt: &[f32; 4], anchor: &[f32; 4]) -> [f32; 4] {
+    let ha = anchor[2] - anchor[0];
+    let wa = anchor[3] - anchor[1];
+    let yca = anchor[0] + ha / 2.0;
+    let xca = anchor[1] + wa / 2.0;
+    let h = gt[2] - gt[0];
+    let w = gt[3] - gt[1];
+    let yc = gt[0] + h / 2.0;
+    let xc = gt[1] + w / 2.0;
+    let ha = ha.max(CODER_EPSILON);
+    let wa = wa.max(CODER_EPSILON);
+    let h = h.max(CODER_EPSILON);
+    let w = w.max(CODER_EPSILON);
+    let ty = (yc - yca) / ha;
+    let tx = (xc - xca) / wa;
+    // ln in f64 then rounded: correctly rounded in practice, within an ulp of TF's float log.
+    let th = ((h / ha) as f64).ln() as f32;
+    let tw = ((w / wa) as f64).ln() as f32;
+    [ty, tx, th, tw]
+}
+
+/// Lower bound on the row overlap `ih` of any anchor of one shape whose f32 IoU with the GT is
+/// `>= t` (`t > 0`). From `IoU >= t` ⇔ `inter * (1 + t) >= t * (area_gt + area_a)` (up to a few
+/// f32 roundings, covered by the 1e-5 relative margin), `inter <= ih * min(w_a, w_gt)` and
+/// `area_a >= h_min * w_min`. The column bound is the same with the axes swapped.
+#[inline]
+fn row_bound(
+    t: f32,
+    gt_area: f32,
+    other_min_a: f32,
+    own_min_a: f32,
+    other_max_a: f32,
+    other_gt: f32,
+) -> f64 {
+    let t = t as f64;
+    let c = t / (1.0 + t) * (1.0 - 1e-5);
+    c * (gt_area as f64 + own_min_a as f64 * other_min_a as f64)
+        / (other_max_a.min(other_gt) as f64)
+}
+
+/// Indices `k` of `centers` (an increasing grid) with `lo <= centers[k] <= hi`, widened by two
+/// cells on each side so rounding of the window never drops a row; callers re-check exactly.
+#[inline]
+fn grid_range(centers: &[f64], step: f64, lo: f64, hi: f64) -> (usize, usize) {
+    let n = centers.len() as f64;
+    let start = centers[0];
+    let a = ((lo - start) / step).ceil() - 2.0;
+    let b = ((hi - start) / step).floor() + 2.0;
+    let a = a.max(0.0);
+    let b = b.min(n - 1.0);
+    if !(a <= b) {
+        return (1, 0);
+    }
+    (a as usize, b as usize)
+}
+
+impl Labeler {
+    /// Labeler with the automl default threshold 0.5.
+    pub fn new(anchors: Anchors) -> Self {
+        Labeler {
+            anchors,
+            threshold: 0.5,
+        }
+    }
+
+    /// Labeler with another match threshold (used as both matched and unmatched threshold).
+    pub fn with_threshold(anchors: Anchors, threshold: f32) -> Result<Self, LabelError> {
+        if !(threshold > 0.0 && threshold <= 1.0) {
+            return Err(LabelError::BadThreshold(threshold));
+        }
+        Ok(Labeler { anchors, threshold })
+    }
+
+    pub fn anchors(&self) -> &Anchors {
+        &self.anchors
+    }
+    pub fn threshold(&self) -> f32 {
+        self.threshold
+    }
+
+    /// Targets buffer sized for this labeler's anchors.
+    pub fn new_targets(&self) -> Targets {
+        Targets::new(&self.anchors)
+    }
+
+    fn validate(boxes: &[[f32; 4]], classes: &[i32]) -> Result<(), LabelError> {
+        if boxes.len() != classes.len() {
+            return Err(LabelError::LengthMismatch {
+                boxes: boxes.len(),
+                classes: classes.len(),
+            });
+        }
+        if boxes.len() >= u32::MAX as usize {
+            return Err(LabelError::TooManyBoxes(u32::MAX as usize - 1));
+        }
+        for (index, b) in boxes.iter().enumerate() {
+            if b.iter().any(|v| !(v.abs() <= MAX_COORD)) {
+                return Err(LabelError::BadBox { index, coords: *b });
+            }
+        }
+        for (index, &class) in classes.iter().enumerate() {
+            if class < 1 {
+                return Err(LabelError::BadClass { index, class });
+            }
+        }
+        Ok(())
+    }
+
+    /// Labels all anchors for one image. `boxes` are `(ymin, xmin, ymax, xmax)` in pixels of
+    /// the (resized) input image, `classes` their COCO category ids (>= 1). `out` is resized
+    /// if needed and fully overwritten.
+    pub fn label_into(
+        &self,
+        boxes: &[[f32; 4]],
+        classes: &[i32],
+        out: &mut Targets,
+    ) -> Result<(), LabelError> {
+        Self::validate(boxes, classes)?;
+        let n = self.anchors.num_anchors();
+        out.cls.clear();
+        out.cls.resize(n, -1);
+        out.boxes.clear();
+        out.boxes.resize(4 * n, 0.0);
+        let scratch = &mut out.scratch;
+        scratch.ensure(n);
+        scratch.entries.clear();
+        scratch.forced.clear();
+
+        for (g, gt) in boxes.iter().enumerate() {
+            let best = self.search(g as u32, gt, scratch);
+            scratch.forced.push(best);
+        }
+        // Force matches override threshold matches; the lowest GT index claims first.
+        for g in 0..scratch.forced.len() {
+            let a = scratch.forced[g];
+            let s = scratch.slot[a as usize];
+            if s == u32::MAX {
+                scratch.slot[a as usize] = scratch.entries.len() as u32;
+                scratch.entries.push(Entry {
+                    anchor: a,
+                    gt: g as u32,
+                    iou: 0.0,
+                    forced: true,
+                });
+            } else {
+                let e = &mut scratch.entries[s as usize];
+                if !e.forced {
+                    e.forced = true;
+                    e.gt = g as u32;
+                }
+            }
+        }
+        let table = self.anchors.boxes();
+        for e in &scratch.entries {
+            let a = e.anchor as usize;
+            scratch.slot[a] = u32::MAX;
+            let g = e.gt as usize;
+            out.cls[a] = classes[g] - 1;
+            let anchor = [
+                table[4 * a],
+                table[4 * a + 1],
+                table[4 * a + 2],
+                table[4 * a + 3],
+            ];
+            out.boxes[4 * a..4 * a + 4].copy_from_slice(&encode(&boxes[g], &anchor));
+        }
+        out.num_positives = scratch.entries.len() as f32;
+        Ok(())
+    }
+
+    /// Records threshold matches of GT `g` into `scratch` and returns its force-match anchor.
+    fn search(&self, g: u32, gt: &[f32; 4], scratch: &mut Scratch) -> u32 {
+        let hb = gt[2] - gt[0];
+        let wb = gt[3] - gt[1];
+        // Zero-area or inverted boxes intersect nothing: their IoU row is all zeros, so the
+        // reference's argmax picks anchor 0 and no anchor reaches the threshold.
+        if !(hb > 0.0 && wb > 0.0) {
+            return 0;
+        }
+        let gt_area = area(gt);
+        let mut best_iou = 0.0f32;
+        let mut best_idx = u32::MAX;
+        let per_loc = self.anchors.per_location();
+        let levels = self.anchors.levels();
+
+        // Seeds: the grid cell nearest to the box center, for every level and shape.
+        let cyb = (gt[0] as f64 + gt[2] as f64) / 2.0;
+        let cxb = (gt[1] as f64 + gt[3] as f64) / 2.0;
+        for (info, grid) in levels.iter().zip(&self.anchors.grids) {
+            let i = nearest(&grid.cy, info.stride_y, cyb);
+            let j = nearest(&grid.cx, info.stride_x, cxb);
+            let cell = info.offset + (i * info.width + j) * per_loc;
+            for (s, sh) in grid.shapes.iter().enumerate() {
+                let a = [sh.y0[i], sh.x0[j], sh.y1[i], sh.x1[j]];
+                let v = iou(gt, gt_area, &a);
+                let idx = (cell + s) as u32;
+                if v > best_iou || (v == best_iou && v > 0.0 && idx < best_idx) {
+                    best_iou = v;
+                    best_idx = idx;
+                }
+            }
+        }
+
+        let t = best_iou.min(self.threshold);
+        let mut rows = std::mem::take(&mut scratch.rows);
+        for (info, grid) in levels.iter().zip(&self.anchors.grids) {
+            for (s, sh) in grid.shapes.iter().enumerate() {
+                // Required overlaps along y and x (0 = any positive overlap).
+                let (ky, kx) = if t > 0.0 {
+                    (
+                        row_bound(t, gt_area, sh.w_min, sh.h_min, sh.w_max, wb),
+                        row_bound(t, gt_area, sh.h_min, sh.w_min, sh.h_max, hb),
+                    )
+                } else {
+                    (0.0, 0.0)
+                };
+                // ih <= min(h_anchor, h_gt) exactly, so a larger requirement rules out the shape.
+                if ky > sh.h_max.min(hb) as f64 || kx > sh.w_max.min(wb) as f64 {
+                    continue;
+                }
+                let (i0, i1) = grid_range(
+                    &grid.cy,
+                    info.stride_y,
+                    gt[0] as f64 + ky - sh.half_h,
+                    gt[2] as f64 - ky + sh.half_h,
+                );
+                rows.clear();
+                for i in i0..=i1 {
+                    let ih = (gt[2].min(sh.y1[i]) - gt[0].max(sh.y0[i])).max(0.0);
+                    if ih > 0.0 && ih as f64 >= ky {
+                        rows.push((i, ih, sh.y1[i] - sh.y0[i]));
+                    }
+                }
+                if rows.is_empty() {
+                    continue;
+                }
+                let (j0, j1) = grid_range(
+                    &grid.cx,
+                    info.stride_x,
+                    gt[1] as f64 + kx - sh.half_w,
+                    gt[3] as f64 - kx + sh.half_w,
+                );
+                if j1 < j0 {
+                    continue;
+                }
+                for j in j0..=j1 {
+                    let iw = (gt[3].min(sh.x1[j]) - gt[1].max(sh.x0[j])).max(0.0);
+                    if !(iw > 0.0 && iw as f64 >= kx) {
+                        continue;
+                    }
+                    let wa = sh.x1[j] - sh.x0[j];
+                    for &(i, ih, ha) in &rows {
+                        let v = iou_from_parts(ih, iw, gt_area, ha * wa);
+                        let idx = (info.offset + (i * info.width + j) * per_loc + s) as u32;
+                        if v > best_iou || (v == best_iou && v > 0.0 && idx < best_idx) {
+                            best_iou = v;
+                            best_idx = idx;
+                        }
+                        if v >= self.threshold {
+                            record(scratch, idx, g, v);
+                        }
+                    }
+                }
+            }
+        }
+        scratch.rows = rows;
+        if best_iou > 0.0 {
+            best_idx
+        } else {
+            0
+        }
+    }
+
+    /// Convenience: label and return fresh targets.
+    pub fn label(&self, boxes: &[[f32; 4]], classes: &[i32]) -> Result<Targets, LabelError> {
+        let mut t = self.new_targets();
+        self.label_into(boxes, classes, &mut t)?;
+        Ok(t)
+    }
+}
+
+/// Threshold match of anchor `idx` to GT `g`: keeps the highest IoU, the earliest GT on ties
+/// (GTs are visited in increasing order, so only a strictly higher IoU replaces).
+#[inline]
+fn record(scratch: &mut Scratch, idx: u32, g: u32, v: f32) {
+    let s = scratch.slot[idx as usize];
+    if s == u32::MAX {
+        scratch.slot[idx as usize] = scratch.entries.len() as u32;
+        scratch.entries.push(Entry {
+            anchor: idx,
+            gt: g,
+            iou: v,
+            forced: false,
+        });
+    } else {
+        let e = &mut scratch.entries[s as usize];
+        if v > e.iou {
+            e.iou = v;
+            e.gt = g;
+        }
+    }
+}
+
+/// Grid index whose center is nearest to `c` (clamped to the grid).
+#[inline]
+fn nearest(centers: &[f64], step: f64, c: f64) -> usize {
+    let k = ((c - centers[0]) / step).round();
+    k.clamp(0.0, (centers.len() - 1) as f64) as usize
+}
