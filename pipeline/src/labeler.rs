@@ -48,14 +48,16 @@ pub enum LabelError {
 }
 
 /// Per-image training targets, caller-owned and reused across calls.
+///
+/// Read-only from outside: keeping the buffers private lets [`Labeler::label_into`] reset
+/// only the anchors it wrote last time instead of rewriting all of them per image.
 #[derive(Debug, Clone, Default)]
 pub struct Targets {
-    /// Class target per anchor, level-major (`[H, W, A]` per level): class id − 1, or −1.
-    pub cls: Vec<i32>,
-    /// Box target per anchor (`[H, W, A * 4]` per level): `ty, tx, th, tw`, zeros if unmatched.
-    pub boxes: Vec<f32>,
-    /// Number of matched anchors.
-    pub num_positives: f32,
+    cls: Vec<i32>,
+    boxes: Vec<f32>,
+    num_positives: f32,
+    /// Matched anchors of the last labeling, in increasing order.
+    positives: Vec<u32>,
     scratch: Scratch,
 }
 
@@ -66,9 +68,29 @@ impl Targets {
         Targets {
             cls: vec![-1; n],
             boxes: vec![0.0; 4 * n],
-            num_positives: 0.0,
-            scratch: Scratch::default(),
+            ..Default::default()
         }
+    }
+    /// Class target per anchor, level-major (`[H, W, A]` per level): class id − 1, or −1.
+    pub fn cls(&self) -> &[i32] {
+        &self.cls
+    }
+    /// Box target per anchor (`[H, W, A * 4]` per level): `ty, tx, th, tw`, zeros if unmatched.
+    pub fn boxes(&self) -> &[f32] {
+        &self.boxes
+    }
+    /// Number of matched anchors, as the reference reports it (float).
+    pub fn num_positives(&self) -> f32 {
+        self.num_positives
+    }
+    /// Indices of the matched anchors, increasing.
+    pub fn positives(&self) -> &[u32] {
+        &self.positives
+    }
+    /// Box target of one anchor; panics past the end like slice indexing.
+    pub fn box_target(&self, anchor: usize) -> [f32; 4] {
+        let b = &self.boxes[4 * anchor..4 * anchor + 4];
+        [b[0], b[1], b[2], b[3]]
     }
     /// Class targets of one level, `[H, W, A]` row-major.
     pub fn level_cls(&self, level: &LevelInfo) -> &[i32] {
@@ -77,6 +99,24 @@ impl Targets {
     /// Box targets of one level, `[H, W, A * 4]` row-major.
     pub fn level_boxes(&self, level: &LevelInfo) -> &[f32] {
         &self.boxes[level.box_range()]
+    }
+
+    /// Brings the buffers to `n` anchors, all background.
+    fn reset(&mut self, n: usize) {
+        if self.cls.len() != n || self.boxes.len() != 4 * n {
+            self.cls.clear();
+            self.cls.resize(n, -1);
+            self.boxes.clear();
+            self.boxes.resize(4 * n, 0.0);
+        } else {
+            for &a in &self.positives {
+                let a = a as usize;
+                self.cls[a] = -1;
+                self.boxes[4 * a..4 * a + 4].fill(0.0);
+            }
+        }
+        self.positives.clear();
+        self.num_positives = 0.0;
     }
 }
 
@@ -260,10 +300,7 @@ impl Labeler {
     ) -> Result<(), LabelError> {
         Self::validate(boxes, classes)?;
         let n = self.anchors.num_anchors();
-        out.cls.clear();
-        out.cls.resize(n, -1);
-        out.boxes.clear();
-        out.boxes.resize(4 * n, 0.0);
+        out.reset(n);
         let scratch = &mut out.scratch;
         scratch.ensure(n);
         scratch.entries.clear();
@@ -307,6 +344,9 @@ impl Labeler {
             ];
             out.boxes[4 * a..4 * a + 4].copy_from_slice(&encode(&boxes[g], &anchor));
         }
+        out.positives
+            .extend(scratch.entries.iter().map(|e| e.anchor));
+        out.positives.sort_unstable();
         out.num_positives = scratch.entries.len() as f32;
         Ok(())
     }

@@ -197,8 +197,17 @@ fn bad_anchor_configs_are_errors() {
     assert!(Anchors::new(&c).is_err());
 }
 
+/// Non-background anchors, found by scanning (checks `Targets::positives` on the way).
 fn positives(t: &Targets) -> Vec<usize> {
-    (0..t.cls.len()).filter(|&i| t.cls[i] != -1).collect()
+    let p: Vec<usize> = (0..t.cls().len()).filter(|&i| t.cls()[i] != -1).collect();
+    assert_eq!(
+        t.positives()
+            .iter()
+            .map(|&i| i as usize)
+            .collect::<Vec<_>>(),
+        p
+    );
+    p
 }
 
 fn assert_same_as_naive(
@@ -209,18 +218,18 @@ fn assert_same_as_naive(
     what: &str,
 ) {
     let n = naive_label(lab.anchors().boxes(), boxes, classes, lab.threshold());
-    assert_eq!(t.num_positives, n.num_positives, "{what}: num_positives");
-    if t.cls != n.cls {
-        let diff: Vec<_> = (0..t.cls.len())
-            .filter(|&i| t.cls[i] != n.cls[i])
+    assert_eq!(t.num_positives(), n.num_positives, "{what}: num_positives");
+    if t.cls() != n.cls {
+        let diff: Vec<_> = (0..t.cls().len())
+            .filter(|&i| t.cls()[i] != n.cls[i])
             .take(5)
-            .map(|i| (i, t.cls[i], n.cls[i]))
+            .map(|i| (i, t.cls()[i], n.cls[i]))
             .collect();
         panic!("{what}: class targets differ at (anchor, fast, naive) {diff:?}; boxes {boxes:?}");
     }
-    for i in 0..t.boxes.len() {
+    for i in 0..t.boxes().len() {
         assert_eq!(
-            t.boxes[i].to_bits(),
+            t.boxes()[i].to_bits(),
             n.boxes[i].to_bits(),
             "{what}: box target {i}"
         );
@@ -239,7 +248,7 @@ fn iou_exactly_half_is_matched() {
     let gt = [68.0, 68.0, 100.0, 84.0];
     assert_eq!(iou(&gt, area(&gt), &X), 0.5);
     let t = lab.label(&[gt], &[7]).unwrap();
-    assert_eq!(t.cls[xi], 6);
+    assert_eq!(t.cls()[xi], 6);
     // The box's best anchor is a tall one, so X is matched by the threshold, not forced.
     let best = (0..lab.anchors().num_anchors())
         .max_by(|&a, &b| {
@@ -251,30 +260,16 @@ fn iou_exactly_half_is_matched() {
         })
         .unwrap();
     assert_ne!(best, xi);
-    assert_eq!(t.box_targets(xi), [0.0, -0.25, 0.0, (0.5f64).ln() as f32]);
+    assert_eq!(t.box_target(xi), [0.0, -0.25, 0.0, (0.5f64).ln() as f32]);
     assert_same_as_naive(&lab, &[gt], &[7], &t, "half");
 
     // A hair narrower: IoU just below 0.5, X becomes background.
     let gt2 = [68.0, 68.0, 100.0, 83.99];
     assert!(iou(&gt2, area(&gt2), &X) < 0.5);
     let t2 = lab.label(&[gt2], &[7]).unwrap();
-    assert_eq!(t2.cls[xi], -1);
-    assert_eq!(t2.box_targets(xi), [0.0; 4]);
+    assert_eq!(t2.cls()[xi], -1);
+    assert_eq!(t2.box_target(xi), [0.0; 4]);
     assert_same_as_naive(&lab, &[gt2], &[7], &t2, "below half");
-}
-
-trait BoxAt {
-    fn box_targets(&self, a: usize) -> [f32; 4];
-}
-impl BoxAt for Targets {
-    fn box_targets(&self, a: usize) -> [f32; 4] {
-        [
-            self.boxes[4 * a],
-            self.boxes[4 * a + 1],
-            self.boxes[4 * a + 2],
-            self.boxes[4 * a + 3],
-        ]
-    }
 }
 
 #[test]
@@ -284,18 +279,18 @@ fn box_targets_have_exact_values() {
     // h = w = 34, center (87, 83) vs anchor center (84, 84), size 32.
     let gt = [70.0, 66.0, 104.0, 100.0];
     let t = lab.label(&[gt], &[1]).unwrap();
-    assert_eq!(t.cls[xi], 0);
+    assert_eq!(t.cls()[xi], 0);
     let ln = 0.060_624_621_816_434_84_f64 as f32; // ln(34 / 32)
-    assert_eq!(t.box_targets(xi), [0.09375, -0.03125, ln, ln]);
+    assert_eq!(t.box_target(xi), [0.09375, -0.03125, ln, ln]);
     assert_eq!(encode(&gt, &X), [0.09375, -0.03125, ln, ln]);
     // Another matched anchor: X shifted one cell left (centre x 76), IoU 780 / 1400.
     let left = index(lab.anchors(), 3, 10, 9, 0, 0);
     assert_eq!(lab.anchors().get(left).unwrap(), [68.0, 60.0, 100.0, 92.0]);
     assert!(iou(&gt, area(&gt), &[68.0, 60.0, 100.0, 92.0]) >= 0.5);
-    assert_eq!(t.box_targets(left), [0.09375, 0.21875, ln, ln]);
+    assert_eq!(t.box_target(left), [0.09375, 0.21875, ln, ln]);
     // One cell right (centre x 92) has IoU 720 / 1460 < 0.5: background.
-    assert_eq!(t.cls[index(lab.anchors(), 3, 10, 11, 0, 0)], -1);
-    assert_eq!(t.num_positives as usize, positives(&t).len());
+    assert_eq!(t.cls()[index(lab.anchors(), 3, 10, 11, 0, 0)], -1);
+    assert_eq!(t.num_positives() as usize, positives(&t).len());
     assert_same_as_naive(&lab, &[gt], &[1], &t, "targets");
 }
 
@@ -305,7 +300,7 @@ fn force_match_when_best_iou_is_below_threshold() {
     // A 1x1 box: best IoU is about 1/1024.
     let gt = [100.0, 100.0, 101.0, 101.0];
     let t = lab.label(&[gt], &[3]).unwrap();
-    assert_eq!(t.num_positives, 1.0);
+    assert_eq!(t.num_positives(), 1.0);
     let p = positives(&t);
     assert_eq!(p.len(), 1);
     let a = lab.anchors();
@@ -315,12 +310,12 @@ fn force_match_when_best_iou_is_below_threshold() {
     let max = ious.iter().cloned().fold(0.0, f32::max);
     assert!(max > 0.0 && max < 0.5);
     assert_eq!(p[0], ious.iter().position(|&v| v == max).unwrap());
-    assert_eq!(t.cls[p[0]], 2);
-    assert_eq!(t.box_targets(p[0]), encode(&gt, &a.get(p[0]).unwrap()));
+    assert_eq!(t.cls()[p[0]], 2);
+    assert_eq!(t.box_target(p[0]), encode(&gt, &a.get(p[0]).unwrap()));
     // A long thin box whose best anchor is far below 0.5.
     let thin = [10.0, 3.0, 12.0, 509.0];
     let t = lab.label(&[thin], &[3]).unwrap();
-    assert_eq!(t.num_positives, 1.0);
+    assert_eq!(t.num_positives(), 1.0);
     assert_same_as_naive(&lab, &[thin], &[3], &t, "thin");
 }
 
@@ -333,16 +328,16 @@ fn competing_boxes_lowest_index_wins() {
     let b_box = X;
     // Both claim X by force match; the lower GT index keeps it despite the lower IoU.
     let t = lab.label(&[a_box, b_box], &[10, 20]).unwrap();
-    assert_eq!(t.cls[xi], 9);
-    assert_eq!(t.box_targets(xi), encode(&a_box, &X));
+    assert_eq!(t.cls()[xi], 9);
+    assert_eq!(t.box_target(xi), encode(&a_box, &X));
     assert_same_as_naive(&lab, &[a_box, b_box], &[10, 20], &t, "a first");
     let t = lab.label(&[b_box, a_box], &[20, 10]).unwrap();
-    assert_eq!(t.cls[xi], 19);
+    assert_eq!(t.cls()[xi], 19);
     assert_same_as_naive(&lab, &[b_box, a_box], &[20, 10], &t, "b first");
     // Identical boxes: equal IoUs everywhere, so every positive goes to the first one.
     let t = lab.label(&[a_box, a_box], &[5, 6]).unwrap();
-    assert!(positives(&t).iter().all(|&i| t.cls[i] == 4));
-    assert_eq!(t.cls[xi], 4);
+    assert!(positives(&t).iter().all(|&i| t.cls()[i] == 4));
+    assert_eq!(t.cls()[xi], 4);
     assert_same_as_naive(&lab, &[a_box, a_box], &[5, 6], &t, "identical");
 }
 
@@ -356,15 +351,15 @@ fn boxes_overlapping_no_anchor_claim_anchor_zero() {
         [120.0, 100.0, 100.0, 120.0],         // inverted
     ] {
         let t = lab.label(&[gt], &[9]).unwrap();
-        assert_eq!(t.num_positives, 1.0, "{gt:?}");
+        assert_eq!(t.num_positives(), 1.0, "{gt:?}");
         assert_eq!(positives(&t), vec![0], "{gt:?}");
-        assert_eq!(t.cls[0], 8);
-        assert_eq!(t.box_targets(0), encode(&gt, &a0));
+        assert_eq!(t.cls()[0], 8);
+        assert_eq!(t.box_target(0), encode(&gt, &a0));
         assert_same_as_naive(&lab, &[gt], &[9], &t, "no overlap");
     }
     // Zero-height box: floored at 1e-8 by the coder before the log.
     let t = lab.label(&[[100.0, 100.0, 100.0, 120.0]], &[9]).unwrap();
-    assert_eq!(t.box_targets(0)[2], (1e-8f32 / 32.0).ln());
+    assert_eq!(t.box_target(0)[2], (1e-8f32 / 32.0).ln());
 }
 
 #[test]
@@ -377,16 +372,16 @@ fn no_boxes_and_buffer_reuse() {
         &mut t,
     )
     .unwrap();
-    assert!(t.num_positives > 0.0);
+    assert!(t.num_positives() > 0.0);
     lab.label_into(&[], &[], &mut t).unwrap();
-    assert_eq!(t.num_positives, 0.0);
-    assert!(t.cls.iter().all(|&c| c == -1));
-    assert!(t.boxes.iter().all(|&v| v == 0.0));
+    assert_eq!(t.num_positives(), 0.0);
+    assert!(t.cls().iter().all(|&c| c == -1));
+    assert!(t.boxes().iter().all(|&v| v == 0.0));
     // Buffers of the wrong size (e.g. default) are resized.
     let mut empty = Targets::default();
     lab.label_into(&[X], &[1], &mut empty).unwrap();
-    assert_eq!(empty.cls.len(), 49104);
-    assert_eq!(empty.boxes.len(), 4 * 49104);
+    assert_eq!(empty.cls().len(), 49104);
+    assert_eq!(empty.boxes().len(), 4 * 49104);
     let level = &lab.anchors().levels()[0];
     assert_eq!(empty.level_cls(level).len(), 64 * 64 * 9);
     assert_eq!(empty.level_boxes(level).len(), 64 * 64 * 36);
