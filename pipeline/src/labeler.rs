@@ -179,9 +179,31 @@ pub fn area(b: &[f32; 4]) -> f32 {
     (b[2] - b[0]) * (b[3] - b[1])
 }
 
+/// Width of TensorFlow's CPU float packets (AVX build). Element-wise kernels run over the
+/// whole per-anchor tensor in packets of this many values and finish the last
+/// `num_anchors % TF_PACKET` values with the scalar libm function instead.
+pub const TF_PACKET: usize = 8;
+
+/// Faster R-CNN encoding `(ty, tx, th, tw)` of `gt` relative to anchor number `index` of
+/// `num_anchors`, bit-identical to the reference: the log comes from [`tf_logf`], except for
+/// the last `num_anchors % TF_PACKET` anchors, whose log TF computes with scalar `logf`.
+pub fn encode_at(gt: &[f32; 4], anchor: &[f32; 4], index: usize, num_anchors: usize) -> [f32; 4] {
+    if index >= num_anchors - num_anchors % TF_PACKET {
+        encode_with(gt, anchor, f32::ln)
+    } else {
+        encode_with(gt, anchor, tf_logf)
+    }
+}
+
 /// Faster R-CNN encoding `(ty, tx, th, tw)` of `gt` relative to `anchor`, as the reference's
-/// coder computes it in f32 (centers from unclamped sizes, sizes floored at 1e-8).
+/// coder computes it in f32 (centers from unclamped sizes, sizes floored at 1e-8), with TF's
+/// packet log; see [`encode_at`] for the anchors at the very end of the table.
 pub fn encode(gt: &[f32; 4], anchor: &[f32; 4]) -> [f32; 4] {
+    encode_with(gt, anchor, tf_logf)
+}
+
+#[inline(always)]
+fn encode_with(gt: &[f32; 4], anchor: &[f32; 4], log: impl Fn(f32) -> f32) -> [f32; 4] {
     let ha = anchor[2] - anchor[0];
     let wa = anchor[3] - anchor[1];
     let yca = anchor[0] + ha / 2.0;
@@ -196,10 +218,47 @@ pub fn encode(gt: &[f32; 4], anchor: &[f32; 4]) -> [f32; 4] {
     let w = w.max(CODER_EPSILON);
     let ty = (yc - yca) / ha;
     let tx = (xc - xca) / wa;
-    // ln in f64 then rounded: correctly rounded in practice, within an ulp of TF's float log.
-    let th = ((h / ha) as f64).ln() as f32;
-    let tw = ((w / wa) as f64).ln() as f32;
+    let th = log(h / ha);
+    let tw = log(w / wa);
     [ty, tx, th, tw]
+}
+
+/// Natural log of an `f32` exactly as TensorFlow's CPU `Log` kernel rounds it (Eigen's
+/// vectorized float log without FMA): split `x = m * 2^e` with `m` in `[sqrt(1/2), sqrt(2))`,
+/// approximate `ln(m)` by a rational function of `m - 1`, add `e * ln 2`, every step rounded to
+/// f32. It differs from the correctly rounded log by up to 3 ulp on ~10% of inputs, so using
+/// it keeps `th`/`tw` bit-identical to the reference. Valid for positive normal `x` (box
+/// ratios always are: sizes are floored at 1e-8 and bounded by [`MAX_COORD`]); anything else
+/// falls back to the correctly rounded log.
+pub fn tf_logf(x: f32) -> f32 {
+    if !(x.is_normal() && x > 0.0) {
+        return (x as f64).ln() as f32;
+    }
+    let bits = x.to_bits();
+    // frexp: mantissa in [0.5, 1), exponent so that x = m * 2^e.
+    let mut m = f32::from_bits((bits & 0x807f_ffff) | (126 << 23));
+    let mut e = ((bits >> 23) & 0xff) as f32 - 126.0;
+    // Recentre to [sqrt(1/2), sqrt(2)) and shift by one.
+    let small = m < std::f32::consts::FRAC_1_SQRT_2;
+    let extra = if small { m } else { 0.0 };
+    m -= 1.0;
+    if small {
+        e -= 1.0;
+    }
+    m += extra;
+    // Eigen's coefficients as they round to f32 (two of them round to exactly 1 and 1.5).
+    const A: [f32; 3] = [0.182_562_96, 1.0, 1.0];
+    const B: [f32; 4] = [0.049_616_247, 0.599_232_5, 1.5, 1.0];
+    let mut p = A[0];
+    for c in &A[1..] {
+        p = p * m + c;
+    }
+    let p = m * p;
+    let mut q = B[0];
+    for c in &B[1..] {
+        q = q * m + c;
+    }
+    e * std::f32::consts::LN_2 + p / q
 }
 
 /// Lower bound on the row overlap `ih` of any anchor of one shape whose f32 IoU with the GT is
@@ -231,7 +290,7 @@ fn grid_range(centers: &[f64], step: f64, lo: f64, hi: f64) -> (usize, usize) {
     let b = ((hi - start) / step).floor() + 2.0;
     let a = a.max(0.0);
     let b = b.min(n - 1.0);
-    if !(a <= b) {
+    if a > b {
         return (1, 0);
     }
     (a as usize, b as usize)
@@ -277,7 +336,7 @@ impl Labeler {
             return Err(LabelError::TooManyBoxes(u32::MAX as usize - 1));
         }
         for (index, b) in boxes.iter().enumerate() {
-            if b.iter().any(|v| !(v.abs() <= MAX_COORD)) {
+            if b.iter().any(|v| !v.is_finite() || v.abs() > MAX_COORD) {
                 return Err(LabelError::BadBox { index, coords: *b });
             }
         }
@@ -342,7 +401,7 @@ impl Labeler {
                 table[4 * a + 2],
                 table[4 * a + 3],
             ];
-            out.boxes[4 * a..4 * a + 4].copy_from_slice(&encode(&boxes[g], &anchor));
+            out.boxes[4 * a..4 * a + 4].copy_from_slice(&encode_at(&boxes[g], &anchor, a, n));
         }
         out.positives
             .extend(scratch.entries.iter().map(|e| e.anchor));
@@ -489,4 +548,80 @@ fn record(scratch: &mut Scratch, idx: u32, g: u32, v: f32) {
 fn nearest(centers: &[f64], step: f64, c: f64) -> usize {
     let k = ((c - centers[0]) / step).round();
     k.clamp(0.0, (centers.len() - 1) as f64) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (input bits, TensorFlow 2.21 CPU `tf.math.log` output bits). The first twelve are
+    /// inputs where TF is 2–3 ulp away from the correctly rounded log.
+    const TF_LOG: [(u32, u32); 16] = [
+        (0x3fcc3ab0, 0x3eef3688),
+        (0x3f379aa2, 0xbeaa2fcd),
+        (0x3fa264ef, 0x3e73b573),
+        (0x3f2d52d1, 0xbec7b063),
+        (0x3f4e7af4, 0xbe5c21bf),
+        (0x3f9d32b2, 0x3e526850),
+        (0x3f352cc5, 0xbeb10182),
+        (0x3f8c3c7f, 0x3dbafacc),
+        (0x3fa19baf, 0x3e6ebd5c),
+        (0x3f8dc385, 0x3dd12a66),
+        (0x3fa1016c, 0x3e6aea18),
+        (0x3fa09f37, 0x3e6878bc),
+        (0x2fabcc77, 0xc1af1762),
+        (0x3f880000, 0x3d785186),
+        (0x3f000000, 0xbf317218),
+        (0x40000000, 0x3f317218),
+    ];
+
+    #[test]
+    fn log_matches_tensorflow_bits() {
+        for (x, y) in TF_LOG {
+            let got = tf_logf(f32::from_bits(x));
+            assert_eq!(
+                got.to_bits(),
+                y,
+                "log({}) = {got}, TF {}",
+                f32::from_bits(x),
+                f32::from_bits(y)
+            );
+        }
+        assert_eq!(tf_logf(1.0), 0.0);
+    }
+
+    /// Full check against a dump of TF outputs: `TF_LOG_DUMP=in.f32,out.f32` (raw little-endian).
+    #[test]
+    fn log_matches_tensorflow_dump() {
+        let Ok(spec) = std::env::var("TF_LOG_DUMP") else {
+            println!("skipped: TF_LOG_DUMP not set");
+            return;
+        };
+        let (a, b) = spec.split_once(',').expect("TF_LOG_DUMP=in,out");
+        let read = |p: &str| -> Vec<f32> {
+            std::fs::read(p)
+                .unwrap()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        };
+        let (xs, ys) = (read(a), read(b));
+        assert_eq!(xs.len(), ys.len());
+        let bad = xs
+            .iter()
+            .zip(&ys)
+            .filter(|(x, y)| tf_logf(**x).to_bits() != y.to_bits())
+            .count();
+        assert_eq!(bad, 0, "{bad} of {} differ", xs.len());
+        println!("{} values bit-identical", xs.len());
+    }
+
+    #[test]
+    fn encode_hand_values() {
+        // Box centred 3 px below and 1 px left of a 32 px anchor, 34 px on each side.
+        let t = encode(&[70.0, 66.0, 104.0, 100.0], &[68.0, 68.0, 100.0, 100.0]);
+        assert_eq!(t[..2], [0.09375, -0.03125]);
+        assert!((t[2] as f64 - (34.0f64 / 32.0).ln()).abs() < 1e-7);
+        assert_eq!(t[2], t[3]);
+    }
 }

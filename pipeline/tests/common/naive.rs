@@ -4,6 +4,9 @@
 
 #![allow(dead_code)]
 
+// The coder arithmetic (incl. TF's float log) is shared; matching is what this checks.
+use effdet_pipeline::labeler::encode_at;
+
 /// Result of the naive labeler: class targets, box targets, number of matched anchors.
 pub struct NaiveTargets {
     pub cls: Vec<i32>,
@@ -23,21 +26,6 @@ fn pair_iou(g: &[f32; 4], a: &[f32]) -> f32 {
     } else {
         inter / union
     }
-}
-
-fn naive_encode(g: &[f32; 4], a: &[f32]) -> [f32; 4] {
-    let (ha, wa) = (a[2] - a[0], a[3] - a[1]);
-    let (yca, xca) = (a[0] + ha / 2.0, a[1] + wa / 2.0);
-    let (h, w) = (g[2] - g[0], g[3] - g[1]);
-    let (yc, xc) = (g[0] + h / 2.0, g[1] + w / 2.0);
-    let eps = 1e-8f32;
-    let (ha, wa, h, w) = (ha.max(eps), wa.max(eps), h.max(eps), w.max(eps));
-    [
-        (yc - yca) / ha,
-        (xc - xca) / wa,
-        ((h / ha) as f64).ln() as f32,
-        ((w / wa) as f64).ln() as f32,
-    ]
 }
 
 /// First index of the maximum (TF argmax tie rule).
@@ -91,9 +79,14 @@ pub fn naive_label(
     for (a, &m) in matches.iter().enumerate() {
         if m >= 0 {
             let g = m as usize;
+            let anchor = [
+                anchors[4 * a],
+                anchors[4 * a + 1],
+                anchors[4 * a + 2],
+                anchors[4 * a + 3],
+            ];
             cls[a] = classes[g] - 1;
-            out_boxes[4 * a..4 * a + 4]
-                .copy_from_slice(&naive_encode(&boxes[g], &anchors[4 * a..4 * a + 4]));
+            out_boxes[4 * a..4 * a + 4].copy_from_slice(&encode_at(&boxes[g], &anchor, a, na));
         }
         if m != -1 {
             npos += 1.0;
