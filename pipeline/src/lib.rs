@@ -1,15 +1,18 @@
 //! `effdet-pipeline` owns everything between files on disk and training batches:
 //! TFRecord framing ([`tfrecord`]), `tf.train.Example` messages ([`example`]), COCO
 //! annotations and conversion ([`coco`]), record sources ([`source`]), Example → sample
-//! parsing ([`sample`]), image decoding ([`decode`]), D0 augmentation ([`augment`]), and the
+//! parsing ([`sample`]), image decoding ([`decode`]), D0 augmentation ([`augment`]), anchor
+//! geometry ([`anchors`]) and training target assignment ([`labeler`]), and the
 //! multi-threaded batch loader ([`loader`]).
 //!
 //! It does not depend on the model crate; the model consumes its flat batch arrays.
 
+pub mod anchors;
 pub mod augment;
 pub mod coco;
 pub mod decode;
 pub mod example;
+pub mod labeler;
 pub mod loader;
 pub mod sample;
 pub mod source;
