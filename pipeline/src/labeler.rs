@@ -280,14 +280,15 @@ fn row_bound(
         / (other_max_a.min(other_gt) as f64)
 }
 
-/// Indices `k` of `centers` (an increasing grid) with `lo <= centers[k] <= hi`, widened by two
-/// cells on each side so rounding of the window never drops a row; callers re-check exactly.
+/// Indices `k` of `centers` (an increasing grid) with `lo <= centers[k] <= hi`, widened by one
+/// cell on each side so rounding never drops a row (anchor coordinates differ from the f64
+/// window by ~1e-4 px, a cell is >= 2 px); callers re-check every row exactly.
 #[inline]
 fn grid_range(centers: &[f64], step: f64, lo: f64, hi: f64) -> (usize, usize) {
     let n = centers.len() as f64;
     let start = centers[0];
-    let a = ((lo - start) / step).ceil() - 2.0;
-    let b = ((hi - start) / step).floor() + 2.0;
+    let a = ((lo - start) / step).ceil() - 1.0;
+    let b = ((hi - start) / step).floor() + 1.0;
     let a = a.max(0.0);
     let b = b.min(n - 1.0);
     if a > b {
