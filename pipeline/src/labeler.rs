@@ -14,16 +14,22 @@
 //!   when several GTs claim one anchor the lowest GT index wins.
 //! - Class target = class id − 1 for matched anchors, −1 for background; box targets are
 //!   `(ty, tx, th, tw)` of the matched GT relative to the anchor (sizes floored at 1e-8),
-//!   zeros for background; `num_positives` = number of matched anchors.
+//!   zeros for background; `num_positives` = number of matched anchors. The log terms use
+//!   [`tf_logf`], an emulation of TensorFlow's CPU float log, so all four are bit-identical.
+//! - Stricter than the reference on bad input: non-finite or huge coordinates and class ids
+//!   below 1 (which would alias background) are errors instead of silent garbage.
 //!
 //! Speed: instead of the full `boxes × anchors` IoU matrix, each GT only visits anchors that
 //! can reach a given IoU. Anchors lie on per-level grids, so for an anchor shape the condition
-//! `IoU >= t` bounds the row overlap `ih` from below (see [`row_bound`]), which confines
+//! `IoU >= t` bounds the row overlap `ih` from below (see `row_bound`), which confines
 //! candidate rows and columns to a window around the box. The window is computed with rounding
 //! margins and then every candidate is evaluated with the reference's exact `f32` formula, so
-//! the result equals the full scan bit for bit. For the force match the same search runs with
-//! `t` = the best IoU among a few seed anchors (nearest grid cell of every shape), which is a
-//! lower bound of the box's best IoU, so the window holds every anchor that can tie or beat it.
+//! the result equals the full scan bit for bit. One search per GT serves both rules: it runs
+//! with `t = min(threshold, s)`, where `s` is the best IoU among 45 seed anchors (the grid cell
+//! nearest the box center, for every level and shape). `s` is a lower bound of the box's best
+//! IoU, so the window holds every anchor that can tie or beat it (force match) as well as every
+//! anchor at or above the threshold. If no candidate overlaps the box, no anchor does, and the
+//! force match is anchor 0 as in the reference.
 
 use crate::anchors::{Anchors, LevelInfo};
 
