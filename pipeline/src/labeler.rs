@@ -14,16 +14,22 @@
 //!   when several GTs claim one anchor the lowest GT index wins.
 //! - Class target = class id − 1 for matched anchors, −1 for background; box targets are
 //!   `(ty, tx, th, tw)` of the matched GT relative to the anchor (sizes floored at 1e-8),
-//!   zeros for background; `num_positives` = number of matched anchors.
+//!   zeros for background; `num_positives` = number of matched anchors. The log terms use
+//!   [`tf_logf`], an emulation of TensorFlow's CPU float log, so all four are bit-identical.
+//! - Stricter than the reference on bad input: non-finite or huge coordinates and class ids
+//!   below 1 (which would alias background) are errors instead of silent garbage.
 //!
 //! Speed: instead of the full `boxes × anchors` IoU matrix, each GT only visits anchors that
 //! can reach a given IoU. Anchors lie on per-level grids, so for an anchor shape the condition
-//! `IoU >= t` bounds the row overlap `ih` from below (see [`row_bound`]), which confines
+//! `IoU >= t` bounds the row overlap `ih` from below (see `row_bound`), which confines
 //! candidate rows and columns to a window around the box. The window is computed with rounding
 //! margins and then every candidate is evaluated with the reference's exact `f32` formula, so
-//! the result equals the full scan bit for bit. For the force match the same search runs with
-//! `t` = the best IoU among a few seed anchors (nearest grid cell of every shape), which is a
-//! lower bound of the box's best IoU, so the window holds every anchor that can tie or beat it.
+//! the result equals the full scan bit for bit. One search per GT serves both rules: it runs
+//! with `t = min(threshold, s)`, where `s` is the best IoU among 45 seed anchors (the grid cell
+//! nearest the box center, for every level and shape). `s` is a lower bound of the box's best
+//! IoU, so the window holds every anchor that can tie or beat it (force match) as well as every
+//! anchor at or above the threshold. If no candidate overlaps the box, no anchor does, and the
+//! force match is anchor 0 as in the reference.
 
 use crate::anchors::{Anchors, LevelInfo};
 
@@ -280,14 +286,15 @@ fn row_bound(
         / (other_max_a.min(other_gt) as f64)
 }
 
-/// Indices `k` of `centers` (an increasing grid) with `lo <= centers[k] <= hi`, widened by two
-/// cells on each side so rounding of the window never drops a row; callers re-check exactly.
+/// Indices `k` of `centers` (an increasing grid) with `lo <= centers[k] <= hi`, widened by one
+/// cell on each side so rounding never drops a row (anchor coordinates differ from the f64
+/// window by ~1e-4 px, a cell is >= 2 px); callers re-check every row exactly.
 #[inline]
 fn grid_range(centers: &[f64], step: f64, lo: f64, hi: f64) -> (usize, usize) {
     let n = centers.len() as f64;
     let start = centers[0];
-    let a = ((lo - start) / step).ceil() - 2.0;
-    let b = ((hi - start) / step).floor() + 2.0;
+    let a = ((lo - start) / step).ceil() - 1.0;
+    let b = ((hi - start) / step).floor() + 1.0;
     let a = a.max(0.0);
     let b = b.min(n - 1.0);
     if a > b {
