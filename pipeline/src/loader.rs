@@ -29,25 +29,9 @@ use crate::augment::{
 };
 use crate::decode::{DecodedImage, ImageDecoder};
 use crate::example::Example;
+use crate::labeler::{Labeler, Targets};
 use crate::sample::Sample;
 use crate::source::{mix_seed, EpochReader, SourceConfig, SourceRecord};
-
-/// Assigns anchor targets to the boxes of one augmented image.
-pub trait TargetAssigner: Send + Sync {
-    /// `(height, width)` of each level's anchor grid, lowest level first.
-    fn level_shapes(&self) -> Vec<(usize, usize)>;
-    /// Anchors per grid cell.
-    fn anchors_per_cell(&self) -> usize;
-    /// Writes class targets (`num_anchors`) and box targets (`4 · num_anchors`) in anchor
-    /// order (level → y → x → anchor); returns the number of positive anchors.
-    fn assign(
-        &self,
-        boxes: &[[f32; 4]],
-        classes: &[i32],
-        cls_out: &mut [i32],
-        box_out: &mut [f32],
-    ) -> f32;
-}
 
 /// Element type of the image tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -268,9 +252,7 @@ pub struct SkippedSample {
 /// One worker's output for one sample.
 struct SampleBuf {
     image: Vec<f32>,
-    cls: Vec<i32>,
-    boxes: Vec<f32>,
-    num_positives: f32,
+    targets: Targets,
     source_id: i64,
     image_scale: f32,
     gt_boxes: Vec<[f32; 4]>,
@@ -309,7 +291,7 @@ impl Loader {
     pub fn start(
         cfg: LoaderConfig,
         files: Vec<PathBuf>,
-        assigner: Arc<dyn TargetAssigner>,
+        labeler: Arc<Labeler>,
         decoder: Arc<dyn ImageDecoder>,
     ) -> anyhow::Result<Loader> {
         anyhow::ensure!(cfg.batch_size > 0, "batch size must be at least 1");
@@ -330,11 +312,8 @@ impl Loader {
         let stop = Arc::new(AtomicBool::new(false));
         let cfg = Arc::new(cfg);
 
-        let levels = level_layouts(assigner.as_ref());
-        let num_anchors = levels
-            .last()
-            .map(|l| l.anchor_offset + l.height * l.width * assigner.anchors_per_cell())
-            .unwrap_or(0);
+        let levels = level_layouts(&labeler);
+        let num_anchors = labeler.anchors().num_anchors();
         let (out_h, out_w) = (
             cfg.augment.image_size.0 as usize,
             cfg.augment.image_size.1 as usize,
@@ -348,9 +327,11 @@ impl Loader {
             pool_tx
                 .send(SampleBuf {
                     image: vec![0.0; image_len],
-                    cls: vec![-1; if cfg.decode_only { 0 } else { num_anchors }],
-                    boxes: vec![0.0; if cfg.decode_only { 0 } else { num_anchors * 4 }],
-                    num_positives: 0.0,
+                    targets: if cfg.decode_only {
+                        Targets::default()
+                    } else {
+                        labeler.new_targets()
+                    },
                     source_id: -1,
                     image_scale: 1.0,
                     gt_boxes: Vec::with_capacity(cfg.max_instances),
@@ -381,9 +362,9 @@ impl Loader {
         for _ in 0..threads {
             let (cfg, stop, stats) = (cfg.clone(), stop.clone(), stats.clone());
             let (job_rx, res_tx, pool_rx) = (job_rx.clone(), res_tx.clone(), pool_rx.clone());
-            let (assigner, decoder) = (assigner.clone(), decoder.clone());
+            let (labeler, decoder) = (labeler.clone(), decoder.clone());
             handles.push(std::thread::spawn(move || {
-                let mut worker = Worker::new(cfg, assigner, decoder, stats);
+                let mut worker = Worker::new(cfg, labeler, decoder, stats);
                 // Take the buffer before the job, so the job the assembler waits for always
                 // has a buffer (no deadlock with the reorder window).
                 while let Ok(buf) = pool_rx.recv() {
@@ -409,7 +390,7 @@ impl Loader {
                 let mut asm = Assembler {
                     cfg: cfg.clone(),
                     levels,
-                    anchors_per_cell: assigner.anchors_per_cell(),
+                    anchors_per_cell: labeler.anchors().per_location(),
                     num_anchors,
                     image_len,
                     recycle_tx,
@@ -459,20 +440,15 @@ impl Drop for Loader {
 }
 
 /// Per-level offsets of the anchor list.
-pub fn level_layouts(assigner: &dyn TargetAssigner) -> Vec<LevelLayout> {
-    let a = assigner.anchors_per_cell();
-    let mut offset = 0;
-    assigner
-        .level_shapes()
-        .into_iter()
-        .map(|(h, w)| {
-            let l = LevelLayout {
-                height: h,
-                width: w,
-                anchor_offset: offset,
-            };
-            offset += h * w * a;
-            l
+pub fn level_layouts(labeler: &Labeler) -> Vec<LevelLayout> {
+    labeler
+        .anchors()
+        .levels()
+        .iter()
+        .map(|l| LevelLayout {
+            height: l.height,
+            width: l.width,
+            anchor_offset: l.offset,
         })
         .collect()
 }
@@ -534,7 +510,7 @@ fn run_source(
 
 struct Worker {
     cfg: Arc<LoaderConfig>,
-    assigner: Arc<dyn TargetAssigner>,
+    labeler: Arc<Labeler>,
     decoder: Arc<dyn ImageDecoder>,
     stats: Arc<StageTimes>,
     decoded: DecodedImage,
@@ -548,13 +524,13 @@ struct Worker {
 impl Worker {
     fn new(
         cfg: Arc<LoaderConfig>,
-        assigner: Arc<dyn TargetAssigner>,
+        labeler: Arc<Labeler>,
         decoder: Arc<dyn ImageDecoder>,
         stats: Arc<StageTimes>,
     ) -> Worker {
         Worker {
             cfg,
-            assigner,
+            labeler,
             decoder,
             stats,
             decoded: DecodedImage::default(),
@@ -626,7 +602,6 @@ impl Worker {
             StageTimes::add(&self.stats.augment_ns, t);
             buf.source_id = sample.source_id;
             buf.image_scale = 1.0 / params.image_scale;
-            buf.num_positives = 0.0;
             buf.gt_boxes.clear();
             buf.gt_classes.clear();
             return WorkResult::Done(buf);
@@ -665,12 +640,16 @@ impl Worker {
         buf.gt_classes.clear();
         buf.gt_classes
             .extend(self.keep.iter().map(|&i| self.classes[i]));
-        buf.num_positives = self.assigner.assign(
-            &self.out_boxes,
-            &buf.gt_classes,
-            &mut buf.cls,
-            &mut buf.boxes,
-        );
+        if let Err(e) = self
+            .labeler
+            .label_into(&self.out_boxes, &buf.gt_classes, &mut buf.targets)
+        {
+            return skip(
+                buf,
+                format!("cannot label anchors: {e}"),
+                Some(sample.source_id),
+            );
+        }
         StageTimes::add(&self.stats.label_ns, t);
         // Ground truth for evaluation: boxes back in original pixels (automl multiplies the
         // clipped boxes by 1 / image_scale).
@@ -759,9 +738,8 @@ impl Assembler {
                         buf
                     }
                 };
-                if pool.send(buf).is_err() {
-                    return;
-                }
+                // Workers that finished their jobs have hung up; the buffer is just dropped.
+                let _ = pool.send(buf);
             }
         }
         // End of stream: flush a short batch in eval mode (training drops the remainder).
@@ -866,12 +844,16 @@ impl Assembler {
                 let n = lv.height * lv.width * a;
                 let src = lv.anchor_offset..lv.anchor_offset + n;
                 let dst = lv.anchor_offset * bsz + slot * n;
-                bufs.cls_targets[dst..dst + n].copy_from_slice(&s.cls[src.clone()]);
+                bufs.cls_targets[dst..dst + n].copy_from_slice(&s.targets.cls()[src.clone()]);
                 bufs.box_targets[dst * 4..(dst + n) * 4]
-                    .copy_from_slice(&s.boxes[src.start * 4..src.end * 4]);
+                    .copy_from_slice(&s.targets.boxes()[src.start * 4..src.end * 4]);
             }
         }
-        bufs.num_positives[slot] = s.num_positives;
+        bufs.num_positives[slot] = if decode_only {
+            0.0
+        } else {
+            s.targets.num_positives()
+        };
         bufs.source_ids[slot] = s.source_id;
         bufs.image_scales[slot] = s.image_scale;
         let gtb = &mut bufs.gt_boxes[slot * max_inst * 4..(slot + 1) * max_inst * 4];

@@ -6,47 +6,21 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use effdet_pipeline::anchors::{AnchorConfig, Anchors};
 use effdet_pipeline::augment::Mode;
 use effdet_pipeline::coco::convert::{convert, ConvertOptions};
 use effdet_pipeline::coco::synth::{generate, SynthOptions};
 use effdet_pipeline::decode::CpuDecoder;
 use effdet_pipeline::example::{Example, Feature};
-use effdet_pipeline::loader::{Batch, ImageDtype, Loader, LoaderConfig, TargetAssigner};
+use effdet_pipeline::labeler::Labeler;
+use effdet_pipeline::loader::{Batch, ImageDtype, Loader, LoaderConfig};
 use effdet_pipeline::tfrecord::AtomicRecordWriter;
 use prost::Message;
 
-/// A small assigner for testing the loader's mechanics: two levels, one anchor per cell;
-/// a cell is positive for the last box whose centre falls in it.
-struct CentreAssigner {
-    size: usize,
-}
-
-impl TargetAssigner for CentreAssigner {
-    fn level_shapes(&self) -> Vec<(usize, usize)> {
-        vec![(4, 4), (2, 2)]
-    }
-    fn anchors_per_cell(&self) -> usize {
-        1
-    }
-    fn assign(&self, boxes: &[[f32; 4]], classes: &[i32], cls: &mut [i32], out: &mut [f32]) -> f32 {
-        cls.fill(-1);
-        out.fill(0.0);
-        let mut pos = 0.0;
-        for (b, &c) in boxes.iter().zip(classes) {
-            let (cy, cx) = ((b[0] + b[2]) / 2.0, (b[1] + b[3]) / 2.0);
-            let mut offset = 0;
-            for (h, w) in self.level_shapes() {
-                let y = ((cy / self.size as f32) * h as f32) as usize;
-                let x = ((cx / self.size as f32) * w as f32) as usize;
-                let i = offset + y.min(h - 1) * w + x.min(w - 1);
-                cls[i] = c - 1;
-                out[i * 4..i * 4 + 4].copy_from_slice(b);
-                pos += 1.0;
-                offset += h * w;
-            }
-        }
-        pos
-    }
+fn labeler(size: usize) -> Arc<Labeler> {
+    Arc::new(Labeler::new(
+        Anchors::new(&AnchorConfig::efficientdet(size, size)).unwrap(),
+    ))
 }
 
 fn make_shards(dir: &Path, images: usize, shards: usize) -> Vec<PathBuf> {
@@ -79,7 +53,7 @@ fn make_shards(dir: &Path, images: usize, shards: usize) -> Vec<PathBuf> {
 }
 
 fn config(mode: Mode, threads: usize) -> LoaderConfig {
-    let mut cfg = LoaderConfig::new(mode, 64, 4);
+    let mut cfg = LoaderConfig::new(mode, 128, 4);
     cfg.threads = threads;
     cfg.seed = 5;
     cfg
@@ -112,13 +86,7 @@ fn digest(b: &Batch) -> String {
 }
 
 fn run(files: &[PathBuf], cfg: LoaderConfig, batches: usize) -> Vec<String> {
-    let loader = Loader::start(
-        cfg,
-        files.to_vec(),
-        Arc::new(CentreAssigner { size: 64 }),
-        Arc::new(CpuDecoder),
-    )
-    .unwrap();
+    let loader = Loader::start(cfg, files.to_vec(), labeler(128), Arc::new(CpuDecoder)).unwrap();
     loader.take(batches).map(|b| digest(&b.unwrap())).collect()
 }
 
@@ -137,13 +105,7 @@ fn train_batches_are_identical_for_1_2_and_4_threads() {
     // f16 images carry the same targets.
     let mut f16 = config(Mode::Train, 2);
     f16.image_dtype = ImageDtype::F16;
-    let loader = Loader::start(
-        f16,
-        files.clone(),
-        Arc::new(CentreAssigner { size: 64 }),
-        Arc::new(CpuDecoder),
-    )
-    .unwrap();
+    let loader = Loader::start(f16, files.clone(), labeler(128), Arc::new(CpuDecoder)).unwrap();
     let b = loader.take(1).next().unwrap().unwrap();
     assert!(one[0].contains(&format!("{:?}", b.buffers().cls_targets)));
 }
@@ -153,13 +115,7 @@ fn eval_reads_in_file_order_with_a_short_last_batch() {
     let dir = tempfile::tempdir().unwrap();
     let files = make_shards(dir.path(), 10, 1);
     let cfg = config(Mode::Eval, 2);
-    let loader = Loader::start(
-        cfg,
-        files,
-        Arc::new(CentreAssigner { size: 64 }),
-        Arc::new(CpuDecoder),
-    )
-    .unwrap();
+    let loader = Loader::start(cfg, files, labeler(128), Arc::new(CpuDecoder)).unwrap();
     let batches: Vec<Batch> = loader.map(|b| b.unwrap()).collect();
     assert_eq!(
         batches.iter().map(|b| b.len).collect::<Vec<_>>(),
@@ -174,7 +130,8 @@ fn eval_reads_in_file_order_with_a_short_last_batch() {
     // Padding slots of the short batch are empty.
     let last = &batches[2];
     assert_eq!(last.buffers().source_ids[2..], [-1, -1]);
-    assert!(last.cls_targets(0)[2 * 16..].iter().all(|&c| c == -1));
+    assert!(last.cls_targets(0)[2 * 2304..].iter().all(|&c| c == -1));
+    assert!(last.box_targets(4)[2 * 36..].iter().all(|&c| c == 0.0));
 }
 
 #[test]
@@ -184,30 +141,45 @@ fn targets_are_level_major_then_batch() {
     let loader = Loader::start(
         config(Mode::Eval, 2),
         files,
-        Arc::new(CentreAssigner { size: 64 }),
+        labeler(128),
         Arc::new(CpuDecoder),
     )
     .unwrap();
     for b in loader {
         let b = b.unwrap();
-        assert_eq!(b.num_anchors(), 20);
-        assert_eq!(b.cls_targets(0).len(), 4 * 16);
-        assert_eq!(b.cls_targets(1).len(), 4 * 4);
-        assert_eq!(b.box_targets(1).len(), 4 * 4 * 4);
+        // 128²: levels 3–7 are 16², 8², 4², 2², 1² cells of 9 anchors.
+        assert_eq!(b.num_anchors(), 9 * (256 + 64 + 16 + 4 + 1));
+        let cells = [256, 64, 16, 4, 1];
+        for (l, &c) in cells.iter().enumerate() {
+            assert_eq!(b.cls_targets(l).len(), 4 * c * 9);
+            assert_eq!(b.box_targets(l).len(), 4 * c * 36);
+        }
         for slot in 0..b.len {
-            let pos0 = b.cls_targets(0)[slot * 16..(slot + 1) * 16]
-                .iter()
-                .filter(|&&c| c >= 0)
-                .count();
-            let pos1 = b.cls_targets(1)[slot * 4..(slot + 1) * 4]
-                .iter()
-                .filter(|&&c| c >= 0)
-                .count();
-            let n = b.buffers().num_positives[slot];
-            assert!(pos0 + pos1 <= n as usize);
             let gt = &b.buffers().gt_classes[slot * 100..(slot + 1) * 100];
-            let boxes = gt.iter().filter(|&&c| c >= 0.0).count();
-            assert_eq!(n as usize, boxes * 2);
+            let classes: Vec<i32> = gt
+                .iter()
+                .filter(|&&c| c >= 0.0)
+                .map(|&c| c as i32 - 1)
+                .collect();
+            let mut positives = 0;
+            for (l, &c) in cells.iter().enumerate() {
+                let cls = &b.cls_targets(l)[slot * c * 9..(slot + 1) * c * 9];
+                let boxes = &b.box_targets(l)[slot * c * 36..(slot + 1) * c * 36];
+                for (k, &t) in cls.iter().enumerate() {
+                    if t >= 0 {
+                        positives += 1;
+                        assert!(
+                            classes.contains(&t),
+                            "class target {t} not among {classes:?}"
+                        );
+                    } else {
+                        assert_eq!(boxes[k * 4..k * 4 + 4], [0.0; 4]);
+                    }
+                }
+            }
+            assert_eq!(positives as f32, b.buffers().num_positives[slot]);
+            // Every ground-truth box gets at least one anchor (force match).
+            assert!(positives >= classes.len());
         }
     }
 }
@@ -236,7 +208,7 @@ fn corrupt_jpeg_in_a_shard_is_skipped_and_counted() {
     let loader = Loader::start(
         config(Mode::Eval, 2),
         vec![bad],
-        Arc::new(CentreAssigner { size: 64 }),
+        labeler(128),
         Arc::new(CpuDecoder),
     )
     .unwrap();
