@@ -22,6 +22,10 @@ enum Command {
     Inspect(commands::inspect::Args),
     /// Generate a synthetic COCO-format dataset (JPEGs + instances JSON).
     SynthCoco(commands::synth::Args),
+    /// Measure the input pipeline alone: images/s, per-stage time, peak memory.
+    BenchPipeline(commands::bench_pipeline::Args),
+    /// Write the first batch (file order) as safetensors for cross-checking.
+    DumpBatch(commands::dump_batch::Args),
 }
 
 fn main() {
@@ -29,6 +33,8 @@ fn main() {
     let result = match cli.command {
         Command::Inspect(a) => commands::inspect::run(a),
         Command::SynthCoco(a) => commands::synth::run(a),
+        Command::BenchPipeline(a) => commands::bench_pipeline::run(a),
+        Command::DumpBatch(a) => commands::dump_batch::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -1,4 +1,7 @@
 //! One module per subcommand; each exposes `Args` (clap) and `run(Args) -> Result<exit code>`.
 
+pub mod bench_pipeline;
+pub mod data;
+pub mod dump_batch;
 pub mod inspect;
 pub mod synth;
