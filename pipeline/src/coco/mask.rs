@@ -441,6 +441,27 @@ mod tests {
             6,
             &["110000", "011100", "011110", "001000", "000000"],
         ),
+        (
+            "ulp_below_3_1",
+            "[[1.0,0.6,4.6,1.2,3.0999999999999996,4.4]]",
+            6,
+            6,
+            &["000000", "001100", "001100", "000000", "000000", "000000"],
+        ),
+        (
+            "exact_3_1",
+            "[[1.0,0.6,4.6,1.2,3.1,4.4]]",
+            6,
+            6,
+            &["000000", "001100", "001100", "000100", "000000", "000000"],
+        ),
+        (
+            "ulp_below_4_5",
+            "[[1.0,0.6,4.6,1.2,4.499999999999999,4.4]]",
+            6,
+            6,
+            &["000000", "001110", "000110", "000000", "000000", "000000"],
+        ),
     ];
 
     #[test]
@@ -449,6 +470,17 @@ mod tests {
             let got = rasterize(&seg(json), h, w).unwrap();
             assert_eq!(rows(&got, w), expected, "case {name}");
         }
+    }
+
+    #[test]
+    fn coordinates_parse_bit_exact() {
+        // One ULP decides pixels (see the `ulp_below_*` cases); serde_json's default fast
+        // parser misreads this value by one ULP, hence its `float_roundtrip` feature.
+        let Segmentation::Polygons(p) = seg("[[22.099999999999998,1,2,3,4,5]]") else {
+            panic!("not a polygon")
+        };
+        assert_eq!(p[0][0].to_bits(), 22.099999999999998f64.to_bits());
+        assert_ne!(p[0][0].to_bits(), 22.1f64.to_bits());
     }
 
     #[test]
