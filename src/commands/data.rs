@@ -90,7 +90,9 @@ impl DataArgs {
 /// The automl labeler for a square image size.
 pub fn labeler(image_size: u32) -> anyhow::Result<Arc<Labeler>> {
     let size = image_size as usize;
-    Ok(Arc::new(Labeler::new(Anchors::new(&AnchorConfig::efficientdet(size, size))?)))
+    Ok(Arc::new(Labeler::new(Anchors::new(
+        &AnchorConfig::efficientdet(size, size),
+    )?)))
 }
 
 /// Starts a CPU-decoding loader.

@@ -49,8 +49,12 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     let a_per = batch.anchors_per_cell;
     let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     match &bufs.images {
-        ImageData::F32(v) => tensors.push(("images".into(), Dtype::F32, vec![b, 3, h, w], bytes_of(v))),
-        ImageData::F16(v) => tensors.push(("images".into(), Dtype::F16, vec![b, 3, h, w], bytes_of(v))),
+        ImageData::F32(v) => {
+            tensors.push(("images".into(), Dtype::F32, vec![b, 3, h, w], bytes_of(v)))
+        }
+        ImageData::F16(v) => {
+            tensors.push(("images".into(), Dtype::F16, vec![b, 3, h, w], bytes_of(v)))
+        }
     }
     for (l, lv) in batch.levels.iter().enumerate() {
         let level = l + 3;
@@ -68,14 +72,41 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         ));
     }
     let max = bufs.gt_classes.len() / b;
-    tensors.push(("num_positives".into(), Dtype::F32, vec![b], bytes_of(&bufs.num_positives)));
-    tensors.push(("source_ids".into(), Dtype::I64, vec![b], bytes_of(&bufs.source_ids)));
-    tensors.push(("image_scales".into(), Dtype::F32, vec![b], bytes_of(&bufs.image_scales)));
-    tensors.push(("gt_boxes".into(), Dtype::F32, vec![b, max, 4], bytes_of(&bufs.gt_boxes)));
-    tensors.push(("gt_classes".into(), Dtype::F32, vec![b, max], bytes_of(&bufs.gt_classes)));
+    tensors.push((
+        "num_positives".into(),
+        Dtype::F32,
+        vec![b],
+        bytes_of(&bufs.num_positives),
+    ));
+    tensors.push((
+        "source_ids".into(),
+        Dtype::I64,
+        vec![b],
+        bytes_of(&bufs.source_ids),
+    ));
+    tensors.push((
+        "image_scales".into(),
+        Dtype::F32,
+        vec![b],
+        bytes_of(&bufs.image_scales),
+    ));
+    tensors.push((
+        "gt_boxes".into(),
+        Dtype::F32,
+        vec![b, max, 4],
+        bytes_of(&bufs.gt_boxes),
+    ));
+    tensors.push((
+        "gt_classes".into(),
+        Dtype::F32,
+        vec![b, max],
+        bytes_of(&bufs.gt_classes),
+    ));
     let views = tensors
         .iter()
-        .map(|(name, dt, shape, data)| Ok((name.clone(), TensorView::new(*dt, shape.clone(), data)?)))
+        .map(|(name, dt, shape, data)| {
+            Ok((name.clone(), TensorView::new(*dt, shape.clone(), data)?))
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut meta = std::collections::HashMap::new();
     meta.insert("layout".to_string(), "images NCHW; targets [B,H,W,9] / [B,H,W,36], anchors octave-major then aspect (1,2,0.5); boxes ymin,xmin,ymax,xmax".to_string());
