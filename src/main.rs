@@ -22,6 +22,8 @@ enum Command {
     Inspect(commands::inspect::Args),
     /// Generate a synthetic COCO-format dataset (JPEGs + instances JSON).
     SynthCoco(commands::synth::Args),
+    /// Run the whole flow on a generated dataset (the README's first command).
+    Quickstart(commands::quickstart::Args),
     /// Measure the input pipeline alone: images/s, per-stage time, peak memory.
     BenchPipeline(commands::bench_pipeline::Args),
     /// Write the first batch (file order) as safetensors for cross-checking.
@@ -33,6 +35,7 @@ fn main() {
     let result = match cli.command {
         Command::Inspect(a) => commands::inspect::run(a),
         Command::SynthCoco(a) => commands::synth::run(a),
+        Command::Quickstart(a) => commands::quickstart::run(a),
         Command::BenchPipeline(a) => commands::bench_pipeline::run(a),
         Command::DumpBatch(a) => commands::dump_batch::run(a),
     };

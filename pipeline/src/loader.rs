@@ -713,6 +713,7 @@ impl Assembler {
                 next.1 += 1;
                 let buf = match result {
                     WorkResult::Done(buf) => {
+                        self.stats.images.fetch_add(1, Ordering::Relaxed);
                         let t = Instant::now();
                         let full = self.add(key, &buf);
                         StageTimes::add(&self.stats.batch_ns, t);

@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use super::data::{peak_rss_mb, start_loader, DataArgs, ModeArg};
+use super::data::{cpu_seconds, peak_rss_mb, start_loader, DataArgs, ModeArg};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -42,8 +42,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             .ok_or_else(|| anyhow::anyhow!("the pipeline ended during warm-up"))??;
     }
     let stats = loader.stats.clone();
-    let images_before = stats.images.load(Ordering::Relaxed);
-    let _ = images_before;
+    let cpu_before = cpu_seconds();
     let started = Instant::now();
     let mut images = 0usize;
     for _ in 0..a.batches {
@@ -54,6 +53,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         bar.inc(1);
     }
     let seconds = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu_before;
     bar.finish_and_clear();
     let skipped = stats.skipped_images.load(Ordering::Relaxed);
     let skipped_records = stats.skipped_records.load(Ordering::Relaxed);
@@ -70,6 +70,8 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             "seconds": seconds,
             "images_per_sec": images as f64 / seconds,
             "threads": threads,
+            "cpu_seconds": cpu,
+            "cpu_ms_per_image": cpu * 1000.0 / images.max(1) as f64,
             "peak_rss_mb": peak_rss_mb(),
             "stage_seconds": stats.to_json(),
             "skipped_images": skipped,

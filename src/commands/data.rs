@@ -63,6 +63,21 @@ impl From<ModeArg> for Mode {
 }
 
 impl DataArgs {
+    /// Defaults for the given shard paths.
+    pub fn for_paths(data: Vec<String>, image_size: u32) -> DataArgs {
+        DataArgs {
+            data,
+            image_size,
+            threads: None,
+            seed: 0,
+            prefetch: 2,
+            image_dtype: DtypeArg::F32,
+            shuffle_buffer: 64,
+            rank: 0,
+            world_size: 1,
+        }
+    }
+
     pub fn files(&self) -> anyhow::Result<Vec<PathBuf>> {
         let files = expand_paths(&self.data)?;
         anyhow::ensure!(!files.is_empty(), "no shard files in {:?}", self.data);
@@ -112,4 +127,20 @@ pub fn peak_rss_mb() -> f64 {
                 .and_then(|kb| kb.parse::<f64>().ok())
         })
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// CPU time (user + system) of this process so far, in seconds (Linux; 0 elsewhere).
+pub fn cpu_seconds() -> f64 {
+    let ticks_per_sec = 100.0; // USER_HZ on Linux
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the parenthesised command name; utime and stime are 14th and 15th.
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let utime: f64 = f.get(11)?.parse().ok()?;
+            let stime: f64 = f.get(12)?.parse().ok()?;
+            Some((utime + stime) / ticks_per_sec)
+        })
+        .unwrap_or(0.0)
 }

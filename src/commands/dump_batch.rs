@@ -1,7 +1,9 @@
 //! `effdet dump-batch`: writes the first batch of the pipeline (file order, no shuffling) as
 //! safetensors, for cross-checking against automl's InputReader.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use effdet_pipeline::augment::Mode;
 
 use effdet_pipeline::loader::ImageData;
 use safetensors::tensor::{Dtype, TensorView};
@@ -34,8 +36,14 @@ fn bytes_of<T: Copy>(v: &[T]) -> Vec<u8> {
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
-    let files = a.data.files()?;
-    let mut cfg = a.data.loader_config(a.mode.into(), a.batch_size);
+    dump(&a.data, a.mode.into(), a.batch_size, &a.out)?;
+    Ok(0)
+}
+
+/// Writes the first `batch_size` examples of `data` (file order) to `out`.
+pub fn dump(data: &DataArgs, mode: Mode, batch_size: usize, out: &Path) -> anyhow::Result<()> {
+    let files = data.files()?;
+    let mut cfg = data.loader_config(mode, batch_size);
     // The first B examples in file order, whatever the mode.
     cfg.shuffle_buffer = 0;
     cfg.cycle_length = 1;
@@ -112,9 +120,9 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     meta.insert("layout".to_string(), "images NCHW; targets [B,H,W,9] / [B,H,W,36], anchors octave-major then aspect (1,2,0.5); boxes ymin,xmin,ymax,xmax".to_string());
     meta.insert("samples".to_string(), batch.len.to_string());
     let data = safetensors::serialize(views, Some(meta))?;
-    let tmp = a.out.with_extension("safetensors.tmp");
+    let tmp = out.with_extension("safetensors.tmp");
     std::fs::write(&tmp, data)?;
-    std::fs::rename(&tmp, &a.out)?;
-    eprintln!("wrote {} samples to {}", batch.len, a.out.display());
-    Ok(0)
+    std::fs::rename(&tmp, out)?;
+    eprintln!("wrote {} samples to {}", batch.len, out.display());
+    Ok(())
 }

@@ -4,4 +4,5 @@ pub mod bench_pipeline;
 pub mod data;
 pub mod dump_batch;
 pub mod inspect;
+pub mod quickstart;
 pub mod synth;
