@@ -22,6 +22,8 @@ enum Command {
     Inspect(commands::inspect::Args),
     /// Generate a synthetic COCO-format dataset (JPEGs + instances JSON).
     SynthCoco(commands::synth::Args),
+    /// COCO box AP/AR (pycocotools-equivalent) of a detections JSON.
+    CocoEval(commands::coco_eval::Args),
 }
 
 fn main() {
@@ -29,6 +31,7 @@ fn main() {
     let result = match cli.command {
         Command::Inspect(a) => commands::inspect::run(a),
         Command::SynthCoco(a) => commands::synth::run(a),
+        Command::CocoEval(a) => commands::coco_eval::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),
