@@ -515,8 +515,8 @@ struct Scratch {
     gt_ignore: Vec<bool>,
     gt_matched: Vec<bool>,
     dets: Vec<ScoredDet>,
-    rc: Vec<f64>,
-    pr: Vec<f64>,
+    /// Per IoU threshold: (recall, precision) at each true positive, in score order.
+    tp_points: [Vec<(f64, f64)>; T],
 }
 
 fn eval_category(ctx: &Ctx, k: usize, s: &mut Scratch) -> CategoryResult {
@@ -640,42 +640,462 @@ fn eval_category(ctx: &Ctx, k: usize, s: &mut Scratch) -> CategoryResult {
     s.dets
         .sort_by(|a, b| b.score.partial_cmp(&a.score).expect("finite scores"));
 
+    // pycocotools builds cumulative recall/precision over every detection, takes the
+    // running-max envelope from the right and reads it at searchsorted(rc, thr, 'left').
+    // Only true-positive positions matter: between two of them recall is flat and precision
+    // only falls, so the envelope at any position equals the best later TP value, and the
+    // first position reaching a recall point is always a TP (or the start, where the
+    // envelope is the global maximum). Keeping (rc, pr) at TP positions, computed with the
+    // same formulas, gives bit-identical results without a division per detection.
     for a in 0..A {
         if npig[a] == 0 {
             continue;
         }
         let npig_f = npig[a] as f64;
         for (m, &max_det) in MAX_DETS.iter().enumerate() {
-            for t in 0..T {
-                s.rc.clear();
-                s.pr.clear();
-                let (mut tp, mut fp) = (0u64, 0u64);
-                for d in s.dets.iter().filter(|d| (d.rank as usize) < max_det) {
-                    tp += u64::from((d.tp[a] >> t) & 1);
-                    fp += u64::from((d.fp[a] >> t) & 1);
-                    let (tpf, fpf) = (tp as f64, fp as f64);
-                    s.rc.push(tpf / npig_f);
-                    s.pr.push(tpf / (fpf + tpf + f64::EPSILON));
+            for list in s.tp_points.iter_mut() {
+                list.clear();
+            }
+            let mut tp = [0u64; T];
+            let mut fp = [0u64; T];
+            for d in s.dets.iter().filter(|d| (d.rank as usize) < max_det) {
+                let (tb, fb) = (d.tp[a], d.fp[a]);
+                if tb | fb == 0 {
+                    continue;
                 }
-                let nd = s.rc.len();
-                recall[(t * A + a) * M + m] = if nd > 0 { s.rc[nd - 1] } else { 0.0 };
-                // Monotone (non-increasing) precision envelope.
-                for i in (1..nd).rev() {
-                    if s.pr[i] > s.pr[i - 1] {
-                        s.pr[i - 1] = s.pr[i];
+                for t in 0..T {
+                    fp[t] += u64::from((fb >> t) & 1);
+                    if (tb >> t) & 1 == 1 {
+                        tp[t] += 1;
+                        let (tpf, fpf) = (tp[t] as f64, fp[t] as f64);
+                        s.tp_points[t].push((tpf / npig_f, tpf / (fpf + tpf + f64::EPSILON)));
                     }
                 }
-                // searchsorted(rc, thr, 'left'); recall points past the last one stay 0.
+            }
+            for t in 0..T {
+                // rc[-1] when there is any detection; 0/npig is 0 as well.
+                recall[(t * A + a) * M + m] = tp[t] as f64 / npig_f;
+                let pts = &mut s.tp_points[t];
+                for i in (1..pts.len()).rev() {
+                    if pts[i].1 > pts[i - 1].1 {
+                        pts[i - 1].1 = pts[i].1;
+                    }
+                }
                 let mut idx = 0usize;
                 for (r, &thr) in ctx.rec_thr.iter().enumerate() {
-                    while idx < nd && s.rc[idx] < thr {
+                    while idx < pts.len() && pts[idx].0 < thr {
                         idx += 1;
                     }
+                    // Recall points beyond the final recall keep precision 0.
                     precision[((t * R + r) * A + a) * M + m] =
-                        if idx < nd { s.pr[idx] } else { 0.0 };
+                        if idx < pts.len() { pts[idx].1 } else { 0.0 };
                 }
             }
         }
     }
     CategoryResult { precision, recall }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coco::{Category, ImageInfo, ObjectAnnotation};
+
+    /// (id, image_id, category_id, bbox, area, iscrowd)
+    type Ann = (u64, u64, i64, [f64; 4], f64, i64);
+
+    fn gt(images: &[u64], cats: &[i64], anns: &[Ann]) -> InstancesFile {
+        InstancesFile {
+            images: images
+                .iter()
+                .map(|&id| ImageInfo {
+                    id,
+                    file_name: format!("{id}.jpg"),
+                    height: 480,
+                    width: 640,
+                })
+                .collect(),
+            categories: cats
+                .iter()
+                .map(|&id| Category {
+                    id,
+                    name: format!("c{id}"),
+                    supercategory: None,
+                })
+                .collect(),
+            annotations: anns
+                .iter()
+                .map(
+                    |&(id, image_id, category_id, bbox, area, iscrowd)| ObjectAnnotation {
+                        id,
+                        image_id,
+                        category_id,
+                        bbox,
+                        area,
+                        iscrowd,
+                        segmentation: None,
+                    },
+                )
+                .collect(),
+        }
+    }
+
+    fn det(image_id: u64, category_id: i64, bbox: [f64; 4], score: f64) -> Detection {
+        Detection {
+            image_id,
+            category_id,
+            bbox,
+            score,
+        }
+    }
+
+    /// Precision of a lone true positive: pycocotools divides by `tp + fp + eps`, so a
+    /// single hit scores 1/(1 + eps) = 0.9999999999999998 (two or more round to 1).
+    const ONE: f64 = 1.0 / (1.0 + f64::EPSILON);
+
+    /// precision[t][r][k=0][a][m=100 dets]
+    fn prec(e: &Evaluation, t: usize, r: usize, a: usize) -> f64 {
+        let k_n = e.cat_ids.len();
+        e.precision[((t * R + r) * k_n * A + a) * M + (M - 1)]
+    }
+
+    #[test]
+    fn thresholds_match_numpy_linspace_bits() {
+        let expect: [u64; 10] = [
+            0x3fe0000000000000,
+            0x3fe199999999999a,
+            0x3fe3333333333333,
+            0x3fe4cccccccccccd,
+            0x3fe6666666666666,
+            0x3fe8000000000000,
+            0x3fe999999999999a,
+            0x3feb333333333333,
+            0x3feccccccccccccc,
+            0x3fee666666666666,
+        ];
+        let got: Vec<u64> = iou_thresholds().iter().map(|v| v.to_bits()).collect();
+        assert_eq!(got, expect);
+        let rec = recall_thresholds();
+        // numpy's 0.29 equals the literal, its 0.57 is one ulp above it.
+        assert_eq!(rec[29].to_bits(), 0x3fd28f5c28f5c28f);
+        assert_eq!(rec[57].to_bits(), 0x3fe23d70a3d70a3e);
+        assert_eq!(rec[100], 1.0);
+    }
+
+    #[test]
+    fn mean_uses_numpy_pairwise_summation() {
+        // numpy: np.mean([0.1] * 1000) == 0.10000000000000002; a left-to-right sum gives
+        // 0.09999999999999859.
+        assert_eq!(mean_or_minus_one(&[0.1; 1000]), 0.10000000000000002);
+        assert_eq!(mean_or_minus_one(&[]), -1.0);
+        assert_eq!(mean_or_minus_one(&[0.25, 0.75]), 0.5);
+    }
+
+    #[test]
+    fn box_iou_plain_and_crowd() {
+        let g = [0.0, 0.0, 10.0, 10.0];
+        assert_eq!(box_iou(&[0.0, 0.0, 10.0, 6.5], &g, false), 0.65);
+        assert_eq!(box_iou(&[5.0, 0.0, 10.0, 10.0], &g, false), 50.0 / 150.0);
+        // Crowd: intersection over the detection's area only.
+        assert_eq!(box_iou(&[5.0, 0.0, 10.0, 10.0], &g, true), 0.5);
+        assert_eq!(box_iou(&[10.0, 0.0, 10.0, 10.0], &g, false), 0.0);
+        assert_eq!(box_iou(&[0.0, 0.0, -3.0, 10.0], &g, false), 0.0);
+    }
+
+    #[test]
+    fn perfect_detections_score_one() {
+        let g = gt(
+            &[1, 2, 3],
+            &[1, 2],
+            &[
+                (1, 1, 1, [10.0, 10.0, 20.0, 20.0], 400.0, 0),
+                (2, 2, 2, [50.0, 60.0, 50.0, 40.0], 2000.0, 0),
+                (3, 3, 1, [0.0, 0.0, 200.0, 100.0], 20000.0, 0),
+            ],
+        );
+        let d: Vec<Detection> = g
+            .annotations
+            .iter()
+            .map(|a| det(a.image_id, a.category_id, a.bbox, 0.9))
+            .collect();
+        let s = evaluate(&g, &d).unwrap();
+        // Category 1 has two hits (precision 1), category 2 one (precision ONE).
+        // Each size range holds one object: precision ONE at every recall point.
+        assert_eq!((s.ap_small, s.ap_medium, s.ap_large), (ONE, ONE, ONE));
+        for v in &s.to_array()[..3] {
+            assert!((1.0 - v) < 3e-16, "{v}");
+        }
+        let ar = &s.to_array()[6..];
+        assert_eq!(ar, [1.0; 6]);
+    }
+
+    #[test]
+    fn shifted_box_counts_at_thresholds_up_to_its_iou() {
+        // IoU 0.65 exactly: true positive at 0.50..0.65 (4 of 10 thresholds).
+        let g = gt(&[1], &[1], &[(1, 1, 1, [0.0, 0.0, 10.0, 10.0], 100.0, 0)]);
+        let e = evaluate_full(&g, &[det(1, 1, [0.0, 0.0, 10.0, 6.5], 0.8)], None).unwrap();
+        let s = e.stats();
+        // Summary values as pycocotools 2.0.11 prints them for this case.
+        assert_eq!(s.ap50, 0.9999999999999999);
+        assert_eq!(prec(&e, 3, 100, 0), ONE);
+        assert_eq!(prec(&e, 4, 0, 0), 0.0);
+        assert_eq!(s.ap75, 0.0);
+        assert_eq!(s.ap, 0.39999999999999997);
+        assert_eq!(s.ap_small, s.ap);
+        assert_eq!((s.ap_medium, s.ap_large), (-1.0, -1.0));
+        assert_eq!(s.ar_max1, 0.4);
+        assert_eq!((s.ar_medium, s.ar_large), (-1.0, -1.0));
+    }
+
+    #[test]
+    fn duplicate_detection_is_a_false_positive() {
+        let g = gt(
+            &[1],
+            &[1],
+            &[
+                (1, 1, 1, [0.0, 0.0, 10.0, 10.0], 100.0, 0),
+                (2, 1, 1, [50.0, 50.0, 10.0, 10.0], 100.0, 0),
+            ],
+        );
+        let d = [
+            det(1, 1, [0.0, 0.0, 10.0, 10.0], 0.9),
+            det(1, 1, [0.0, 0.0, 10.0, 10.0], 0.8),
+            det(1, 1, [50.0, 50.0, 10.0, 10.0], 0.7),
+        ];
+        let e = evaluate_full(&g, &d, None).unwrap();
+        // TP, FP, TP: recall 0.5, 0.5, 1; precision 1, 0.5, 2/3.
+        for t in 0..T {
+            assert_eq!(prec(&e, t, 50, 0), ONE);
+            assert_eq!(prec(&e, t, 51, 0), 2.0 / (1.0 + 2.0 + f64::EPSILON));
+            assert_eq!(prec(&e, t, 100, 0), 2.0 / (1.0 + 2.0 + f64::EPSILON));
+        }
+        let s = e.stats();
+        assert!((s.ap - (51.0 + 50.0 * 2.0 / 3.0) / 101.0).abs() < 1e-15);
+        assert_eq!(s.ar_max100, 1.0);
+        assert_eq!(s.ar_max1, 0.5);
+    }
+
+    #[test]
+    fn crowd_regions_absorb_detections_repeatedly() {
+        let anns = |crowd| {
+            [
+                (1, 1, 1, [0.0, 0.0, 100.0, 100.0], 10000.0, crowd),
+                (2, 1, 1, [200.0, 200.0, 10.0, 10.0], 100.0, 0),
+            ]
+        };
+        let d = [
+            det(1, 1, [0.0, 0.0, 10.0, 10.0], 0.9),
+            det(1, 1, [50.0, 50.0, 20.0, 20.0], 0.85),
+            // Half inside the crowd box: crowd IoU = 100 / 200 = 0.5 → ignored at 0.50 only.
+            det(1, 1, [90.0, 0.0, 20.0, 10.0], 0.8),
+            det(1, 1, [200.0, 200.0, 10.0, 10.0], 0.7),
+        ];
+        let e = evaluate_full(&gt(&[1], &[1], &anns(1)), &d, None).unwrap();
+        assert_eq!(prec(&e, 0, 100, 0), ONE);
+        // At 0.55 the half-covered detection is a false positive ahead of the TP.
+        assert_eq!(prec(&e, 1, 100, 0), 1.0 / (1.0 + 1.0 + f64::EPSILON));
+        let s = e.stats();
+        assert_eq!(s.ar_max100, 1.0);
+        // Same boxes without the crowd flag: three false positives, and the big box counts.
+        let s2 = evaluate(&gt(&[1], &[1], &anns(0)), &d).unwrap();
+        assert!(s2.ap < s.ap);
+        assert_eq!(s2.ar_large, 0.0);
+        assert_eq!(s.ar_large, -1.0);
+    }
+
+    #[test]
+    fn area_range_ignores_ground_truth_and_unmatched_detections() {
+        // One small and one medium object; in the "small" range the medium one is ignored,
+        // its detection too, and an unmatched medium-sized detection does not count.
+        let g = gt(
+            &[1],
+            &[1],
+            &[
+                (1, 1, 1, [0.0, 0.0, 10.0, 10.0], 100.0, 0),
+                (2, 1, 1, [100.0, 100.0, 50.0, 50.0], 2500.0, 0),
+            ],
+        );
+        let d = [
+            det(1, 1, [100.0, 100.0, 50.0, 50.0], 0.9),
+            det(1, 1, [300.0, 300.0, 60.0, 60.0], 0.8),
+            det(1, 1, [0.0, 0.0, 10.0, 10.0], 0.7),
+        ];
+        let s = evaluate(&g, &d).unwrap();
+        assert_eq!(s.ap_small, ONE);
+        assert_eq!(s.ap_medium, ONE);
+        assert_eq!(s.ap_large, -1.0);
+        // All areas: TP, FP, TP.
+        assert!((s.ap - (51.0 + 50.0 * 2.0 / 3.0) / 101.0).abs() < 1e-15);
+    }
+
+    #[test]
+    fn boundary_area_belongs_to_both_ranges() {
+        let g = gt(&[1], &[1], &[(1, 1, 1, [0.0, 0.0, 32.0, 32.0], 1024.0, 0)]);
+        let s = evaluate(&g, &[det(1, 1, [0.0, 0.0, 32.0, 32.0], 0.5)]).unwrap();
+        assert_eq!((s.ap_small, s.ap_medium, s.ap_large), (ONE, ONE, -1.0));
+    }
+
+    #[test]
+    fn empty_images_change_nothing_and_no_detections_give_zero() {
+        let anns = [
+            (1, 1, 1, [0.0, 0.0, 10.0, 10.0], 100.0, 0),
+            (2, 2, 1, [0.0, 0.0, 100.0, 100.0], 10000.0, 0),
+        ];
+        let d = [
+            det(1, 1, [0.0, 0.0, 10.0, 8.0], 0.6),
+            det(2, 1, [5.0, 0.0, 100.0, 100.0], 0.9),
+        ];
+        let a = evaluate(&gt(&[1, 2], &[1], &anns), &d).unwrap();
+        let b = evaluate(&gt(&[1, 2, 3, 4, 5], &[1], &anns), &d).unwrap();
+        assert_eq!(a, b);
+        let none = evaluate(&gt(&[1, 2, 3], &[1], &anns), &[]).unwrap();
+        assert_eq!(
+            none.to_array(),
+            [0.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0]
+        );
+        let nothing = evaluate(&gt(&[1], &[1], &[]), &[]).unwrap();
+        assert_eq!(nothing.to_array(), [-1.0; 12]);
+    }
+
+    #[test]
+    fn max_dets_caps_each_image() {
+        let g = gt(
+            &[1],
+            &[1],
+            &[
+                (1, 1, 1, [0.0, 0.0, 10.0, 10.0], 100.0, 0),
+                (2, 1, 1, [50.0, 50.0, 10.0, 10.0], 100.0, 0),
+            ],
+        );
+        let d = [
+            det(1, 1, [300.0, 300.0, 10.0, 10.0], 0.9),
+            det(1, 1, [0.0, 0.0, 10.0, 10.0], 0.8),
+            det(1, 1, [50.0, 50.0, 10.0, 10.0], 0.7),
+        ];
+        let s = evaluate(&g, &d).unwrap();
+        assert_eq!((s.ar_max1, s.ar_max10, s.ar_max100), (0.0, 1.0, 1.0));
+    }
+
+    #[test]
+    fn equal_scores_keep_sorted_image_order() {
+        // Same score on a false positive (image 1) and a true positive (image 2): numpy's
+        // stable sort over images in id order puts the false positive first → precision 0.5
+        // everywhere, whatever the file order.
+        let g = gt(
+            &[2, 1],
+            &[1],
+            &[(1, 2, 1, [0.0, 0.0, 10.0, 10.0], 100.0, 0)],
+        );
+        let d = [
+            det(2, 1, [0.0, 0.0, 10.0, 10.0], 0.5),
+            det(1, 1, [0.0, 0.0, 10.0, 10.0], 0.5),
+        ];
+        let s = evaluate(&g, &d).unwrap();
+        assert_eq!(s.ap, 1.0 / (1.0 + 1.0 + f64::EPSILON));
+        // Within one image ties keep file order.
+        let g1 = gt(&[1], &[1], &[(1, 1, 1, [0.0, 0.0, 10.0, 10.0], 100.0, 0)]);
+        let tp_first = [
+            det(1, 1, [0.0, 0.0, 10.0, 10.0], 0.5),
+            det(1, 1, [90.0, 0.0, 10.0, 10.0], 0.5),
+        ];
+        assert_eq!(evaluate(&g1, &tp_first).unwrap().ap, ONE);
+        let fp_first = [tp_first[1].clone(), tp_first[0].clone()];
+        assert_eq!(
+            evaluate(&g1, &fp_first).unwrap().ap,
+            1.0 / (1.0 + 1.0 + f64::EPSILON)
+        );
+    }
+
+    #[test]
+    fn recall_points_use_numpy_values() {
+        // 100 objects, 57 found, a false positive, then a 58th: recall 0.57 exactly is one ulp
+        // short of numpy's 0.57 recall point, so that point reads the 58th hit's precision.
+        let anns: Vec<_> = (0..100u64)
+            .map(|j| (j + 1, 1, 1, [20.0 * j as f64, 0.0, 10.0, 10.0], 100.0, 0))
+            .collect();
+        let g = gt(&[1], &[1], &anns);
+        let mut d: Vec<Detection> = (0..57)
+            .map(|j| {
+                det(
+                    1,
+                    1,
+                    [20.0 * j as f64, 0.0, 10.0, 10.0],
+                    0.9 - 0.001 * j as f64,
+                )
+            })
+            .collect();
+        d.push(det(1, 1, [0.0, 300.0, 10.0, 10.0], 0.3));
+        d.push(det(1, 1, [20.0 * 57.0, 0.0, 10.0, 10.0], 0.2));
+        let e = evaluate_full(&g, &d, None).unwrap();
+        assert_eq!(prec(&e, 0, 56, 0), 1.0);
+        assert_eq!(prec(&e, 0, 57, 0), 58.0 / (1.0 + 58.0 + f64::EPSILON));
+        assert_eq!(prec(&e, 0, 58, 0), 58.0 / (1.0 + 58.0 + f64::EPSILON));
+        assert_eq!(prec(&e, 0, 59, 0), 0.0);
+    }
+
+    #[test]
+    fn unknown_categories_are_dropped_and_subsets_restrict_images() {
+        let g = gt(
+            &[1, 2],
+            &[1],
+            &[
+                (1, 1, 1, [0.0, 0.0, 10.0, 10.0], 100.0, 0),
+                (2, 2, 1, [0.0, 0.0, 10.0, 10.0], 100.0, 0),
+                // Category 5 is not listed: not ground truth.
+                (3, 1, 5, [50.0, 0.0, 10.0, 10.0], 100.0, 0),
+            ],
+        );
+        let d = [
+            det(1, 1, [0.0, 0.0, 10.0, 10.0], 0.9),
+            det(1, 7, [50.0, 0.0, 10.0, 10.0], 0.95),
+        ];
+        let all = evaluate(&g, &d).unwrap();
+        assert_eq!(all.ar_max100, 0.5);
+        let sub = evaluate_on_images(&g, &d, &[1]).unwrap();
+        for v in &sub.to_array()[..3] {
+            assert!((1.0 - v) < 3e-16, "{v}");
+        }
+        assert_eq!(sub.ar_max100, 1.0);
+    }
+
+    #[test]
+    fn annotation_id_zero_reads_as_unmatched_like_pycocotools() {
+        let g = gt(&[1], &[1], &[(0, 1, 1, [0.0, 0.0, 10.0, 10.0], 100.0, 0)]);
+        let s = evaluate(&g, &[det(1, 1, [0.0, 0.0, 10.0, 10.0], 0.9)]).unwrap();
+        assert_eq!((s.ap, s.ar_max100), (0.0, 0.0));
+    }
+
+    #[test]
+    fn bad_input_is_an_error() {
+        let g = gt(&[1], &[1], &[(1, 1, 1, [0.0, 0.0, 10.0, 10.0], 100.0, 0)]);
+        let err = evaluate(&g, &[det(9, 1, [0.0, 0.0, 1.0, 1.0], 0.5)]).unwrap_err();
+        assert!(err.to_string().contains("image_id 9"), "{err}");
+        let err = evaluate(&g, &[det(1, 1, [0.0, 0.0, 1.0, 1.0], f64::NAN)]).unwrap_err();
+        assert!(err.to_string().contains("non-finite"), "{err}");
+        let dup = gt(
+            &[1],
+            &[1],
+            &[
+                (4, 1, 1, [0.0, 0.0, 10.0, 10.0], 100.0, 0),
+                (4, 1, 1, [20.0, 0.0, 10.0, 10.0], 100.0, 0),
+            ],
+        );
+        let err = evaluate(&dup, &[]).unwrap_err();
+        assert!(err.to_string().contains("annotation id 4"), "{err}");
+    }
+
+    #[test]
+    fn stats_serialize_with_pycocotools_names() {
+        let s = CocoStats::from_array([0.5; 12]);
+        let v = serde_json::to_value(s).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        let mut want = vec![
+            "AP", "AP50", "AP75", "APs", "APm", "APl", "ARmax1", "ARmax10", "ARmax100", "ARs",
+            "ARm", "ARl",
+        ];
+        want.sort_unstable();
+        let mut keys = keys;
+        keys.sort_unstable();
+        assert_eq!(keys, want);
+    }
 }
