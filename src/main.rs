@@ -28,6 +28,8 @@ enum Command {
     BenchPipeline(commands::bench_pipeline::Args),
     /// Write the first batch (file order) as safetensors for cross-checking.
     DumpBatch(commands::dump_batch::Args),
+    /// COCO box AP/AR (pycocotools-equivalent) of a detections JSON.
+    CocoEval(commands::coco_eval::Args),
 }
 
 fn main() {
@@ -38,6 +40,7 @@ fn main() {
         Command::Quickstart(a) => commands::quickstart::run(a),
         Command::BenchPipeline(a) => commands::bench_pipeline::run(a),
         Command::DumpBatch(a) => commands::dump_batch::run(a),
+        Command::CocoEval(a) => commands::coco_eval::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

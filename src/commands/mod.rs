@@ -3,6 +3,7 @@
 pub mod bench_pipeline;
 pub mod data;
 pub mod dump_batch;
+pub mod coco_eval;
 pub mod inspect;
 pub mod quickstart;
 pub mod synth;

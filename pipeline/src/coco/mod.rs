@@ -4,6 +4,7 @@
 //! dataset generator ([`synth`]).
 
 pub mod convert;
+pub mod eval;
 pub mod mask;
 pub mod synth;
 
