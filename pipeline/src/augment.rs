@@ -203,17 +203,16 @@ pub fn render_image(
     } else {
         p.offset_x as usize
     };
+    // Clamp against rounding: (offset + crop) / scale can exceed the source by an ulp.
+    let (left, top) = (x0 as f64 * sx, p.offset_y as f64 * sy);
+    let crop_w = (cw as f64 * sx).min(img.width as f64 - left);
+    let crop_h = (ch as f64 * sy).min(img.height as f64 - top);
     let src = ImageRef::new(img.width, img.height, &img.rgb, PixelType::U8x3)?;
     ws.resized.resize(ch * cw * 3, 0);
     let mut dst = Image::from_slice_u8(cw as u32, ch as u32, &mut ws.resized, PixelType::U8x3)?;
     let opts = ResizeOptions::new()
         .resize_alg(ResizeAlg::Interpolation(FilterType::Bilinear))
-        .crop(
-            x0 as f64 * sx,
-            p.offset_y as f64 * sy,
-            cw as f64 * sx,
-            ch as f64 * sy,
-        );
+        .crop(left, top, crop_w, crop_h);
     ws.resizer.resize(&src, &mut dst, &opts)?;
 
     let plane = out_h * out_w;
@@ -356,5 +355,27 @@ mod tests {
         render_image(&img, &flipped, &cfg, &mut ws, &mut out).unwrap();
         assert!((out[0] - red_lo).abs() < 1e-5);
         assert!((out[7] - red_hi).abs() < 1e-5);
+    }
+
+    #[test]
+    fn render_never_fails_for_any_sampled_geometry() {
+        use rand::SeedableRng;
+        let cfg = AugmentConfig::d0(64);
+        let mut ws = ImageWorkspace::default();
+        let mut out = vec![0.0; 3 * 64 * 64];
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        for (h, w) in [(1, 1), (3, 500), (101, 67), (240, 320), (333, 77), (17, 1000)] {
+            let img = DecodedImage {
+                width: w,
+                height: h,
+                rgb: vec![128; (w * h * 3) as usize],
+            };
+            for _ in 0..200 {
+                let p = ScaleParams::train(&mut rng, h, w, &cfg);
+                render_image(&img, &p, &cfg, &mut ws, &mut out)
+                    .unwrap_or_else(|e| panic!("{h}x{w} {p:?}: {e}"));
+            }
+            render_image(&img, &ScaleParams::eval(h, w, &cfg), &cfg, &mut ws, &mut out).unwrap();
+        }
     }
 }

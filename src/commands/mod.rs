@@ -1,9 +1,9 @@
 //! One module per subcommand; each exposes `Args` (clap) and `run(Args) -> Result<exit code>`.
 
 pub mod bench_pipeline;
+pub mod coco_eval;
 pub mod data;
 pub mod dump_batch;
-pub mod coco_eval;
 pub mod inspect;
 pub mod quickstart;
 pub mod synth;
