@@ -847,6 +847,7 @@ mod tests {
         assert_eq!(prec(&e, 4, 0, 0), 0.0);
         assert_eq!(s.ap75, 0.0);
         assert_eq!(s.ap, 0.39999999999999997);
+        assert_eq!(e.category_ap(), vec![(1, s.ap)]);
         assert_eq!(s.ap_small, s.ap);
         assert_eq!((s.ap_medium, s.ap_large), (-1.0, -1.0));
         assert_eq!(s.ar_max1, 0.4);
