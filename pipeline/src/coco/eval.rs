@@ -19,7 +19,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
 use super::{load_json, InstancesFile};
@@ -288,7 +288,13 @@ fn mean_or_minus_one(v: &[f64]) -> f64 {
 
 /// Reads a COCO results file (a JSON list of [`Detection`]).
 pub fn load_detections(path: &Path) -> anyhow::Result<Vec<Detection>> {
-    load_json(path)
+    let text = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    // Plain parsing is markedly faster on large files; only a failure pays for the
+    // field-path tracking that makes the error message useful.
+    match serde_json::from_slice(&text) {
+        Ok(dets) => Ok(dets),
+        Err(_) => load_json(path),
+    }
 }
 
 /// Evaluates `dets` against every image listed in `gt.images` (pycocotools' default).
@@ -841,6 +847,7 @@ mod tests {
         assert_eq!(prec(&e, 4, 0, 0), 0.0);
         assert_eq!(s.ap75, 0.0);
         assert_eq!(s.ap, 0.39999999999999997);
+        assert_eq!(e.category_ap(), vec![(1, s.ap)]);
         assert_eq!(s.ap_small, s.ap);
         assert_eq!((s.ap_medium, s.ap_large), (-1.0, -1.0));
         assert_eq!(s.ar_max1, 0.4);
@@ -1082,6 +1089,33 @@ mod tests {
         );
         let err = evaluate(&dup, &[]).unwrap_err();
         assert!(err.to_string().contains("annotation id 4"), "{err}");
+    }
+
+    #[test]
+    fn load_detections_parses_and_names_bad_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = dir.path().join("ok.json");
+        std::fs::write(
+            &ok,
+            r#"[{"image_id":1,"category_id":2,"bbox":[1,2.5,3,4],"score":0.25,"extra":1}]"#,
+        )
+        .unwrap();
+        assert_eq!(
+            load_detections(&ok).unwrap(),
+            vec![det(1, 2, [1.0, 2.5, 3.0, 4.0], 0.25)]
+        );
+        let bad = dir.path().join("bad.json");
+        std::fs::write(
+            &bad,
+            r#"[{"image_id":1,"category_id":2,"bbox":[1,2,3,4],"score":0.5},
+                {"image_id":1,"category_id":2,"bbox":[1,2,3],"score":0.5}]"#,
+        )
+        .unwrap();
+        let err = load_detections(&bad).unwrap_err().to_string();
+        assert!(
+            err.contains("bad.json") && err.contains("[1].bbox"),
+            "{err}"
+        );
     }
 
     #[test]
