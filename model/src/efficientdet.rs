@@ -192,7 +192,8 @@ mod tests {
         let cfg = Config::builtin("efficientdet-d0").unwrap();
         let vars = ModelVars::new(&Device::Cpu, 0);
         let model = EfficientDet::new(&cfg, &vars)?;
-        // automl reports 3.9M for D0 (90 classes); the exact trainable count is 3,880,067.
+        // automl reports 3.9M for D0 (90 classes); its Keras model (TF 2.21, tf_keras) has
+        // exactly 3,880,067 trainable and 47,136 non-trainable (BN moving stats) scalars.
         assert_eq!(expected_params(&cfg), 3_880_067);
         assert_eq!(model.num_params(), 3_880_067);
         assert_eq!(vars.num_trainable(), 3_880_067);
@@ -202,6 +203,14 @@ mod tests {
             model.param_summary().contains("3,880,067"),
             "{}",
             model.param_summary()
+        );
+        // automl's L2 set for D0 (trainable variables named `*kernel:0`): 150 kernels,
+        // 3,820,384 scalars (counted on automl's Keras model).
+        let kernels = model.l2_kernels();
+        assert_eq!(kernels.len(), 150);
+        assert_eq!(
+            kernels.iter().map(|k| k.elem_count()).sum::<usize>(),
+            3_820_384
         );
         Ok(())
     }

@@ -186,11 +186,10 @@ impl MbConv {
         h = ops::depthwise_conv2d(&h, &self.dw, self.args.stride)?;
         h = self.dw_bn.forward(&h, train, Activation::Swish)?;
         // Squeeze-and-excitation: global mean → reduce + swish → expand + sigmoid → gate.
-        let (b, hh, ww, c) = h.dims4()?;
-        let pooled = h.reshape((b, hh * ww, c))?.mean(1)?;
+        let pooled = ops::spatial_mean(&h)?;
         let s = ops::swish(&self.se.reduce.forward(&pooled)?)?;
         let gate = candle_nn::ops::sigmoid(&self.se.expand.forward(&s)?)?;
-        h = h.broadcast_mul(&gate.reshape((b, 1, 1, c))?)?;
+        h = ops::channel_gate(&h, &gate)?;
         h = self
             .project_bn
             .forward(&self.project.forward(&h)?, train, Activation::None)?;

@@ -38,7 +38,7 @@ impl Conv1x1 {
         let rows = x.elem_count() / cin.max(1);
         let y = x.reshape((rows, cin))?.matmul(&self.weight)?;
         let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
+            Some(b) => ops::add_channel_bias(&y, b)?,
             None => y,
         };
         let mut out = dims;

@@ -122,10 +122,6 @@ struct Saved {
     inv_std: Vec<f64>,
 }
 
-fn sigmoid(z: f64) -> f64 {
-    1.0 / (1.0 + (-z).exp())
-}
-
 /// Per-channel column sums of `f(row_values, channel)` over all rows, in f64.
 fn column_sums<T: Elem>(x: &[T], c: usize, f: impl Fn(&[T], &mut [f64]) + Sync) -> Vec<f64> {
     let rows = x.len() / c;
@@ -365,17 +361,37 @@ struct Params {
     act: Activation,
 }
 
-impl Params {
+/// Per-channel constants in the element type, so the elementwise work stays in f32.
+struct Chan<T> {
+    mean: Vec<T>,
+    inv: Vec<T>,
+    gamma: Vec<T>,
+    beta: Vec<T>,
+    act: Activation,
+}
+
+impl<T: Elem> Chan<T> {
+    fn new(p: &Params) -> Self {
+        let conv = |v: &[f64]| v.iter().map(|&x| T::from64(x)).collect::<Vec<T>>();
+        Chan {
+            mean: conv(&p.saved.mean),
+            inv: conv(&p.saved.inv_std),
+            gamma: conv(&p.gamma),
+            beta: conv(&p.beta),
+            act: p.act,
+        }
+    }
+
     /// (x̂, g_z) for one element of channel `i`.
     #[inline]
-    fn xhat_gz(&self, i: usize, x: f64, g: f64) -> (f64, f64) {
-        let xhat = (x - self.saved.mean[i]) * self.saved.inv_std[i];
+    fn xhat_gz(&self, i: usize, x: T, g: T) -> (T, T) {
+        let xhat = (x - self.mean[i]) * self.inv[i];
         let gz = match self.act {
             Activation::None => g,
             Activation::Swish => {
                 let z = self.gamma[i] * xhat + self.beta[i];
-                let s = sigmoid(z);
-                g * s * (1.0 + z * (1.0 - s))
+                let s = T::one() / (T::one() + (-z).exp());
+                g * s * (T::one() + z * (T::one() - s))
             }
         };
         (xhat, gz)
@@ -389,6 +405,7 @@ struct BnGradReduce {
 
 impl BnGradReduce {
     fn run<T: Elem>(&self, x: &[T], g: &[T]) -> Vec<T> {
+        let ch = Chan::<T>::new(&self.p);
         let c = self.p.gamma.len();
         let rows = x.len() / c;
         let chunk = super::chunk_rows(rows, 256) * c;
@@ -398,12 +415,27 @@ impl BnGradReduce {
             .map(|(xc, gc)| {
                 let mut sg = vec![0f64; c];
                 let mut sgx = vec![0f64; c];
-                for (xr, gr) in xc.chunks_exact(c).zip(gc.chunks_exact(c)) {
+                let mut lg = vec![T::zero(); c];
+                let mut lgx = vec![T::zero(); c];
+                for (r, (xr, gr)) in xc.chunks_exact(c).zip(gc.chunks_exact(c)).enumerate() {
                     for i in 0..c {
-                        let (xhat, gz) = self.p.xhat_gz(i, xr[i].to64(), gr[i].to64());
-                        sg[i] += gz;
-                        sgx[i] += gz * xhat;
+                        let (xhat, gz) = ch.xhat_gz(i, xr[i], gr[i]);
+                        lg[i] += gz;
+                        lgx[i] += gz * xhat;
                     }
+                    // Flush the element-type partial sums to f64 every 64 rows.
+                    if r % 64 == 63 {
+                        for i in 0..c {
+                            sg[i] += lg[i].to64();
+                            sgx[i] += lgx[i].to64();
+                            lg[i] = T::zero();
+                            lgx[i] = T::zero();
+                        }
+                    }
+                }
+                for i in 0..c {
+                    sg[i] += lg[i].to64();
+                    sgx[i] += lgx[i].to64();
                 }
                 (sg, sgx)
             })
@@ -457,9 +489,27 @@ struct BnGradInput {
 
 impl BnGradInput {
     fn run<T: Elem>(&self, x: &[T], g: &[T]) -> Vec<T> {
+        let ch = Chan::<T>::new(&self.p);
         let c = self.p.gamma.len();
         let rows = x.len() / c;
         let n = rows as f64;
+        // dx = k·g_z − (k/N)·(Σg_z + x̂·Σg_z·x̂) with k = γ·inv_std (train); k·g_z (eval).
+        let k: Vec<T> = (0..c)
+            .map(|i| T::from64(self.p.gamma[i] * self.p.saved.inv_std[i]))
+            .collect();
+        let (off, slope): (Vec<T>, Vec<T>) = (0..c)
+            .map(|i| {
+                if self.train {
+                    let kk = self.p.gamma[i] * self.p.saved.inv_std[i] / n;
+                    (
+                        T::from64(kk * self.sum_g[i]),
+                        T::from64(kk * self.sum_gx[i]),
+                    )
+                } else {
+                    (T::zero(), T::zero())
+                }
+            })
+            .unzip();
         let mut dx = vec![T::zero(); x.len()];
         let chunk = super::chunk_rows(rows, 256) * c;
         dx.par_chunks_mut(chunk)
@@ -470,14 +520,8 @@ impl BnGradInput {
                     .zip(xc.chunks_exact(c).zip(gc.chunks_exact(c)))
                 {
                     for i in 0..c {
-                        let (xhat, gz) = self.p.xhat_gz(i, xr[i].to64(), gr[i].to64());
-                        let k = self.p.gamma[i] * self.p.saved.inv_std[i];
-                        let v = if self.train {
-                            k * (gz - (self.sum_g[i] + xhat * self.sum_gx[i]) / n)
-                        } else {
-                            k * gz
-                        };
-                        dr[i] = T::from64(v);
+                        let (xhat, gz) = ch.xhat_gz(i, xr[i], gr[i]);
+                        dr[i] = k[i] * gz - off[i] - xhat * slope[i];
                     }
                 }
             });

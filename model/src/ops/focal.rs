@@ -3,7 +3,7 @@
 //! (at 512² with 90 classes they would be 4.4M floats per image).
 
 use super::{contiguous, unsupported, Elem};
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Focal-loss constants.
@@ -48,21 +48,22 @@ struct Focal {
     p: FocalParams,
 }
 
-const CHUNK: usize = 1 << 14;
+/// Anchor rows (of `num_classes` logits each) per parallel chunk.
+const ROWS: usize = 512;
 
-/// Positive/negative/ignored status of flat logit index `e`.
-fn target_of(targets: &[i64], e: usize, k: usize) -> Result<Option<bool>> {
-    let id = targets[e / k];
+/// Positive/negative/ignored status of class `k` for a class id, or an error for bad ids.
+#[inline]
+fn status(id: i64, k: usize, num_classes: usize) -> Result<Option<bool>> {
     match id {
         -2 => Ok(None),
         -1 => Ok(Some(false)),
-        id if id >= 0 && (id as usize) < k => Ok(Some(id as usize == e % k)),
-        id => candle_core::bail!("focal_loss: class id {id} outside -2..{k}"),
+        id if id >= 0 && (id as usize) < num_classes => Ok(Some(id as usize == k)),
+        id => candle_core::bail!("focal_loss: class id {id} outside -2..{num_classes}"),
     }
 }
 
 impl Focal {
-    /// (loss, dloss/dx) of one entry.
+    /// (loss, dloss/dx) of one entry, with one exp, one log and (for γ = 1.5) one sqrt.
     #[inline]
     fn entry(&self, x: f64, positive: bool) -> (f64, f64) {
         let FocalParams {
@@ -70,30 +71,52 @@ impl Focal {
             gamma,
             label_smoothing: s,
         } = self.p;
-        let p = 1.0 / (1.0 + (-x).exp());
+        let e = (-x.abs()).exp();
+        let p = if x >= 0.0 {
+            1.0 / (1.0 + e)
+        } else {
+            e / (1.0 + e)
+        };
         let t = if positive { 1.0 } else { 0.0 };
         let ys = t * (1.0 - s) + 0.5 * s;
-        let ce = x.max(0.0) - x * ys + (-x.abs()).exp().ln_1p();
-        let (a, one_minus_pt, dm) = if positive {
-            let m1 = 1.0 - p;
-            (alpha, m1, -gamma * p * m1.powf(gamma))
+        // Stable sigmoid cross-entropy: softplus(x) − x·y.
+        let ce = x.max(0.0) + e.ln_1p() - x * ys;
+        let (a, base) = if positive {
+            (alpha, 1.0 - p)
         } else {
-            (1.0 - alpha, p, gamma * (1.0 - p) * p.powf(gamma))
+            (1.0 - alpha, p)
         };
-        let m = one_minus_pt.powf(gamma);
+        let m = if gamma == 1.5 {
+            base * base.sqrt()
+        } else if gamma == 2.0 {
+            base * base
+        } else {
+            base.powf(gamma)
+        };
+        // d(1 − p_t)^γ/dx: −γ·p·m for positives, γ·(1 − p)·m for negatives.
+        let dm = if positive {
+            -gamma * p * m
+        } else {
+            gamma * (1.0 - p) * m
+        };
         (a * m * ce, a * (dm * ce + m * (p - ys)))
     }
 
     fn loss<T: Elem>(&self, x: &[T], targets: &[i64]) -> Result<f64> {
         let k = self.num_classes;
         let parts: Vec<Result<f64>> = x
-            .par_chunks(CHUNK)
-            .enumerate()
-            .map(|(ci, xc)| {
+            .par_chunks(ROWS * k)
+            .zip(targets.par_chunks(ROWS))
+            .map(|(xc, tc)| {
                 let mut acc = 0f64;
-                for (j, v) in xc.iter().enumerate() {
-                    if let Some(pos) = target_of(targets, ci * CHUNK + j, k)? {
-                        acc += self.entry(v.to64(), pos).0;
+                for (row, &id) in xc.chunks_exact(k).zip(tc) {
+                    if id == -2 {
+                        continue;
+                    }
+                    for (j, v) in row.iter().enumerate() {
+                        if let Some(pos) = status(id, j, k)? {
+                            acc += self.entry(v.to64(), pos).0;
+                        }
                     }
                 }
                 Ok(acc)
@@ -102,16 +125,20 @@ impl Focal {
         parts.into_iter().sum()
     }
 
-    fn grad<T: Elem>(&self, x: &[T], targets: &[i64]) -> Result<Vec<T>> {
+    fn grad<T: Elem>(&self, x: &[T], targets: &[i64], scale: f64) -> Result<Vec<T>> {
         let k = self.num_classes;
         let mut d = vec![T::zero(); x.len()];
-        d.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .enumerate()
-            .try_for_each(|(ci, (dc, xc))| -> Result<()> {
-                for (j, (d, v)) in dc.iter_mut().zip(xc).enumerate() {
-                    if let Some(pos) = target_of(targets, ci * CHUNK + j, k)? {
-                        *d = T::from64(self.entry(v.to64(), pos).1);
+        d.par_chunks_mut(ROWS * k)
+            .zip(x.par_chunks(ROWS * k).zip(targets.par_chunks(ROWS)))
+            .try_for_each(|(dc, (xc, tc))| -> Result<()> {
+                for ((drow, row), &id) in dc.chunks_exact_mut(k).zip(xc.chunks_exact(k)).zip(tc) {
+                    if id == -2 {
+                        continue;
+                    }
+                    for (j, (d, v)) in drow.iter_mut().zip(row).enumerate() {
+                        if let Some(pos) = status(id, j, k)? {
+                            *d = T::from64(scale * self.entry(v.to64(), pos).1);
+                        }
                     }
                 }
                 Ok(())
@@ -161,17 +188,17 @@ impl CustomOp2 for Focal {
                 p: self.p,
             },
         };
-        let d = logits.apply_op2_no_bwd(targets, &op)?;
-        Ok((Some(d.broadcast_mul(grad)?), None))
+        let d = logits.apply_op3_no_bwd(targets, &grad.to_dtype(DType::F64)?.reshape(1)?, &op)?;
+        Ok((Some(d), None))
     }
 }
 
-/// (logits, targets) → d(sum of focal loss)/d(logits).
+/// (logits, targets, upstream scalar gradient `[1]` f64) → d(loss)/d(logits).
 struct FocalGrad {
     inner: Focal,
 }
 
-impl CustomOp2 for FocalGrad {
+impl CustomOp3 for FocalGrad {
     fn name(&self) -> &'static str {
         "effdet-focal-loss-grad"
     }
@@ -182,16 +209,19 @@ impl CustomOp2 for FocalGrad {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let t = contiguous::<i64>(s2, l2)?;
+        let scale = contiguous::<f64>(s3, l3)?[0];
         let shape = l1.shape().clone();
         match s1 {
             CpuStorage::F32(_) => Ok((
-                CpuStorage::F32(self.inner.grad::<f32>(contiguous(s1, l1)?, t)?),
+                CpuStorage::F32(self.inner.grad::<f32>(contiguous(s1, l1)?, t, scale)?),
                 shape,
             )),
             CpuStorage::F64(_) => Ok((
-                CpuStorage::F64(self.inner.grad::<f64>(contiguous(s1, l1)?, t)?),
+                CpuStorage::F64(self.inner.grad::<f64>(contiguous(s1, l1)?, t, scale)?),
                 shape,
             )),
             s => Err(unsupported(self.name(), s)),

@@ -12,12 +12,15 @@
 //! - [`max_pool2d_same`]: max-pool with TensorFlow "same" padding (padding never wins the max);
 //! - [`batch_norm_train`] / [`batch_norm_eval`]: batch normalization fused with an optional swish;
 //! - [`swish`]: x·sigmoid(x) with a one-pass backward;
+//! - [`add_channel_bias`], [`channel_gate`], [`spatial_mean`]: per-channel broadcasts whose
+//!   backward passes are direct reductions;
 //! - [`focal_loss_sum`]: automl's sigmoid focal loss summed over all entries, with one-hot
 //!   targets built on the fly from class ids;
 //! - [`upsample_nearest`]: nearest-neighbour resize (TensorFlow `resize_nearest_neighbor`
 //!   semantics) built from broadcast/index ops, so its gradient accumulates.
 
 mod batch_norm;
+mod channel;
 mod depthwise;
 mod focal;
 mod pool;
@@ -28,6 +31,7 @@ mod upsample;
 pub(crate) mod fd;
 
 pub use batch_norm::{batch_norm_eval, batch_norm_train, Activation, BatchStats};
+pub use channel::{add_channel_bias, channel_gate, spatial_mean};
 pub use depthwise::depthwise_conv2d;
 pub use focal::{focal_loss_sum, FocalParams};
 pub use pool::max_pool2d_same;
