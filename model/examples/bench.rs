@@ -6,6 +6,23 @@ use candle_core::{DType, Device, Tensor};
 use effdet_model::{config::Config, feature_sizes, loss::detection_loss, EfficientDet, ModelVars};
 use std::time::Instant;
 
+/// Process CPU seconds (user + system) from /proc (Linux); NaN elsewhere. Wall time is noisy
+/// on a shared machine, CPU time much less so.
+fn cpu_secs() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return f64::NAN;
+    };
+    // Fields after the parenthesized command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        f.get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let name = args.first().map_or("efficientdet-d0", String::as_str);
@@ -30,7 +47,7 @@ fn main() -> anyhow::Result<()> {
     }
     let num_pos = Tensor::full(100f32, batch, &dev)?;
     for it in 0..iters {
-        let t0 = Instant::now();
+        let (c0, t0) = (cpu_secs(), Instant::now());
         let (cls, boxes) = model.forward(&images, true)?;
         let parts = detection_loss(
             &cls,
@@ -42,19 +59,22 @@ fn main() -> anyhow::Result<()> {
             &cfg.loss,
         )?;
         let loss = parts.total.to_scalar::<f32>()?;
-        let t1 = Instant::now();
+        let (c1, t1) = (cpu_secs(), Instant::now());
         let grads = parts.total.backward()?;
-        let t2 = Instant::now();
+        let (c2, t2) = (cpu_secs(), Instant::now());
         let n = vars
             .trainable()
             .iter()
             .filter(|(_, v)| grads.get(v).is_some())
             .count();
         println!(
-            "{name} {size}x{size} batch {batch} iter {it}: forward+loss {:.3}s, backward {:.3}s, total {:.3}s (loss {loss:.4}, {n} grads)",
+            "{name} {size}x{size} batch {batch} iter {it}: wall forward+loss {:.3}s backward {:.3}s total {:.3}s | cpu {:.2}s + {:.2}s = {:.2}s (loss {loss:.4}, {n} grads)",
             (t1 - t0).as_secs_f64(),
             (t2 - t1).as_secs_f64(),
-            (t2 - t0).as_secs_f64()
+            (t2 - t0).as_secs_f64(),
+            c1 - c0,
+            c2 - c1,
+            c2 - c0
         );
     }
     let t0 = Instant::now();

@@ -304,6 +304,43 @@ mod tests {
     }
 
     #[test]
+    fn drop_connect_keeps_or_drops_whole_samples() -> Result<()> {
+        let x = Tensor::ones(
+            (4000, 2, 2, 3),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )?;
+        let y = drop_connect(&x, 0.8)?;
+        let v: Vec<f32> = y.flatten_all()?.to_vec1()?;
+        // Every sample is all zeros or all 1/0.8.
+        for s in v.chunks(12) {
+            assert!(s.iter().all(|&a| a == 0.0) || s.iter().all(|&a| (a - 1.25).abs() < 1e-6));
+        }
+        let kept = v.chunks(12).filter(|s| s[0] != 0.0).count() as f64 / 4000.0;
+        assert!((kept - 0.8).abs() < 0.03, "{kept}");
+        Ok(())
+    }
+
+    #[test]
+    fn d1_trains_with_drop_connect() -> Result<()> {
+        // D1 (b1 backbone, survival 0.8) runs the drop-connect path in training mode.
+        let cfg = Config::builtin("efficientdet-d1").unwrap();
+        let vars = crate::ModelVars::new(&candle_core::Device::Cpu, 0);
+        let net = EfficientNet::new(&vars, "b", &cfg.backbone)?;
+        assert_eq!(net.blocks.len(), 23);
+        assert!((net.blocks[22].survival_prob - (1.0 - 0.2 * 22.0 / 23.0)).abs() < 1e-12);
+        assert_eq!(net.blocks[0].survival_prob, 1.0);
+        let x = Tensor::randn(0f32, 1f32, (2, 3, 64, 64), &candle_core::Device::Cpu)?;
+        let feats = net.forward(&x, true)?;
+        let dims: Vec<Vec<usize>> = feats.iter().map(|f| f.dims().to_vec()).collect();
+        assert_eq!(
+            dims,
+            vec![vec![2, 8, 8, 40], vec![2, 4, 4, 112], vec![2, 2, 2, 320]]
+        );
+        Ok(())
+    }
+
+    #[test]
     fn b0_has_16_blocks_and_automl_se_sizes() {
         let c = Config::builtin("efficientdet-d0").unwrap();
         let (blocks, ends) = block_args(&c.backbone);
