@@ -1,0 +1,270 @@
+//! Building blocks shared by backbone, BiFPN and heads, all on NHWC tensors: 1×1 convolution as
+//! a matrix product, depthwise-separable convolution, batch norm with running statistics, and
+//! the backbone stem convolution.
+
+use crate::ops::{self, Activation};
+use crate::vars::{Init, ModelVars};
+use candle_core::{Result, Tensor, Var};
+
+/// 1×1 convolution, kernel `[C_in, C_out]` (name `<prefix>.weight`), optional bias.
+pub struct Conv1x1 {
+    pub(crate) weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Conv1x1 {
+    /// Creates `<prefix>.weight` (and `<prefix>.bias`, zeros, when `bias`).
+    pub fn new(
+        vars: &ModelVars,
+        prefix: &str,
+        cin: usize,
+        cout: usize,
+        bias: bool,
+        init: Init,
+    ) -> Result<Self> {
+        let weight = vars.param(&format!("{prefix}.weight"), &[cin, cout], init)?;
+        let bias = if bias {
+            Some(vars.param(&format!("{prefix}.bias"), &[cout], Init::Const(0.0))?)
+        } else {
+            None
+        };
+        Ok(Conv1x1 { weight, bias })
+    }
+
+    /// `x` `[..., C_in]` → `[..., C_out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let cin = dims[dims.len() - 1];
+        let rows = x.elem_count() / cin.max(1);
+        let y = x.reshape((rows, cin))?.matmul(&self.weight)?;
+        let y = match &self.bias {
+            Some(b) => ops::add_channel_bias(&y, b)?,
+            None => y,
+        };
+        let mut out = dims;
+        let last = out.len() - 1;
+        out[last] = self.weight.dim(1)?;
+        y.reshape(out)
+    }
+}
+
+/// Depthwise k×k (kernel `<prefix>.dw.weight` `[k, k, C]`) then pointwise 1×1 with bias
+/// (`<prefix>.pw.weight` `[C, C_out]`, `<prefix>.pw.bias`), as Keras `SeparableConv2D`.
+pub struct SeparableConv {
+    pub(crate) dw: Tensor,
+    pub(crate) pw: Conv1x1,
+}
+
+impl SeparableConv {
+    /// `dw_init` / `pw_init` initialize the two kernels; `bias_init` the bias.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        vars: &ModelVars,
+        prefix: &str,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        dw_init: Init,
+        pw_init: Init,
+        bias_init: Init,
+    ) -> Result<Self> {
+        let dw = vars.param(&format!("{prefix}.dw.weight"), &[k, k, cin], dw_init)?;
+        let pw_weight = vars.param(&format!("{prefix}.pw.weight"), &[cin, cout], pw_init)?;
+        let bias = vars.param(&format!("{prefix}.pw.bias"), &[cout], bias_init)?;
+        Ok(SeparableConv {
+            dw,
+            pw: Conv1x1 {
+                weight: pw_weight,
+                bias: Some(bias),
+            },
+        })
+    }
+
+    /// `x` `[B, H, W, C]` → `[B, H, W, C_out]` (stride 1, "same").
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.pw.forward(&ops::depthwise_conv2d(x, &self.dw, 1)?)
+    }
+}
+
+/// Batch norm over the channel axis: `<prefix>.gamma`, `<prefix>.beta` (trainable) and
+/// `<prefix>.running_mean`, `<prefix>.running_var` (statistics).
+pub struct BatchNorm {
+    gamma: Tensor,
+    beta: Tensor,
+    mean: Var,
+    var: Var,
+    momentum: f64,
+    eps: f64,
+}
+
+impl BatchNorm {
+    /// gamma 1, beta 0, running mean 0, running variance 1 (Keras defaults).
+    pub fn new(vars: &ModelVars, prefix: &str, c: usize, momentum: f64, eps: f64) -> Result<Self> {
+        Ok(BatchNorm {
+            gamma: vars.param(&format!("{prefix}.gamma"), &[c], Init::Const(1.0))?,
+            beta: vars.param(&format!("{prefix}.beta"), &[c], Init::Const(0.0))?,
+            mean: vars.stat(&format!("{prefix}.running_mean"), &[c], Init::Const(0.0))?,
+            var: vars.stat(&format!("{prefix}.running_var"), &[c], Init::Const(1.0))?,
+            momentum,
+            eps,
+        })
+    }
+
+    /// Training mode normalizes with batch statistics and moves the running averages towards
+    /// them (variance with Bessel's correction, as TensorFlow's fused batch norm does);
+    /// evaluation mode uses the running averages.
+    pub fn forward(&self, x: &Tensor, train: bool, act: Activation) -> Result<Tensor> {
+        if !train {
+            return ops::batch_norm_eval(
+                x,
+                &self.gamma,
+                &self.beta,
+                &self.mean,
+                &self.var,
+                self.eps,
+                act,
+            );
+        }
+        let (y, stats) = ops::batch_norm_train(x, &self.gamma, &self.beta, self.eps, act)?;
+        let n = stats.count as f64;
+        let bessel = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
+        let m = self.momentum;
+        let old_mean: Vec<f64> = self.mean.to_dtype(candle_core::DType::F64)?.to_vec1()?;
+        let old_var: Vec<f64> = self.var.to_dtype(candle_core::DType::F64)?.to_vec1()?;
+        let new_mean: Vec<f32> = old_mean
+            .iter()
+            .zip(&stats.mean)
+            .map(|(o, b)| (m * o + (1.0 - m) * b) as f32)
+            .collect();
+        let new_var: Vec<f32> = old_var
+            .iter()
+            .zip(&stats.var)
+            .map(|(o, b)| (m * o + (1.0 - m) * b * bessel) as f32)
+            .collect();
+        let dev = x.device();
+        self.mean
+            .set(&Tensor::from_vec(new_mean, old_mean.len(), dev)?.to_dtype(self.mean.dtype())?)?;
+        self.var
+            .set(&Tensor::from_vec(new_var, old_var.len(), dev)?.to_dtype(self.var.dtype())?)?;
+        Ok(y)
+    }
+}
+
+/// The backbone stem: 3×3 stride-2 convolution, TF "same" padding, no bias, on NCHW images;
+/// returns NHWC. Kernel `<prefix>.weight` is stored `[C_out, 3, 3, 3]` (candle's OIHW).
+pub struct StemConv {
+    pub(crate) weight: Tensor,
+}
+
+impl StemConv {
+    /// automl's EfficientNet initializer, fan_out = 3·3·C_out.
+    pub fn new(vars: &ModelVars, prefix: &str, cout: usize) -> Result<Self> {
+        let weight = vars.param(
+            &format!("{prefix}.weight"),
+            &[cout, 3, 3, 3],
+            Init::efficientnet_conv(9 * cout),
+        )?;
+        Ok(StemConv { weight })
+    }
+
+    /// `images` `[B, 3, H, W]` → `[B, ceil(H/2), ceil(W/2), C_out]`.
+    pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = images.dims4()?;
+        let (_, pt, pb) = ops::same_padding(h, 3, 2);
+        let (_, pl, pr) = ops::same_padding(w, 3, 2);
+        let x = images
+            .pad_with_zeros(2, pt, pb)?
+            .pad_with_zeros(3, pl, pr)?;
+        x.conv2d(&self.weight, 0, 2, 1, 1)?
+            .permute((0, 2, 3, 1))?
+            .contiguous()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::fd::{check_gradients, rand_tensor};
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn conv1x1_is_a_per_pixel_matrix_product() -> Result<()> {
+        let vars = ModelVars::new(&Device::Cpu, 0);
+        let conv = Conv1x1::new(&vars, "c", 2, 3, true, Init::Const(0.0))?;
+        let w = Tensor::new(&[[1f32, 2., 3.], [4., 5., 6.]], &Device::Cpu)?;
+        let conv = Conv1x1 {
+            weight: w,
+            bias: conv.bias.map(|b| (b + 1.0).unwrap()),
+        };
+        let x = Tensor::new(&[1f32, -1.], &Device::Cpu)?.reshape((1, 1, 1, 2))?;
+        let y = conv.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(y, vec![1. - 4. + 1., 2. - 5. + 1., 3. - 6. + 1.]);
+        Ok(())
+    }
+
+    #[test]
+    fn stem_matches_direct_convolution_and_gradients() -> Result<()> {
+        // TF "same" at stride 2 on an even size pads only after: output (0,0) covers rows and
+        // columns 0..3, output (last) covers the last two rows/columns plus one zero row.
+        let img = rand_tensor(&[1, 3, 6, 4], 81)?;
+        let w = rand_tensor(&[2, 3, 3, 3], 82)?;
+        let stem = StemConv { weight: w.clone() };
+        let y = stem.forward(&img)?; // [1, 3, 2, 2]
+        assert_eq!(y.dims(), &[1, 3, 2, 2]);
+        let iv = img.flatten_all()?.to_vec1::<f64>()?;
+        let wv = w.flatten_all()?.to_vec1::<f64>()?;
+        let yv = y.flatten_all()?.to_vec1::<f64>()?;
+        for oy in 0..3 {
+            for ox in 0..2 {
+                for o in 0..2 {
+                    let mut s = 0.0;
+                    for c in 0..3 {
+                        for ky in 0..3 {
+                            for kx in 0..3 {
+                                let (iy, ix) = (oy * 2 + ky, ox * 2 + kx); // pad before = 0
+                                if iy < 6 && ix < 4 {
+                                    s += iv[(c * 6 + iy) * 4 + ix]
+                                        * wv[((o * 3 + c) * 3 + ky) * 3 + kx];
+                                }
+                            }
+                        }
+                    }
+                    assert!((yv[(oy * 2 + ox) * 2 + o] - s).abs() < 1e-12);
+                }
+            }
+        }
+        check_gradients(
+            &[img, w],
+            |v| {
+                StemConv {
+                    weight: v[1].clone(),
+                }
+                .forward(&v[0])
+            },
+            1e-7,
+        )
+    }
+
+    #[test]
+    fn batch_norm_updates_running_stats_like_tensorflow() -> Result<()> {
+        let dev = Device::Cpu;
+        let vars = ModelVars::new(&dev, 0);
+        let bn = BatchNorm::new(&vars, "bn", 1, 0.99, 1e-3)?;
+        let x = Tensor::new(&[1f32, 2., 3., 6.], &dev)?.reshape((1, 2, 2, 1))?;
+        bn.forward(&x, true, Activation::None)?;
+        // mean 3, unbiased variance (4 + 1 + 0 + 9) / 3 = 14/3.
+        let m = bn.mean.to_vec1::<f32>()?[0];
+        let v = bn.var.to_vec1::<f32>()?[0];
+        assert!((m - 0.01 * 3.0).abs() < 1e-6, "{m}");
+        assert!((v - (0.99 + 0.01 * 14.0 / 3.0)).abs() < 1e-6, "{v}");
+        // Eval mode uses those statistics.
+        let y = bn
+            .forward(&x, false, Activation::None)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let want = (1.0 - m) / (v + 1e-3).sqrt();
+        assert!((y[0] - want).abs() < 1e-5);
+        assert_eq!(x.dtype(), DType::F32);
+        Ok(())
+    }
+}

@@ -1,0 +1,626 @@
+//! Batch normalization over the last (channel) axis fused with an optional swish, for training
+//! (batch statistics, gradient through them) and evaluation (given running statistics).
+//! Built from stock candle ops this is a dozen full passes per layer forward and backward;
+//! fused it is three passes forward and two backward.
+
+use super::{contiguous, unsupported, Elem};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
+
+/// Activation applied right after the affine transform.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// No activation.
+    None,
+    /// x · sigmoid(x).
+    Swish,
+}
+
+/// Statistics of one training-mode batch, per channel.
+#[derive(Clone, Debug)]
+pub struct BatchStats {
+    /// Mean over all rows.
+    pub mean: Vec<f64>,
+    /// Biased variance (divided by `count`), the one used for normalization.
+    pub var: Vec<f64>,
+    /// Number of rows (B·H·W) the statistics were taken over.
+    pub count: usize,
+}
+
+/// Normalizes `x` (any rank, channels last) with its own batch statistics, then applies
+/// `gamma`, `beta` (each `[C]`) and `act`. Returns the output and the batch statistics (for the
+/// caller's running averages).
+pub fn batch_norm_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    act: Activation,
+) -> Result<(Tensor, BatchStats)> {
+    let c = check(x, gamma, beta)?;
+    let rows = x.elem_count() / c.max(1);
+    if rows == 0 {
+        candle_core::bail!("batch_norm_train: empty input {:?}", x.dims());
+    }
+    let saved = Arc::new(Mutex::new(None));
+    let op = BnTrain {
+        eps,
+        act,
+        saved: saved.clone(),
+    };
+    let y = x
+        .contiguous()?
+        .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
+    let stats = saved
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("batch_norm_train: poisoned lock".into()))?
+        .clone()
+        .ok_or_else(|| candle_core::Error::Msg("batch_norm_train: no statistics".into()))?;
+    let Saved { mean, inv_std } = stats;
+    let var = inv_std.iter().map(|s| 1.0 / (s * s) - eps).collect();
+    Ok((
+        y,
+        BatchStats {
+            mean,
+            var,
+            count: rows,
+        },
+    ))
+}
+
+/// Normalizes `x` with given `mean` and `var` (each `[C]`, e.g. running averages), then applies
+/// `gamma`, `beta` and `act`. Gradients flow to `x`, `gamma` and `beta`.
+pub fn batch_norm_eval(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    eps: f64,
+    act: Activation,
+) -> Result<Tensor> {
+    let c = check(x, gamma, beta)?;
+    if mean.dims() != [c] || var.dims() != [c] {
+        candle_core::bail!(
+            "batch_norm_eval: mean {:?} / var {:?} must be [{c}]",
+            mean.dims(),
+            var.dims()
+        );
+    }
+    let mean: Vec<f64> = mean.to_dtype(candle_core::DType::F64)?.to_vec1()?;
+    let var: Vec<f64> = var.to_dtype(candle_core::DType::F64)?.to_vec1()?;
+    let inv_std = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    let op = BnEval {
+        act,
+        saved: Saved { mean, inv_std },
+    };
+    x.contiguous()?
+        .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)
+}
+
+fn check(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<usize> {
+    let c = match x.dims().last() {
+        Some(&c) if x.rank() >= 2 => c,
+        _ => candle_core::bail!("batch_norm: input {:?} needs a channel axis", x.dims()),
+    };
+    if gamma.dims() != [c] || beta.dims() != [c] {
+        candle_core::bail!(
+            "batch_norm: gamma {:?} / beta {:?} must be [{c}] for input {:?}",
+            gamma.dims(),
+            beta.dims(),
+            x.dims()
+        );
+    }
+    Ok(c)
+}
+
+/// Per-channel mean and 1/sqrt(var + eps) used by a forward pass.
+#[derive(Clone, Debug)]
+struct Saved {
+    mean: Vec<f64>,
+    inv_std: Vec<f64>,
+}
+
+/// Per-channel column sums of `f(row_values, channel)` over all rows, in f64.
+fn column_sums<T: Elem>(x: &[T], c: usize, f: impl Fn(&[T], &mut [f64]) + Sync) -> Vec<f64> {
+    let rows = x.len() / c;
+    let chunk = super::chunk_rows(rows, 256) * c;
+    x.par_chunks(chunk)
+        .map(|part| {
+            let mut acc = vec![0f64; c];
+            for row in part.chunks_exact(c) {
+                f(row, &mut acc);
+            }
+            acc
+        })
+        .reduce(
+            || vec![0f64; c],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                a
+            },
+        )
+}
+
+/// y = act(gamma · (x − mean) · inv_std + beta), elementwise over rows.
+fn apply<T: Elem>(x: &[T], s: &Saved, gamma: &[T], beta: &[T], act: Activation) -> Vec<T> {
+    let c = gamma.len();
+    // Fold normalization and affine into one scale and shift per channel.
+    let scale: Vec<T> = (0..c)
+        .map(|i| T::from64(gamma[i].to64() * s.inv_std[i]))
+        .collect();
+    let shift: Vec<T> = (0..c)
+        .map(|i| T::from64(beta[i].to64() - gamma[i].to64() * s.inv_std[i] * s.mean[i]))
+        .collect();
+    let mut y = vec![T::zero(); x.len()];
+    let chunk = super::chunk_rows(x.len() / c, 256) * c;
+    y.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .for_each(|(yc, xc)| {
+            for (yr, xr) in yc.chunks_exact_mut(c).zip(xc.chunks_exact(c)) {
+                for i in 0..c {
+                    let z = xr[i] * scale[i] + shift[i];
+                    yr[i] = match act {
+                        Activation::None => z,
+                        Activation::Swish => z / (T::one() + (-z).exp()),
+                    };
+                }
+            }
+        });
+    y
+}
+
+fn fwd_storage(
+    name: &str,
+    s: &Saved,
+    act: Activation,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    (s3, l3): (&CpuStorage, &Layout),
+) -> Result<CpuStorage> {
+    match s1 {
+        CpuStorage::F32(_) => Ok(CpuStorage::F32(apply::<f32>(
+            contiguous(s1, l1)?,
+            s,
+            contiguous(s2, l2)?,
+            contiguous(s3, l3)?,
+            act,
+        ))),
+        CpuStorage::F64(_) => Ok(CpuStorage::F64(apply::<f64>(
+            contiguous(s1, l1)?,
+            s,
+            contiguous(s2, l2)?,
+            contiguous(s3, l3)?,
+            act,
+        ))),
+        s => Err(unsupported(name, s)),
+    }
+}
+
+fn batch_moments<T: Elem>(x: &[T], c: usize, eps: f64) -> Saved {
+    let n = (x.len() / c) as f64;
+    let mean: Vec<f64> = column_sums(x, c, |row, acc| {
+        for (a, v) in acc.iter_mut().zip(row) {
+            *a += v.to64();
+        }
+    })
+    .into_iter()
+    .map(|s| s / n)
+    .collect();
+    // Second, centered pass: E[(x − mean)²] does not cancel like E[x²] − mean².
+    let var = column_sums(x, c, |row, acc| {
+        for ((a, v), m) in acc.iter_mut().zip(row).zip(&mean) {
+            let d = v.to64() - m;
+            *a += d * d;
+        }
+    });
+    let inv_std = var.iter().map(|v| 1.0 / (v / n + eps).sqrt()).collect();
+    Saved { mean, inv_std }
+}
+
+struct BnTrain {
+    eps: f64,
+    act: Activation,
+    /// Filled by the forward pass; read by the caller (running stats) and by the backward pass.
+    saved: Arc<Mutex<Option<Saved>>>,
+}
+
+impl CustomOp3 for BnTrain {
+    fn name(&self) -> &'static str {
+        "effdet-batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let c = l2.shape().elem_count();
+        let saved = match s1 {
+            CpuStorage::F32(_) => batch_moments::<f32>(contiguous(s1, l1)?, c, self.eps),
+            CpuStorage::F64(_) => batch_moments::<f64>(contiguous(s1, l1)?, c, self.eps),
+            s => return Err(unsupported(self.name(), s)),
+        };
+        let out = fwd_storage(self.name(), &saved, self.act, (s1, l1), (s2, l2), (s3, l3))?;
+        *self
+            .saved
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("batch_norm: poisoned lock".into()))? =
+            Some(saved);
+        Ok((out, l1.shape().clone()))
+    }
+
+    // cuda_fwd: to be written for the `cuda` feature (it must also fill `saved`).
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let saved = self
+            .saved
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("batch_norm: poisoned lock".into()))?
+            .clone()
+            .ok_or_else(|| candle_core::Error::Msg("batch_norm: backward before forward".into()))?;
+        backward(x, gamma, beta, grad, saved, self.act, true)
+    }
+}
+
+struct BnEval {
+    act: Activation,
+    saved: Saved,
+}
+
+impl CustomOp3 for BnEval {
+    fn name(&self) -> &'static str {
+        "effdet-batch-norm-eval"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = fwd_storage(
+            self.name(),
+            &self.saved,
+            self.act,
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+        )?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    // cuda_fwd: to be written for the `cuda` feature.
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        backward(x, gamma, beta, grad, self.saved.clone(), self.act, false)
+    }
+}
+
+fn backward(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    grad: &Tensor,
+    saved: Saved,
+    act: Activation,
+    train: bool,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let to64 = |t: &Tensor| t.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>();
+    let params = Params {
+        saved,
+        gamma: to64(gamma)?,
+        beta: to64(beta)?,
+        act,
+    };
+    let grad = grad.contiguous()?;
+    // sums[0] = Σ g_z = dβ, sums[1] = Σ g_z·x̂ = dγ, with g_z the gradient before the activation.
+    let sums = x.apply_op2_no_bwd(&grad, &BnGradReduce { p: params.clone() })?;
+    let sums_v: Vec<Vec<f64>> = sums.to_dtype(candle_core::DType::F64)?.to_vec2()?;
+    let dx = x.apply_op2_no_bwd(
+        &grad,
+        &BnGradInput {
+            p: params,
+            sum_g: sums_v[0].clone(),
+            sum_gx: sums_v[1].clone(),
+            train,
+        },
+    )?;
+    let dbeta = sums.get(0)?.to_dtype(beta.dtype())?;
+    let dgamma = sums.get(1)?.to_dtype(gamma.dtype())?;
+    Ok((Some(dx), Some(dgamma), Some(dbeta)))
+}
+
+#[derive(Clone, Debug)]
+struct Params {
+    saved: Saved,
+    gamma: Vec<f64>,
+    beta: Vec<f64>,
+    act: Activation,
+}
+
+/// Per-channel constants in the element type, so the elementwise work stays in f32.
+struct Chan<T> {
+    mean: Vec<T>,
+    inv: Vec<T>,
+    gamma: Vec<T>,
+    beta: Vec<T>,
+    act: Activation,
+}
+
+impl<T: Elem> Chan<T> {
+    fn new(p: &Params) -> Self {
+        let conv = |v: &[f64]| v.iter().map(|&x| T::from64(x)).collect::<Vec<T>>();
+        Chan {
+            mean: conv(&p.saved.mean),
+            inv: conv(&p.saved.inv_std),
+            gamma: conv(&p.gamma),
+            beta: conv(&p.beta),
+            act: p.act,
+        }
+    }
+
+    /// (x̂, g_z) for one element of channel `i`.
+    #[inline]
+    fn xhat_gz(&self, i: usize, x: T, g: T) -> (T, T) {
+        let xhat = (x - self.mean[i]) * self.inv[i];
+        let gz = match self.act {
+            Activation::None => g,
+            Activation::Swish => {
+                let z = self.gamma[i] * xhat + self.beta[i];
+                let s = T::one() / (T::one() + (-z).exp());
+                g * s * (T::one() + z * (T::one() - s))
+            }
+        };
+        (xhat, gz)
+    }
+}
+
+/// (x, grad) → `[2, C]`: Σ g_z and Σ g_z·x̂ per channel.
+struct BnGradReduce {
+    p: Params,
+}
+
+impl BnGradReduce {
+    fn run<T: Elem>(&self, x: &[T], g: &[T]) -> Vec<T> {
+        let ch = Chan::<T>::new(&self.p);
+        let c = self.p.gamma.len();
+        let rows = x.len() / c;
+        let chunk = super::chunk_rows(rows, 256) * c;
+        let (sg, sgx) = x
+            .par_chunks(chunk)
+            .zip(g.par_chunks(chunk))
+            .map(|(xc, gc)| {
+                let mut sg = vec![0f64; c];
+                let mut sgx = vec![0f64; c];
+                let mut lg = vec![T::zero(); c];
+                let mut lgx = vec![T::zero(); c];
+                for (r, (xr, gr)) in xc.chunks_exact(c).zip(gc.chunks_exact(c)).enumerate() {
+                    for i in 0..c {
+                        let (xhat, gz) = ch.xhat_gz(i, xr[i], gr[i]);
+                        lg[i] += gz;
+                        lgx[i] += gz * xhat;
+                    }
+                    // Flush the element-type partial sums to f64 every 64 rows.
+                    if r % 64 == 63 {
+                        for i in 0..c {
+                            sg[i] += lg[i].to64();
+                            sgx[i] += lgx[i].to64();
+                            lg[i] = T::zero();
+                            lgx[i] = T::zero();
+                        }
+                    }
+                }
+                for i in 0..c {
+                    sg[i] += lg[i].to64();
+                    sgx[i] += lgx[i].to64();
+                }
+                (sg, sgx)
+            })
+            .reduce(
+                || (vec![0f64; c], vec![0f64; c]),
+                |(mut a, mut b), (c2, d)| {
+                    a.iter_mut().zip(&c2).for_each(|(a, v)| *a += v);
+                    b.iter_mut().zip(&d).for_each(|(b, v)| *b += v);
+                    (a, b)
+                },
+            );
+        sg.into_iter().chain(sgx).map(T::from64).collect()
+    }
+}
+
+impl CustomOp2 for BnGradReduce {
+    fn name(&self) -> &'static str {
+        "effdet-batch-norm-grad-reduce"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let shape = Shape::from((2, self.p.gamma.len()));
+        match s1 {
+            CpuStorage::F32(_) => Ok((
+                CpuStorage::F32(self.run::<f32>(contiguous(s1, l1)?, contiguous(s2, l2)?)),
+                shape,
+            )),
+            CpuStorage::F64(_) => Ok((
+                CpuStorage::F64(self.run::<f64>(contiguous(s1, l1)?, contiguous(s2, l2)?)),
+                shape,
+            )),
+            s => Err(unsupported(self.name(), s)),
+        }
+    }
+}
+
+/// (x, grad) → dx. Training mode includes the terms through the batch mean and variance:
+/// dx = γ·inv_std·(g_z − (Σg_z + x̂·Σg_z·x̂)/N); evaluation mode is dx = γ·inv_std·g_z.
+struct BnGradInput {
+    p: Params,
+    sum_g: Vec<f64>,
+    sum_gx: Vec<f64>,
+    train: bool,
+}
+
+impl BnGradInput {
+    fn run<T: Elem>(&self, x: &[T], g: &[T]) -> Vec<T> {
+        let ch = Chan::<T>::new(&self.p);
+        let c = self.p.gamma.len();
+        let rows = x.len() / c;
+        let n = rows as f64;
+        // dx = k·g_z − (k/N)·(Σg_z + x̂·Σg_z·x̂) with k = γ·inv_std (train); k·g_z (eval).
+        let k: Vec<T> = (0..c)
+            .map(|i| T::from64(self.p.gamma[i] * self.p.saved.inv_std[i]))
+            .collect();
+        let (off, slope): (Vec<T>, Vec<T>) = (0..c)
+            .map(|i| {
+                if self.train {
+                    let kk = self.p.gamma[i] * self.p.saved.inv_std[i] / n;
+                    (
+                        T::from64(kk * self.sum_g[i]),
+                        T::from64(kk * self.sum_gx[i]),
+                    )
+                } else {
+                    (T::zero(), T::zero())
+                }
+            })
+            .unzip();
+        let mut dx = vec![T::zero(); x.len()];
+        let chunk = super::chunk_rows(rows, 256) * c;
+        dx.par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk).zip(g.par_chunks(chunk)))
+            .for_each(|(dc, (xc, gc))| {
+                for (dr, (xr, gr)) in dc
+                    .chunks_exact_mut(c)
+                    .zip(xc.chunks_exact(c).zip(gc.chunks_exact(c)))
+                {
+                    for i in 0..c {
+                        let (xhat, gz) = ch.xhat_gz(i, xr[i], gr[i]);
+                        dr[i] = k[i] * gz - off[i] - xhat * slope[i];
+                    }
+                }
+            });
+        dx
+    }
+}
+
+impl CustomOp2 for BnGradInput {
+    fn name(&self) -> &'static str {
+        "effdet-batch-norm-grad-input"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let shape = l1.shape().clone();
+        match s1 {
+            CpuStorage::F32(_) => Ok((
+                CpuStorage::F32(self.run::<f32>(contiguous(s1, l1)?, contiguous(s2, l2)?)),
+                shape,
+            )),
+            CpuStorage::F64(_) => Ok((
+                CpuStorage::F64(self.run::<f64>(contiguous(s1, l1)?, contiguous(s2, l2)?)),
+                shape,
+            )),
+            s => Err(unsupported(self.name(), s)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::fd::{check_gradients, rand_tensor};
+    use candle_core::Device;
+
+    #[test]
+    fn hand_computed_train_and_eval() -> Result<()> {
+        let dev = Device::Cpu;
+        // Two channels over 4 rows: channel 0 = [1, 2, 3, 4] (mean 2.5, var 1.25),
+        // channel 1 = [0, 0, 0, 8] (mean 2, var 12).
+        let x = Tensor::from_vec(vec![1f64, 0., 2., 0., 3., 0., 4., 8.], (4, 2), &dev)?;
+        let gamma = Tensor::from_vec(vec![2f64, 1.], 2, &dev)?;
+        let beta = Tensor::from_vec(vec![0.5f64, -1.], 2, &dev)?;
+        let eps = 1e-3;
+        let (y, stats) = batch_norm_train(&x, &gamma, &beta, eps, Activation::None)?;
+        assert_eq!(stats.count, 4);
+        assert!((stats.mean[0] - 2.5).abs() < 1e-12 && (stats.mean[1] - 2.0).abs() < 1e-12);
+        assert!((stats.var[0] - 1.25).abs() < 1e-9 && (stats.var[1] - 12.0).abs() < 1e-9);
+        let y = y.to_vec2::<f64>()?;
+        let want0 = 2.0 * (1.0 - 2.5) / (1.25f64 + eps).sqrt() + 0.5;
+        let want1 = (8.0 - 2.0) / (12.0f64 + eps).sqrt() - 1.0;
+        assert!((y[0][0] - want0).abs() < 1e-12);
+        assert!((y[3][1] - want1).abs() < 1e-12);
+
+        // Eval with given statistics, then swish.
+        let mean = Tensor::from_vec(vec![1f64, -1.], 2, &dev)?;
+        let var = Tensor::from_vec(vec![4f64, 0.25], 2, &dev)?;
+        let ye = batch_norm_eval(&x, &gamma, &beta, &mean, &var, eps, Activation::Swish)?;
+        let ye = ye.to_vec2::<f64>()?;
+        let z = 2.0 * (3.0 - 1.0) / (4.0f64 + eps).sqrt() + 0.5; // row 2, channel 0
+        let want = z / (1.0 + (-z).exp());
+        assert!((ye[2][0] - want).abs() < 1e-12);
+        Ok(())
+    }
+
+    #[test]
+    fn train_gradients_match_finite_differences() -> Result<()> {
+        for act in [Activation::None, Activation::Swish] {
+            let x = (rand_tensor(&[2, 3, 4, 5], 21)? * 3.0)?;
+            let gamma = rand_tensor(&[5], 22)?;
+            let beta = rand_tensor(&[5], 23)?;
+            check_gradients(
+                &[x, gamma, beta],
+                |v| Ok(batch_norm_train(&v[0], &v[1], &v[2], 1e-3, act)?.0),
+                1e-6,
+            )?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn eval_gradients_match_finite_differences() -> Result<()> {
+        let mean = rand_tensor(&[4], 31)?;
+        let var = (rand_tensor(&[4], 32)?.abs()? + 0.5)?;
+        for act in [Activation::None, Activation::Swish] {
+            let x = rand_tensor(&[2, 3, 3, 4], 33)?;
+            let gamma = rand_tensor(&[4], 34)?;
+            let beta = rand_tensor(&[4], 35)?;
+            check_gradients(
+                &[x, gamma, beta],
+                |v| batch_norm_eval(&v[0], &v[1], &v[2], &mean, &var, 1e-3, act),
+                1e-6,
+            )?;
+        }
+        Ok(())
+    }
+}

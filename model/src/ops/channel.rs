@@ -1,0 +1,299 @@
+//! Per-channel broadcasts on channels-last tensors with reduction-based backward passes:
+//! bias addition, the squeeze-and-excitation gate and the spatial mean. Candle's generic
+//! broadcast backward (sum over broadcast axes) is an order of magnitude slower here.
+
+use super::{contiguous, unsupported, Elem};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// `x` `[..., C]` + `bias` `[C]`.
+pub fn add_channel_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let c = x.dims().last().copied().unwrap_or(0);
+    if bias.dims() != [c] {
+        candle_core::bail!(
+            "add_channel_bias: bias {:?} does not match input {:?}",
+            bias.dims(),
+            x.dims()
+        );
+    }
+    x.contiguous()?.apply_op2(&bias.contiguous()?, BiasAdd)
+}
+
+/// `x` `[B, H, W, C]` · `gate` `[B, C]` broadcast over H and W.
+pub fn channel_gate(x: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    let (b, _, _, c) = x.dims4()?;
+    if gate.dims() != [b, c] {
+        candle_core::bail!(
+            "channel_gate: gate {:?} does not match input {:?}",
+            gate.dims(),
+            x.dims()
+        );
+    }
+    x.contiguous()?.apply_op2(&gate.contiguous()?, Gate)
+}
+
+/// Mean of `x` `[B, H, W, C]` over H and W → `[B, C]`.
+pub fn spatial_mean(x: &Tensor) -> Result<Tensor> {
+    x.dims4()?;
+    x.contiguous()?.apply_op1(SpatialMean)
+}
+
+fn sum_rows<T: Elem>(g: &[T], c: usize) -> Vec<T> {
+    let rows = g.len() / c;
+    let chunk = super::chunk_rows(rows, 256) * c;
+    let acc = g
+        .par_chunks(chunk)
+        .map(|part| {
+            let mut local = vec![T::zero(); c];
+            let mut acc = vec![0f64; c];
+            for (i, row) in part.chunks_exact(c).enumerate() {
+                for (l, &v) in local.iter_mut().zip(row) {
+                    *l += v;
+                }
+                // Flush to f64 every 64 rows so long sums keep their precision.
+                if i % 64 == 63 {
+                    for (a, l) in acc.iter_mut().zip(local.iter_mut()) {
+                        *a += l.to64();
+                        *l = T::zero();
+                    }
+                }
+            }
+            for (a, l) in acc.iter_mut().zip(&local) {
+                *a += l.to64();
+            }
+            acc
+        })
+        .reduce(
+            || vec![0f64; c],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                a
+            },
+        );
+    acc.into_iter().map(T::from64).collect()
+}
+
+macro_rules! dispatch2 {
+    ($name:expr, $s1:expr, $l1:expr, $s2:expr, $l2:expr, $shape:expr, $f:ident) => {
+        match $s1 {
+            CpuStorage::F32(_) => Ok((
+                CpuStorage::F32($f::<f32>(
+                    contiguous($s1, $l1)?,
+                    contiguous($s2, $l2)?,
+                    $l1,
+                )?),
+                $shape,
+            )),
+            CpuStorage::F64(_) => Ok((
+                CpuStorage::F64($f::<f64>(
+                    contiguous($s1, $l1)?,
+                    contiguous($s2, $l2)?,
+                    $l1,
+                )?),
+                $shape,
+            )),
+            s => Err(unsupported($name, s)),
+        }
+    };
+}
+
+fn bias_fwd<T: Elem>(x: &[T], b: &[T], _l: &Layout) -> Result<Vec<T>> {
+    let c = b.len();
+    let mut y = x.to_vec();
+    y.par_chunks_mut(super::chunk_rows(x.len() / c, 256) * c)
+        .for_each(|part| {
+            for row in part.chunks_exact_mut(c) {
+                for (v, &bv) in row.iter_mut().zip(b) {
+                    *v += bv;
+                }
+            }
+        });
+    Ok(y)
+}
+
+struct BiasAdd;
+
+impl CustomOp2 for BiasAdd {
+    fn name(&self) -> &'static str {
+        "effdet-add-channel-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch2!(self.name(), s1, l1, s2, l2, l1.shape().clone(), bias_fwd)
+    }
+
+    // cuda_fwd: to be written for the `cuda` feature.
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let c = bias.dim(0)?;
+        let db = g.contiguous()?.apply_op1_no_bwd(&ColumnSum { c })?;
+        Ok((Some(g.clone()), Some(db)))
+    }
+}
+
+/// `[..., C]` → `[C]` column sums.
+struct ColumnSum {
+    c: usize,
+}
+
+impl CustomOp1 for ColumnSum {
+    fn name(&self) -> &'static str {
+        "effdet-column-sum"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let shape = Shape::from(self.c);
+        match s {
+            CpuStorage::F32(_) => Ok((
+                CpuStorage::F32(sum_rows::<f32>(contiguous(s, l)?, self.c)),
+                shape,
+            )),
+            CpuStorage::F64(_) => Ok((
+                CpuStorage::F64(sum_rows::<f64>(contiguous(s, l)?, self.c)),
+                shape,
+            )),
+            s => Err(unsupported(self.name(), s)),
+        }
+    }
+}
+
+fn gate_fwd<T: Elem>(x: &[T], s: &[T], l: &Layout) -> Result<Vec<T>> {
+    let d = l.dims();
+    let (hw, c) = (d[1] * d[2], d[3]);
+    let mut y = x.to_vec();
+    y.par_chunks_mut(hw * c).enumerate().for_each(|(bi, img)| {
+        let gate = &s[bi * c..][..c];
+        for row in img.chunks_exact_mut(c) {
+            for (v, &g) in row.iter_mut().zip(gate) {
+                *v *= g;
+            }
+        }
+    });
+    Ok(y)
+}
+
+struct Gate;
+
+impl CustomOp2 for Gate {
+    fn name(&self) -> &'static str {
+        "effdet-channel-gate"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch2!(self.name(), s1, l1, s2, l2, l1.shape().clone(), gate_fwd)
+    }
+
+    // cuda_fwd: to be written for the `cuda` feature.
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gate: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let dx = g.apply_op2_no_bwd(gate, &Gate)?;
+        let dgate = spatial_mean(&(x * &g)?)?;
+        let (_, h, w, _) = x.dims4()?;
+        Ok((Some(dx), Some((dgate * (h * w) as f64)?)))
+    }
+}
+
+fn mean_fwd<T: Elem>(x: &[T], l: &Layout) -> Vec<T> {
+    let d = l.dims();
+    let (b, hw, c) = (d[0], d[1] * d[2], d[3]);
+    let mut out = vec![T::zero(); b * c];
+    out.par_chunks_mut(c).enumerate().for_each(|(bi, o)| {
+        let sums = sum_rows(&x[bi * hw * c..][..hw * c], c);
+        for (o, s) in o.iter_mut().zip(sums) {
+            *o = T::from64(s.to64() / hw as f64);
+        }
+    });
+    out
+}
+
+struct SpatialMean;
+
+impl CustomOp1 for SpatialMean {
+    fn name(&self) -> &'static str {
+        "effdet-spatial-mean"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = l.dims();
+        let shape = Shape::from((d[0], d[3]));
+        match s {
+            CpuStorage::F32(_) => Ok((
+                CpuStorage::F32(mean_fwd::<f32>(contiguous(s, l)?, l)),
+                shape,
+            )),
+            CpuStorage::F64(_) => Ok((
+                CpuStorage::F64(mean_fwd::<f64>(contiguous(s, l)?, l)),
+                shape,
+            )),
+            s => Err(unsupported(self.name(), s)),
+        }
+    }
+
+    // cuda_fwd: to be written for the `cuda` feature.
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let (b, h, w, c) = x.dims4()?;
+        let ones = Tensor::ones((b, h, w, c), x.dtype(), x.device())?;
+        let scaled = (g / (h * w) as f64)?;
+        Ok(Some(ones.apply_op2_no_bwd(&scaled.contiguous()?, &Gate)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::fd::{check_gradients, rand_tensor};
+    use candle_core::Device;
+
+    #[test]
+    fn values_by_hand() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[1f64, 2., 3., 4., 5., 6., 7., 8.], &dev)?.reshape((2, 1, 2, 2))?;
+        let b = Tensor::new(&[10f64, 20.], &dev)?;
+        let y = add_channel_bias(&x, &b)?.flatten_all()?.to_vec1::<f64>()?;
+        assert_eq!(y, vec![11., 22., 13., 24., 15., 26., 17., 28.]);
+        let s = Tensor::new(&[[1f64, 0.5], [2., -1.]], &dev)?;
+        let y = channel_gate(&x, &s)?.flatten_all()?.to_vec1::<f64>()?;
+        assert_eq!(y, vec![1., 1., 3., 2., 10., -6., 14., -8.]);
+        let m = spatial_mean(&x)?.to_vec2::<f64>()?;
+        assert_eq!(m, vec![vec![2., 3.], vec![6., 7.]]);
+        assert!(add_channel_bias(&x, &Tensor::new(&[1f64], &dev)?).is_err());
+        assert!(channel_gate(&x, &b).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() -> Result<()> {
+        let x = rand_tensor(&[2, 3, 4, 5], 91)?;
+        let b = rand_tensor(&[5], 92)?;
+        let s = rand_tensor(&[2, 5], 93)?;
+        check_gradients(&[x.clone(), b], |v| add_channel_bias(&v[0], &v[1]), 1e-7)?;
+        check_gradients(&[x.clone(), s], |v| channel_gate(&v[0], &v[1]), 1e-7)?;
+        check_gradients(&[x], |v| spatial_mean(&v[0]), 1e-7)
+    }
+}

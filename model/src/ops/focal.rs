@@ -1,0 +1,327 @@
+//! automl's sigmoid focal loss, fused: one pass forward (a scalar sum), one pass backward, and
+//! the one-hot class targets are built on the fly from class ids instead of being materialized
+//! (at 512² with 90 classes they would be 4.4M floats per image).
+
+use super::{contiguous, unsupported, Elem};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Focal-loss constants.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FocalParams {
+    /// Weight of positive entries (negatives get 1 − alpha).
+    pub alpha: f64,
+    /// Focusing exponent on (1 − p_t).
+    pub gamma: f64,
+    /// Label smoothing applied to the cross-entropy targets only, as automl does.
+    pub label_smoothing: f64,
+}
+
+/// Sum over all entries of automl's focal loss for `logits` `[..., A·K]` against class ids
+/// `targets` `[..., A]` (integer dtype). Id k in 0..K is a one-hot row with a 1 at k; −1 is an
+/// all-zero (background) row; −2 marks an anchor whose loss is ignored (automl masks it out).
+/// The result is a scalar, not yet divided by the normalizer.
+pub fn focal_loss_sum(logits: &Tensor, targets: &Tensor, params: FocalParams) -> Result<Tensor> {
+    let ld = logits.dims();
+    let td = targets.dims();
+    if ld.len() != td.len() || ld.is_empty() || ld[..ld.len() - 1] != td[..td.len() - 1] {
+        candle_core::bail!("focal_loss: logits {ld:?} and targets {td:?} do not line up");
+    }
+    let (la, ta) = (ld[ld.len() - 1], td[td.len() - 1]);
+    if ta == 0 || la % ta != 0 {
+        candle_core::bail!("focal_loss: logits depth {la} is not a multiple of {ta} anchors");
+    }
+    let targets = match targets.dtype() {
+        DType::I64 => targets.clone(),
+        DType::I32 | DType::I16 | DType::U32 | DType::U8 => targets.to_dtype(DType::I64)?,
+        d => candle_core::bail!("focal_loss: targets must be integer class ids, got {d:?}"),
+    };
+    let op = Focal {
+        num_classes: la / ta,
+        p: params,
+    };
+    logits.contiguous()?.apply_op2(&targets.contiguous()?, op)
+}
+
+struct Focal {
+    num_classes: usize,
+    p: FocalParams,
+}
+
+/// Anchor rows (of `num_classes` logits each) per parallel chunk.
+const ROWS: usize = 512;
+
+/// Positive/negative/ignored status of class `k` for a class id, or an error for bad ids.
+#[inline]
+fn status(id: i64, k: usize, num_classes: usize) -> Result<Option<bool>> {
+    match id {
+        -2 => Ok(None),
+        -1 => Ok(Some(false)),
+        id if id >= 0 && (id as usize) < num_classes => Ok(Some(id as usize == k)),
+        id => candle_core::bail!("focal_loss: class id {id} outside -2..{num_classes}"),
+    }
+}
+
+impl Focal {
+    /// (loss, dloss/dx) of one entry, with one exp, one log and (for γ = 1.5) one sqrt.
+    #[inline]
+    fn entry(&self, x: f64, positive: bool) -> (f64, f64) {
+        let FocalParams {
+            alpha,
+            gamma,
+            label_smoothing: s,
+        } = self.p;
+        let e = (-x.abs()).exp();
+        let p = if x >= 0.0 {
+            1.0 / (1.0 + e)
+        } else {
+            e / (1.0 + e)
+        };
+        let t = if positive { 1.0 } else { 0.0 };
+        let ys = t * (1.0 - s) + 0.5 * s;
+        // Stable sigmoid cross-entropy: softplus(x) − x·y.
+        let ce = x.max(0.0) + e.ln_1p() - x * ys;
+        let (a, base) = if positive {
+            (alpha, 1.0 - p)
+        } else {
+            (1.0 - alpha, p)
+        };
+        let m = if gamma == 1.5 {
+            base * base.sqrt()
+        } else if gamma == 2.0 {
+            base * base
+        } else {
+            base.powf(gamma)
+        };
+        // d(1 − p_t)^γ/dx: −γ·p·m for positives, γ·(1 − p)·m for negatives.
+        let dm = if positive {
+            -gamma * p * m
+        } else {
+            gamma * (1.0 - p) * m
+        };
+        (a * m * ce, a * (dm * ce + m * (p - ys)))
+    }
+
+    fn loss<T: Elem>(&self, x: &[T], targets: &[i64]) -> Result<f64> {
+        let k = self.num_classes;
+        let parts: Vec<Result<f64>> = x
+            .par_chunks(ROWS * k)
+            .zip(targets.par_chunks(ROWS))
+            .map(|(xc, tc)| {
+                let mut acc = 0f64;
+                for (row, &id) in xc.chunks_exact(k).zip(tc) {
+                    if id == -2 {
+                        continue;
+                    }
+                    for (j, v) in row.iter().enumerate() {
+                        if let Some(pos) = status(id, j, k)? {
+                            acc += self.entry(v.to64(), pos).0;
+                        }
+                    }
+                }
+                Ok(acc)
+            })
+            .collect();
+        parts.into_iter().sum()
+    }
+
+    fn grad<T: Elem>(&self, x: &[T], targets: &[i64], scale: f64) -> Result<Vec<T>> {
+        let k = self.num_classes;
+        let mut d = vec![T::zero(); x.len()];
+        d.par_chunks_mut(ROWS * k)
+            .zip(x.par_chunks(ROWS * k).zip(targets.par_chunks(ROWS)))
+            .try_for_each(|(dc, (xc, tc))| -> Result<()> {
+                for ((drow, row), &id) in dc.chunks_exact_mut(k).zip(xc.chunks_exact(k)).zip(tc) {
+                    if id == -2 {
+                        continue;
+                    }
+                    for (j, (d, v)) in drow.iter_mut().zip(row).enumerate() {
+                        if let Some(pos) = status(id, j, k)? {
+                            *d = T::from64(scale * self.entry(v.to64(), pos).1);
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+        Ok(d)
+    }
+}
+
+impl CustomOp2 for Focal {
+    fn name(&self) -> &'static str {
+        "effdet-focal-loss"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let t = contiguous::<i64>(s2, l2)?;
+        match s1 {
+            CpuStorage::F32(_) => {
+                let v = self.loss::<f32>(contiguous(s1, l1)?, t)?;
+                Ok((CpuStorage::F32(vec![v as f32]), Shape::from(())))
+            }
+            CpuStorage::F64(_) => {
+                let v = self.loss::<f64>(contiguous(s1, l1)?, t)?;
+                Ok((CpuStorage::F64(vec![v]), Shape::from(())))
+            }
+            s => Err(unsupported(self.name(), s)),
+        }
+    }
+
+    // cuda_fwd: to be written for the `cuda` feature.
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let op = FocalGrad {
+            inner: Focal {
+                num_classes: self.num_classes,
+                p: self.p,
+            },
+        };
+        let d = logits.apply_op3_no_bwd(targets, &grad.to_dtype(DType::F64)?.reshape(1)?, &op)?;
+        Ok((Some(d), None))
+    }
+}
+
+/// (logits, targets, upstream scalar gradient `[1]` f64) → d(loss)/d(logits).
+struct FocalGrad {
+    inner: Focal,
+}
+
+impl CustomOp3 for FocalGrad {
+    fn name(&self) -> &'static str {
+        "effdet-focal-loss-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let t = contiguous::<i64>(s2, l2)?;
+        let scale = contiguous::<f64>(s3, l3)?[0];
+        let shape = l1.shape().clone();
+        match s1 {
+            CpuStorage::F32(_) => Ok((
+                CpuStorage::F32(self.inner.grad::<f32>(contiguous(s1, l1)?, t, scale)?),
+                shape,
+            )),
+            CpuStorage::F64(_) => Ok((
+                CpuStorage::F64(self.inner.grad::<f64>(contiguous(s1, l1)?, t, scale)?),
+                shape,
+            )),
+            s => Err(unsupported(self.name(), s)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::fd::{check_gradients, rand_tensor};
+    use candle_core::Device;
+
+    const P: FocalParams = FocalParams {
+        alpha: 0.25,
+        gamma: 1.5,
+        label_smoothing: 0.0,
+    };
+
+    fn sigmoid(x: f64) -> f64 {
+        1.0 / (1.0 + (-x).exp())
+    }
+
+    #[test]
+    fn hand_computed_entries() -> Result<()> {
+        let dev = Device::Cpu;
+        // One anchor, three classes, target class 1; logits [0, 2, -1].
+        let logits = Tensor::from_vec(vec![0f64, 2.0, -1.0], (1, 3), &dev)?;
+        let targets = Tensor::from_vec(vec![1i64], (1, 1), &dev)?;
+        let got = focal_loss_sum(&logits, &targets, P)?.to_scalar::<f64>()?;
+        // class 0 negative: 0.75 · 0.5^1.5 · ln 2
+        let l0 = 0.75 * 0.5f64.powf(1.5) * 2f64.ln();
+        // class 1 positive: 0.25 · (1 − σ(2))^1.5 · (−ln σ(2))
+        let l1 = 0.25 * (1.0 - sigmoid(2.0)).powf(1.5) * -sigmoid(2.0).ln();
+        // class 2 negative: 0.75 · σ(−1)^1.5 · (−ln(1 − σ(−1)))
+        let l2 = 0.75 * sigmoid(-1.0).powf(1.5) * -(1.0 - sigmoid(-1.0)).ln();
+        assert!((got - (l0 + l1 + l2)).abs() < 1e-12, "{got}");
+
+        // Background (−1) is all negatives; ignored (−2) contributes nothing.
+        let t_bg = Tensor::from_vec(vec![-1i64], (1, 1), &dev)?;
+        let bg = focal_loss_sum(&logits, &t_bg, P)?.to_scalar::<f64>()?;
+        let l1n = 0.75 * sigmoid(2.0).powf(1.5) * -(1.0 - sigmoid(2.0)).ln();
+        assert!((bg - (l0 + l1n + l2)).abs() < 1e-12);
+        let t_ig = Tensor::from_vec(vec![-2i32], (1, 1), &dev)?;
+        assert_eq!(focal_loss_sum(&logits, &t_ig, P)?.to_scalar::<f64>()?, 0.0);
+
+        // Out-of-range ids are an error, not a silent zero row.
+        let bad = Tensor::from_vec(vec![3i64], (1, 1), &dev)?;
+        assert!(focal_loss_sum(&logits, &bad, P).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn matches_stock_op_formula_with_smoothing() -> Result<()> {
+        let dev = Device::Cpu;
+        let p = FocalParams {
+            alpha: 0.25,
+            gamma: 1.5,
+            label_smoothing: 0.1,
+        };
+        let logits = (rand_tensor(&[2, 3, 1, 8], 61)? * 4.0)?; // 2 anchors × 4 classes
+        let ids: Vec<i64> = vec![0, -1, 3, -2, 1, -1, -1, 2, 0, 0, -2, 3];
+        let targets = Tensor::from_vec(ids.clone(), (2, 3, 1, 2), &dev)?;
+        let got = focal_loss_sum(&logits, &targets, p)?.to_scalar::<f64>()?;
+        let x = logits.flatten_all()?.to_vec1::<f64>()?;
+        let mut want = 0.0;
+        for (e, &xv) in x.iter().enumerate() {
+            let id = ids[e / 4];
+            if id == -2 {
+                continue;
+            }
+            let y = if id == (e % 4) as i64 { 1.0 } else { 0.0 };
+            let pr = sigmoid(xv);
+            let pt = y * pr + (1.0 - y) * (1.0 - pr);
+            let a = y * 0.25 + (1.0 - y) * 0.75;
+            let ys = y * 0.9 + 0.05;
+            let ce = -(ys * pr.ln() + (1.0 - ys) * (1.0 - pr).ln());
+            want += a * (1.0 - pt).powf(1.5) * ce;
+        }
+        assert!(
+            (got - want).abs() < 1e-10 * want.abs().max(1.0),
+            "{got} vs {want}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() -> Result<()> {
+        let dev = Device::Cpu;
+        for smoothing in [0.0, 0.1] {
+            let p = FocalParams {
+                alpha: 0.25,
+                gamma: 1.5,
+                label_smoothing: smoothing,
+            };
+            let logits = (rand_tensor(&[2, 2, 2, 6], 71)? * 3.0)?; // 2 anchors × 3 classes
+            let ids = vec![0i64, -1, 2, -2, 1, 1, -1, 0, 2, 2, -1, -1, 0, 1, -2, 0];
+            let targets = Tensor::from_vec(ids, (2, 2, 2, 2), &dev)?;
+            check_gradients(&[logits], |v| focal_loss_sum(&v[0], &targets, p), 1e-7)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,97 @@
+//! Hand-written kernels that stock candle lacks or runs too slowly for EfficientDet.
+//!
+//! Every op works on channels-last (NHWC) tensors, the layout the whole network uses, and is
+//! implemented as a candle custom op with a CPU forward and a backward pass. The backward
+//! passes are themselves custom ops (without backward), so a CUDA port only has to fill the
+//! `cuda_fwd` slots of the structs in this module; until then those slots return candle's
+//! "no cuda implementation" error.
+//!
+//! Ops (each has a finite-difference gradient test in its file):
+//! - [`depthwise_conv2d`]: depthwise k×k convolution with TensorFlow "same" padding (asymmetric
+//!   at stride 2);
+//! - [`max_pool2d_same`]: max-pool with TensorFlow "same" padding (padding never wins the max);
+//! - [`batch_norm_train`] / [`batch_norm_eval`]: batch normalization fused with an optional swish;
+//! - [`swish`]: x·sigmoid(x) with a one-pass backward;
+//! - [`add_channel_bias`], [`channel_gate`], [`spatial_mean`]: per-channel broadcasts whose
+//!   backward passes are direct reductions;
+//! - [`focal_loss_sum`]: automl's sigmoid focal loss summed over all entries, with one-hot
+//!   targets built on the fly from class ids;
+//! - [`upsample_nearest`]: nearest-neighbour resize (TensorFlow `resize_nearest_neighbor`
+//!   semantics) built from broadcast/index ops, so its gradient accumulates.
+
+mod batch_norm;
+mod channel;
+mod depthwise;
+mod focal;
+mod pool;
+mod swish;
+mod upsample;
+
+#[cfg(test)]
+pub(crate) mod fd;
+
+pub use batch_norm::{batch_norm_eval, batch_norm_train, Activation, BatchStats};
+pub use channel::{add_channel_bias, channel_gate, spatial_mean};
+pub use depthwise::depthwise_conv2d;
+pub use focal::{focal_loss_sum, FocalParams};
+pub use pool::max_pool2d_same;
+pub use swish::swish;
+pub use upsample::upsample_nearest;
+
+use candle_core::{CpuStorage, Layout, Result, WithDType};
+
+/// Floating-point element types the kernels are written for (f32 for the model, f64 for the
+/// finite-difference tests).
+pub(crate) trait Elem:
+    WithDType + num_traits::Float + std::ops::AddAssign + Send + Sync + 'static
+{
+    /// Widening conversion (unambiguous between candle's and num-traits' `to_f64`).
+    fn to64(self) -> f64 {
+        <Self as WithDType>::to_f64(self)
+    }
+    /// Narrowing conversion.
+    fn from64(v: f64) -> Self {
+        <Self as WithDType>::from_f64(v)
+    }
+}
+impl Elem for f32 {}
+impl Elem for f64 {}
+
+/// Output size and (before, after) padding of TensorFlow "same" padding along one axis.
+pub fn same_padding(input: usize, kernel: usize, stride: usize) -> (usize, usize, usize) {
+    let out = input.div_ceil(stride);
+    let needed = ((out.saturating_sub(1)) * stride + kernel).saturating_sub(input);
+    (out, needed / 2, needed - needed / 2)
+}
+
+/// The contiguous data of a storage, or an error when the layout has gaps or strides.
+pub(crate) fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    let data = T::cpu_storage_as_slice(s)?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("effdet ops expect contiguous tensors"),
+    }
+}
+
+/// Error for dtypes the kernels do not handle.
+pub(crate) fn unsupported(op: &str, s: &CpuStorage) -> candle_core::Error {
+    use candle_core::backend::BackendStorage;
+    let dtype = s.dtype();
+    candle_core::Error::Msg(format!(
+        "{op}: unsupported dtype {dtype:?} (f32 or f64 only)"
+    ))
+}
+
+/// Rows per parallel chunk so that every thread gets a few chunks of at least `min_rows`.
+pub(crate) fn chunk_rows(rows: usize, min_rows: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    rows.div_ceil(threads * 4).max(min_rows).max(1)
+}
+
+/// Checks that a tensor is rank 4 and returns its dims.
+pub(crate) fn dims4(op: &str, l: &Layout) -> Result<(usize, usize, usize, usize)> {
+    match l.dims() {
+        &[b, h, w, c] => Ok((b, h, w, c)),
+        d => candle_core::bail!("{op}: expected a [B, H, W, C] tensor, got shape {d:?}"),
+    }
+}

@@ -1,0 +1,113 @@
+//! Swish (SiLU) with a one-pass backward; candle's own `silu` backward takes nine tensor ops.
+
+use super::{contiguous, unsupported, Elem};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// x · sigmoid(x), elementwise.
+pub fn swish(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Swish)
+}
+
+const CHUNK: usize = 1 << 14;
+
+fn fwd<T: Elem>(x: &[T]) -> Vec<T> {
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(yc, xc)| {
+            for (y, &x) in yc.iter_mut().zip(xc) {
+                *y = x / (T::one() + (-x).exp());
+            }
+        });
+    y
+}
+
+fn grad<T: Elem>(x: &[T], g: &[T]) -> Vec<T> {
+    let mut d = vec![T::zero(); x.len()];
+    d.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+        .for_each(|(dc, (xc, gc))| {
+            for ((d, &x), &g) in dc.iter_mut().zip(xc).zip(gc) {
+                let s = T::one() / (T::one() + (-x).exp());
+                *d = g * s * (T::one() + x * (T::one() - s));
+            }
+        });
+    d
+}
+
+struct Swish;
+
+impl CustomOp1 for Swish {
+    fn name(&self) -> &'static str {
+        "effdet-swish"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let shape = l.shape().clone();
+        match s {
+            CpuStorage::F32(_) => Ok((CpuStorage::F32(fwd::<f32>(contiguous(s, l)?)), shape)),
+            CpuStorage::F64(_) => Ok((CpuStorage::F64(fwd::<f64>(contiguous(s, l)?)), shape)),
+            s => Err(unsupported(self.name(), s)),
+        }
+    }
+
+    // cuda_fwd: to be written for the `cuda` feature.
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&g.contiguous()?, &SwishGrad)?))
+    }
+}
+
+/// (x, grad) → grad · sigmoid(x) · (1 + x · (1 − sigmoid(x))).
+struct SwishGrad;
+
+impl CustomOp2 for SwishGrad {
+    fn name(&self) -> &'static str {
+        "effdet-swish-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let shape = l1.shape().clone();
+        match s1 {
+            CpuStorage::F32(_) => Ok((
+                CpuStorage::F32(grad::<f32>(contiguous(s1, l1)?, contiguous(s2, l2)?)),
+                shape,
+            )),
+            CpuStorage::F64(_) => Ok((
+                CpuStorage::F64(grad::<f64>(contiguous(s1, l1)?, contiguous(s2, l2)?)),
+                shape,
+            )),
+            s => Err(unsupported(self.name(), s)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::fd::{check_gradients, rand_tensor};
+    use candle_core::Device;
+
+    #[test]
+    fn values() -> Result<()> {
+        let x = Tensor::from_vec(vec![0f64, 1.0, -2.0], 3, &Device::Cpu)?;
+        let y = swish(&x)?.to_vec1::<f64>()?;
+        assert_eq!(y[0], 0.0);
+        assert!((y[1] - 1.0 / (1.0 + (-1f64).exp())).abs() < 1e-15);
+        assert!((y[2] + 2.0 / (1.0 + 2f64.exp())).abs() < 1e-15);
+        Ok(())
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() -> Result<()> {
+        let x = (rand_tensor(&[3, 4, 5], 41)? * 4.0)?;
+        check_gradients(&[x], |v| swish(&v[0]), 1e-7)
+    }
+}
