@@ -26,6 +26,8 @@ enum Command {
     Quickstart(commands::quickstart::Args),
     /// Measure the input pipeline alone: images/s, per-stage time, peak memory.
     BenchPipeline(commands::bench_pipeline::Args),
+    /// Time the COCO converter on a repeated dataset next to the raw file read rate.
+    BenchConvert(commands::bench_convert::Args),
     /// Write the first batch (file order) as safetensors for cross-checking.
     DumpBatch(commands::dump_batch::Args),
     /// COCO box AP/AR (pycocotools-equivalent) of a detections JSON.
@@ -39,6 +41,7 @@ fn main() {
         Command::SynthCoco(a) => commands::synth::run(a),
         Command::Quickstart(a) => commands::quickstart::run(a),
         Command::BenchPipeline(a) => commands::bench_pipeline::run(a),
+        Command::BenchConvert(a) => commands::bench_convert::run(a),
         Command::DumpBatch(a) => commands::dump_batch::run(a),
         Command::CocoEval(a) => commands::coco_eval::run(a),
     };

@@ -1,5 +1,6 @@
 //! One module per subcommand; each exposes `Args` (clap) and `run(Args) -> Result<exit code>`.
 
+pub mod bench_convert;
 pub mod bench_pipeline;
 pub mod coco_eval;
 pub mod data;
