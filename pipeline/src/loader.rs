@@ -266,7 +266,7 @@ enum WorkResult {
 
 /// What the assembler receives: samples from the workers, epoch lengths from the source.
 enum Msg {
-    Sample(u64, u64, WorkResult),
+    Sample(u64, u64, Box<WorkResult>),
     EpochEnd { epoch: u64, samples: u64 },
 }
 
@@ -374,7 +374,10 @@ impl Loader {
                     }
                     let (epoch, sequence) = (job.epoch, job.sequence);
                     let result = worker.process(job, buf);
-                    if res_tx.send(Msg::Sample(epoch, sequence, result)).is_err() {
+                    if res_tx
+                        .send(Msg::Sample(epoch, sequence, Box::new(result)))
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -694,7 +697,7 @@ impl Assembler {
             }
             match msg {
                 Msg::Sample(epoch, seq, result) => {
-                    pending.insert((epoch, seq), result);
+                    pending.insert((epoch, seq), *result);
                 }
                 Msg::EpochEnd { epoch, samples } => {
                     epoch_len.insert(epoch, samples);

@@ -65,7 +65,7 @@ impl Geom {
     /// Output coordinate that reads input coordinate `i` through kernel tap `t`, if any.
     fn output_of(i: usize, t: usize, s: usize, pad: usize, size: usize) -> Option<usize> {
         let o = (i + pad) as isize - t as isize;
-        if o < 0 || o as usize % s != 0 {
+        if o < 0 || !(o as usize).is_multiple_of(s) {
             return None;
         }
         let o = o as usize / s;
