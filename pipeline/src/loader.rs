@@ -588,25 +588,25 @@ impl Worker {
             }
             Mode::Eval => ScaleParams::eval(h, w, &cfg.augment),
         };
+        if let Err(e) = render_image(
+            &self.decoded,
+            &params,
+            &cfg.augment,
+            &mut self.ws,
+            &mut buf.image,
+        ) {
+            return skip(
+                buf,
+                format!("cannot resize image: {e}"),
+                Some(sample.source_id),
+            );
+        }
+        buf.source_id = sample.source_id;
+        buf.image_scale = 1.0 / params.image_scale;
+        buf.gt_boxes.clear();
+        buf.gt_classes.clear();
         if cfg.decode_only {
-            if let Err(e) = render_image(
-                &self.decoded,
-                &params,
-                &cfg.augment,
-                &mut self.ws,
-                &mut buf.image,
-            ) {
-                return skip(
-                    buf,
-                    format!("cannot resize image: {e}"),
-                    Some(sample.source_id),
-                );
-            }
             StageTimes::add(&self.stats.augment_ns, t);
-            buf.source_id = sample.source_id;
-            buf.image_scale = 1.0 / params.image_scale;
-            buf.gt_boxes.clear();
-            buf.gt_classes.clear();
             return WorkResult::Done(buf);
         }
         self.boxes.clear();
@@ -626,21 +626,7 @@ impl Worker {
             &mut self.out_boxes,
             &mut self.keep,
         );
-        if let Err(e) = render_image(
-            &self.decoded,
-            &params,
-            &cfg.augment,
-            &mut self.ws,
-            &mut buf.image,
-        ) {
-            return skip(
-                buf,
-                format!("cannot resize image: {e}"),
-                Some(sample.source_id),
-            );
-        }
         let t = StageTimes::add(&self.stats.augment_ns, t);
-        buf.gt_classes.clear();
         buf.gt_classes
             .extend(self.keep.iter().map(|&i| self.classes[i]));
         if let Err(e) = self
@@ -656,12 +642,9 @@ impl Worker {
         StageTimes::add(&self.stats.label_ns, t);
         // Ground truth for evaluation: boxes back in original pixels (automl multiplies the
         // clipped boxes by 1 / image_scale).
-        let to_original = 1.0 / params.image_scale;
-        buf.gt_boxes.clear();
+        let to_original = buf.image_scale;
         buf.gt_boxes
             .extend(self.out_boxes.iter().map(|b| b.map(|v| v * to_original)));
-        buf.source_id = sample.source_id;
-        buf.image_scale = to_original;
         WorkResult::Done(buf)
     }
 }
