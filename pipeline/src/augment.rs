@@ -364,7 +364,14 @@ mod tests {
         let mut ws = ImageWorkspace::default();
         let mut out = vec![0.0; 3 * 64 * 64];
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
-        for (h, w) in [(1, 1), (3, 500), (101, 67), (240, 320), (333, 77), (17, 1000)] {
+        for (h, w) in [
+            (1, 1),
+            (3, 500),
+            (101, 67),
+            (240, 320),
+            (333, 77),
+            (17, 1000),
+        ] {
             let img = DecodedImage {
                 width: w,
                 height: h,
@@ -375,7 +382,14 @@ mod tests {
                 render_image(&img, &p, &cfg, &mut ws, &mut out)
                     .unwrap_or_else(|e| panic!("{h}x{w} {p:?}: {e}"));
             }
-            render_image(&img, &ScaleParams::eval(h, w, &cfg), &cfg, &mut ws, &mut out).unwrap();
+            render_image(
+                &img,
+                &ScaleParams::eval(h, w, &cfg),
+                &cfg,
+                &mut ws,
+                &mut out,
+            )
+            .unwrap();
         }
     }
 }
