@@ -58,10 +58,10 @@ impl CosineSchedule {
 /// clipping (automl's `gradient_norm` summary). `clip <= 0` leaves the gradients alone.
 pub fn clip_gradients(grads: &mut [Tensor], clip: f64) -> Result<f64> {
     let norm_of = |g: &Tensor| -> Result<f64> {
-        Ok(g.sqr()?
+        g.sqr()?
             .sum_all()?
             .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?)
+            .to_scalar::<f64>()
     };
     if clip <= 0.0 {
         let mut sq = 0.0;

@@ -130,3 +130,60 @@ pub fn eval(a: &Args) -> anyhow::Result<EvalSummary> {
         images_per_sec: images as f64 / secs,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::commands::train::{tests as t, train};
+
+    /// Train two steps, evaluate every image of the split: one results entry per kept
+    /// detection, ids from the annotations, stats in range.
+    #[test]
+    fn evaluates_a_checkpoint() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let data = t::shards(dir.path(), 8)?;
+        let s = train(&t::args(&data, &dir.path().join("run"), 2))?;
+        let ckpt = s.checkpoint.expect("checkpoint");
+        let ann = dir.path().join("coco/annotations/instances_train.json");
+        let ann = if ann.exists() {
+            ann
+        } else {
+            glob::glob(&format!("{}/coco/**/*.json", dir.path().display()))?
+                .next()
+                .expect("annotations")?
+        };
+        let out = dir.path().join("dets.json");
+        let mut d = DataArgs::for_paths(vec![data.to_string_lossy().into_owned()], 64);
+        d.threads = Some(1);
+        let e = eval(&Args {
+            checkpoint: ckpt.clone(),
+            data: d,
+            annotations: ann.clone(),
+            out: Some(out.clone()),
+            batch_size: 3,
+        })?;
+        assert_eq!(e.images, 8);
+        let dets: Vec<Detection> = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
+        assert_eq!(dets.len(), e.detections);
+        let gt: InstancesFile = load_json(&ann)?;
+        for d in &dets {
+            assert!(gt.images.iter().any(|i| i.id == d.image_id), "{d:?}");
+            assert!((1..=3).contains(&d.category_id), "{d:?}");
+        }
+        assert!((0.0..=1.0).contains(&e.stats.ap) || e.stats.ap == -1.0);
+        // A checkpoint without its side file is a clear error.
+        std::fs::remove_file(ckpt.with_extension("json"))?;
+        let mut d = DataArgs::for_paths(vec![data.to_string_lossy().into_owned()], 64);
+        d.threads = Some(1);
+        let err = eval(&Args {
+            checkpoint: ckpt,
+            data: d,
+            annotations: ann,
+            out: None,
+            batch_size: 3,
+        })
+        .unwrap_err();
+        assert!(format!("{err:#}").contains(".json"), "{err:#}");
+        Ok(())
+    }
+}

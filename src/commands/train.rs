@@ -175,6 +175,7 @@ pub struct TrainSummary {
     pub mean_step_secs: f64,
     pub images_per_sec: f64,
     pub checkpoint: Option<PathBuf>,
+    pub events: PathBuf,
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
@@ -404,6 +405,7 @@ pub fn train(a: &Args) -> anyhow::Result<TrainSummary> {
         mean_step_secs: secs / n,
         images_per_sec: n * batch_size as f64 / secs,
         checkpoint: last_ckpt,
+        events: events.path.clone(),
     })
 }
 
@@ -482,12 +484,12 @@ pub fn load_ema_weights(path: &Path, vars: &ModelVars, dev: &Device) -> anyhow::
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use effdet_pipeline::coco::convert::{convert, ConvertOptions};
     use effdet_pipeline::coco::synth::{generate, SynthOptions};
 
-    fn shards(dir: &Path, images: usize) -> anyhow::Result<PathBuf> {
+    pub(crate) fn shards(dir: &Path, images: usize) -> anyhow::Result<PathBuf> {
         let out = generate(
             &dir.join("coco"),
             &SynthOptions {
@@ -514,7 +516,7 @@ mod tests {
         Ok(dir.join("shards"))
     }
 
-    fn args(data: &Path, out: &Path, steps: u64) -> Args {
+    pub(crate) fn args(data: &Path, out: &Path, steps: u64) -> Args {
         let mut d = DataArgs::for_paths(vec![data.to_string_lossy().into_owned()], 64);
         d.threads = Some(1);
         d.seed = 5;
