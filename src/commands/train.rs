@@ -218,6 +218,12 @@ pub fn train(a: &Args) -> anyhow::Result<TrainSummary> {
         data.image_size = m.image_size;
         data.seed = m.seed;
     }
+    // Resume positions and the epoch length are counted for one process reading every shard.
+    anyhow::ensure!(
+        data.world_size == 1,
+        "train runs as one process (--world-size {} is not supported)",
+        data.world_size
+    );
     let files = data.files()?;
     let epoch_size = match (&resume_meta, a.epoch_size) {
         (Some(m), _) => m.epoch_size,
