@@ -155,7 +155,9 @@ impl Sgd {
         }
         for (i, g) in grads.iter().enumerate() {
             let Some(g) = g else { continue };
-            let acc = ((&self.accum[i] * self.momentum)? + g)?;
+            // Detached: a gradient may carry its autograd history, which the buffer would
+            // otherwise keep alive from step to step.
+            let acc = ((&self.accum[i] * self.momentum)? + g.detach())?.detach();
             let var = &self.vars[i].1;
             var.set(&(var.as_tensor() - (&acc * lr)?)?)?;
             self.accum[i] = acc;
@@ -196,7 +198,7 @@ impl Ema {
     pub fn update(&mut self, num_updates: u64) -> Result<()> {
         let d = self.decay_at(num_updates);
         for (s, (_, v)) in self.shadow.iter_mut().zip(&self.vars) {
-            *s = ((&*s * d)? + (v.as_tensor().detach() * (1.0 - d))?)?;
+            *s = ((&*s * d)? + (v.as_tensor().detach() * (1.0 - d))?)?.detach();
         }
         Ok(())
     }

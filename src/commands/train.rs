@@ -332,7 +332,7 @@ pub fn train(a: &Args) -> anyhow::Result<TrainSummary> {
         for (i, (_, v)) in sgd.vars().iter().enumerate() {
             if let Some(g) = grads.get(v) {
                 present.push(i);
-                gs.push(g.clone());
+                gs.push(g.detach());
             }
         }
         let gnorm = clip_gradients(&mut gs, cfg.train.clip_gradients_norm)?;
