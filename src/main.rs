@@ -32,6 +32,10 @@ enum Command {
     DumpBatch(commands::dump_batch::Args),
     /// COCO box AP/AR (pycocotools-equivalent) of a detections JSON.
     CocoEval(commands::coco_eval::Args),
+    /// Train a model (SGD + cosine schedule + EMA), with checkpoints and TensorBoard scalars.
+    Train(commands::train::Args),
+    /// COCO AP of a training checkpoint (EMA weights) on evaluation shards.
+    Eval(commands::eval::Args),
 }
 
 fn main() {
@@ -44,6 +48,8 @@ fn main() {
         Command::BenchConvert(a) => commands::bench_convert::run(a),
         Command::DumpBatch(a) => commands::dump_batch::run(a),
         Command::CocoEval(a) => commands::coco_eval::run(a),
+        Command::Train(a) => commands::train::run(a),
+        Command::Eval(a) => commands::eval::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

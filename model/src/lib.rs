@@ -51,6 +51,7 @@ pub mod heads;
 pub mod layers;
 pub mod loss;
 pub mod ops;
+pub mod optim;
 pub mod postprocess;
 pub mod vars;
 
