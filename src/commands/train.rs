@@ -294,6 +294,20 @@ pub fn train(a: &Args) -> anyhow::Result<TrainSummary> {
     let l2 = model.l2_kernels();
     let t_all = Instant::now();
     let mut last_ckpt = None;
+    let checkpoint_meta = |step: u64, next_epoch: u64, next_sequence: u64| CheckpointMeta {
+        step,
+        next_epoch,
+        next_sequence,
+        samples_seen: step * batch_size as u64,
+        epoch_size,
+        batch_size,
+        image_size: data.image_size,
+        seed: data.seed,
+        schedule_total_steps: schedule.total_steps,
+        schedule_warmup_steps: schedule.warmup_steps,
+        peak_lr: schedule.peak,
+        config: cfg.clone(),
+    };
     while step < end {
         let t = Instant::now();
         let b = loader
@@ -365,40 +379,14 @@ pub fn train(a: &Args) -> anyhow::Result<TrainSummary> {
         bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {ips:.1} img/s"));
         bar.inc(1);
         if a.checkpoint_every > 0 && step % a.checkpoint_every == 0 && step < end {
-            let meta = CheckpointMeta {
-                step,
-                next_epoch,
-                next_sequence: next_seq,
-                samples_seen: step * batch_size as u64,
-                epoch_size,
-                batch_size,
-                image_size: data.image_size,
-                seed: data.seed,
-                schedule_total_steps: schedule.total_steps,
-                schedule_warmup_steps: schedule.warmup_steps,
-                peak_lr: schedule.peak,
-                config: cfg.clone(),
-            };
+            let meta = checkpoint_meta(step, next_epoch, next_seq);
             last_ckpt = Some(save_checkpoint(&a.out, &meta, &vars, &sgd, &ema)?);
         }
     }
     bar.finish();
     drop(loader);
     if step > first_step || last_ckpt.is_none() {
-        let meta = CheckpointMeta {
-            step,
-            next_epoch,
-            next_sequence: next_seq,
-            samples_seen: step * batch_size as u64,
-            epoch_size,
-            batch_size,
-            image_size: data.image_size,
-            seed: data.seed,
-            schedule_total_steps: schedule.total_steps,
-            schedule_warmup_steps: schedule.warmup_steps,
-            peak_lr: schedule.peak,
-            config: cfg.clone(),
-        };
+        let meta = checkpoint_meta(step, next_epoch, next_seq);
         last_ckpt = Some(save_checkpoint(&a.out, &meta, &vars, &sgd, &ema)?);
     }
     events.flush()?;
