@@ -36,6 +36,10 @@ enum Command {
     Train(commands::train::Args),
     /// COCO AP of a training checkpoint (EMA weights) on evaluation shards.
     Eval(commands::eval::Args),
+    /// Training-step throughput on the CPU or a CUDA GPU: images/s, step and data-wait time.
+    BenchTrain(commands::bench_train::Args),
+    /// Check the CUDA build against the CPU: every own op, then the whole loss and gradients.
+    CudaCheck(commands::cuda_check::Args),
 }
 
 fn main() {
@@ -50,6 +54,8 @@ fn main() {
         Command::CocoEval(a) => commands::coco_eval::run(a),
         Command::Train(a) => commands::train::run(a),
         Command::Eval(a) => commands::eval::run(a),
+        Command::BenchTrain(a) => commands::bench_train::run(a),
+        Command::CudaCheck(a) => commands::cuda_check::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

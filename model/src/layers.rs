@@ -129,6 +129,20 @@ impl BatchNorm {
         let n = stats.count as f64;
         let bessel = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
         let m = self.momentum;
+        let dev = x.device();
+        if !dev.is_cpu() {
+            // On a GPU the update stays on the device: reading the running averages back would
+            // synchronize once per layer. (f32 arithmetic; the CPU path below rounds once.)
+            let c = stats.mean.len();
+            let to_dev = |v: Vec<f32>| Tensor::from_vec(v, c, dev)?.to_dtype(self.mean.dtype());
+            let batch_mean = to_dev(stats.mean.iter().map(|&v| v as f32).collect())?;
+            let batch_var = to_dev(stats.var.iter().map(|&v| (v * bessel) as f32).collect())?;
+            self.mean
+                .set(&((self.mean.as_tensor() * m)? + (batch_mean * (1.0 - m))?)?)?;
+            self.var
+                .set(&((self.var.as_tensor() * m)? + (batch_var * (1.0 - m))?)?)?;
+            return Ok(y);
+        }
         let old_mean: Vec<f64> = self.mean.to_dtype(candle_core::DType::F64)?.to_vec1()?;
         let old_var: Vec<f64> = self.var.to_dtype(candle_core::DType::F64)?.to_vec1()?;
         let new_mean: Vec<f32> = old_mean
@@ -141,7 +155,6 @@ impl BatchNorm {
             .zip(&stats.var)
             .map(|(o, b)| (m * o + (1.0 - m) * b * bessel) as f32)
             .collect();
-        let dev = x.device();
         self.mean
             .set(&Tensor::from_vec(new_mean, old_mean.len(), dev)?.to_dtype(self.mean.dtype())?)?;
         self.var

@@ -57,22 +57,23 @@ impl CosineSchedule {
 /// ≤ `clip` (TF `clip_by_norm` then `clip_by_global_norm`). Returns the global norm after
 /// clipping (automl's `gradient_norm` summary). `clip <= 0` leaves the gradients alone.
 pub fn clip_gradients(grads: &mut [Tensor], clip: f64) -> Result<f64> {
-    let norm_of = |g: &Tensor| -> Result<f64> {
-        g.sqr()?
-            .sum_all()?
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()
-    };
+    if grads.is_empty() {
+        return Ok(0.0);
+    }
+    // All squared norms in one host read (on a GPU each read is a synchronization).
+    let squares = grads
+        .iter()
+        .map(|g| g.sqr()?.sum_all())
+        .collect::<Result<Vec<_>>>()?;
+    let squares: Vec<f64> = Tensor::stack(&squares, 0)?
+        .to_dtype(candle_core::DType::F64)?
+        .to_vec1()?;
     if clip <= 0.0 {
-        let mut sq = 0.0;
-        for g in grads.iter() {
-            sq += norm_of(g)?;
-        }
-        return Ok(sq.sqrt());
+        return Ok(squares.iter().sum::<f64>().sqrt());
     }
     let mut sq_total = 0.0;
-    for g in grads.iter_mut() {
-        let n = norm_of(g)?.sqrt();
+    for (g, sq) in grads.iter_mut().zip(&squares) {
+        let n = sq.sqrt();
         if n > clip {
             *g = (&*g * (clip / n))?;
             sq_total += clip * clip;

@@ -16,7 +16,8 @@ use effdet_pipeline::coco::eval::{evaluate, CocoStats, Detection};
 use effdet_pipeline::coco::{load_json, InstancesFile};
 
 use super::data::{start_loader, DataArgs};
-use super::train::{batch_tensors, load_ema_weights, CheckpointMeta};
+use super::step::BatchTensors;
+use super::train::{load_ema_weights, CheckpointMeta};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -82,7 +83,7 @@ pub fn eval(a: &Args) -> anyhow::Result<EvalSummary> {
     let t = Instant::now();
     while let Some(b) = loader.next_batch() {
         let b = b?;
-        let (x, _, _, _) = batch_tensors(&b, &dev)?;
+        let x = BatchTensors::from_batch(&b, &dev)?.images;
         let (cls, boxes) = model.forward(&x, false)?;
         // Per level [B, h, w, A·K] → [B, h·w·A, K]; levels concatenated = the anchors' order.
         let bs = b.batch_size;

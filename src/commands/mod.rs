@@ -2,12 +2,15 @@
 
 pub mod bench_convert;
 pub mod bench_pipeline;
+pub mod bench_train;
 pub mod coco_eval;
+pub mod cuda_check;
 pub mod data;
 pub mod dump_batch;
 pub mod eval;
 pub mod inspect;
 pub mod quickstart;
+pub mod step;
 pub mod synth;
 pub mod tensorboard;
 pub mod train;

@@ -8,16 +8,15 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::{DType, Device, Tensor};
+use candle_core::Device;
 use effdet_model::config::Config;
-use effdet_model::loss::detection_loss;
-use effdet_model::optim::{clip_gradients, CosineSchedule, Ema, Sgd};
-use effdet_model::{EfficientDet, ModelVars};
+use effdet_model::optim::{CosineSchedule, Ema, Sgd};
+use effdet_model::ModelVars;
 use effdet_pipeline::augment::Mode;
-use effdet_pipeline::loader::Batch;
 use effdet_pipeline::tfrecord::RecordReader;
 
 use super::data::{start_loader, DataArgs};
+use super::step::{BatchTensors, StepStats, Trainer};
 use super::tensorboard::EventWriter;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -126,33 +125,6 @@ fn count_records(files: &[PathBuf]) -> anyhow::Result<u64> {
     Ok(n)
 }
 
-/// Batch tensors on `dev`.
-pub fn batch_tensors(
-    b: &Batch,
-    dev: &Device,
-) -> anyhow::Result<(Tensor, Vec<Tensor>, Vec<Tensor>, Tensor)> {
-    let (h, w) = b.image_size;
-    let bs = b.batch_size;
-    let images = Tensor::from_vec(b.buffers().images.to_f32(), (bs, 3, h, w), dev)?;
-    let a = b.anchors_per_cell;
-    let mut cls = Vec::new();
-    let mut boxes = Vec::new();
-    for (l, lv) in b.levels.iter().enumerate() {
-        cls.push(Tensor::from_slice(
-            b.cls_targets(l),
-            (bs, lv.height, lv.width, a),
-            dev,
-        )?);
-        boxes.push(Tensor::from_slice(
-            b.box_targets(l),
-            (bs, lv.height, lv.width, 4 * a),
-            dev,
-        )?);
-    }
-    let np = Tensor::from_slice(&b.buffers().num_positives, bs, dev)?;
-    Ok((images, cls, boxes, np))
-}
-
 fn write_atomic(
     path: &Path,
     write: impl FnOnce(&Path) -> anyhow::Result<()>,
@@ -252,19 +224,12 @@ pub fn train(a: &Args) -> anyhow::Result<TrainSummary> {
         }
     };
 
-    let vars = ModelVars::new(&dev, data.seed);
-    let model = EfficientDet::new(&cfg, &vars)?;
-    let mut sgd = Sgd::new(vars.trainable(), cfg.train.momentum)?;
-    let ema_vars: Vec<_> = vars
-        .trainable()
-        .into_iter()
-        .chain(vars.bn_stats())
-        .collect();
-    let mut ema = Ema::new(ema_vars, cfg.train.moving_average_decay)?;
+    let mut trainer = Trainer::new(&cfg, &dev, data.seed)?;
     let (mut step, mut next_epoch, mut next_seq) = (0u64, 0u64, 0u64);
     if let Some(m) = &resume_meta {
         let path = a.out.join(format!("ckpt-{}.safetensors", m.step));
-        load_checkpoint(&path, &vars, &mut sgd, &mut ema, &dev)?;
+        let t = &mut trainer;
+        load_checkpoint(&path, &t.vars, &mut t.sgd, &mut t.ema, &dev)?;
         step = m.step;
         next_epoch = m.next_epoch;
         next_seq = m.next_sequence;
@@ -291,7 +256,6 @@ pub fn train(a: &Args) -> anyhow::Result<TrainSummary> {
         effdet_tools::progress_bar(end - step, "steps")
     };
     let mut losses = Vec::new();
-    let l2 = model.l2_kernels();
     let t_all = Instant::now();
     let mut last_ckpt = None;
     let checkpoint_meta = |step: u64, next_epoch: u64, next_sequence: u64| CheckpointMeta {
@@ -313,7 +277,7 @@ pub fn train(a: &Args) -> anyhow::Result<TrainSummary> {
         let b = loader
             .next_batch()
             .ok_or_else(|| anyhow::anyhow!("the input pipeline ended at step {step}"))??;
-        let (images, cls_t, box_t, np) = batch_tensors(&b, &dev)?;
+        let tensors = BatchTensors::from_batch(&b, &dev)?;
         // Position of the sample after this batch, wrapping into the next epoch.
         next_epoch = b.epoch;
         next_seq = b.first_sequence + b.len as u64;
@@ -324,40 +288,22 @@ pub fn train(a: &Args) -> anyhow::Result<TrainSummary> {
         let images_in_batch = b.len;
         drop(b);
 
-        let (cls, boxes) = model.forward(&images, true)?;
-        let parts = detection_loss(&cls, &boxes, &cls_t, &box_t, &np, &l2, &cfg.loss)?;
-        let scalar =
-            |t: &Tensor| -> anyhow::Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
-        let (loss, cls_l, box_l, reg_l) = (
-            scalar(&parts.total)?,
-            scalar(&parts.cls)?,
-            scalar(&parts.box_loss)?,
-            scalar(&parts.reg)?,
-        );
-        if !loss.is_finite() {
-            bar.abandon();
-            anyhow::bail!(
-                "non-finite loss at step {step}: total {loss}, cls {cls_l}, box {box_l}, reg {reg_l}"
-            );
-        }
-        let grads = parts.total.backward()?;
-        let mut present = Vec::new();
-        let mut gs = Vec::new();
-        for (i, (_, v)) in sgd.vars().iter().enumerate() {
-            if let Some(g) = grads.get(v) {
-                present.push(i);
-                gs.push(g.detach());
-            }
-        }
-        let gnorm = clip_gradients(&mut gs, cfg.train.clip_gradients_norm)?;
-        let mut all: Vec<Option<Tensor>> = vec![None; sgd.vars().len()];
-        for (i, g) in present.into_iter().zip(gs) {
-            all[i] = Some(g);
-        }
         let lr = schedule.lr(step);
-        sgd.step(&all, lr)?;
+        let stats = match trainer.step(&tensors, lr, step) {
+            Ok(s) => s,
+            Err(e) => {
+                bar.abandon();
+                return Err(e);
+            }
+        };
+        let StepStats {
+            loss,
+            cls_loss: cls_l,
+            box_loss: box_l,
+            reg_loss: reg_l,
+            gradient_norm: gnorm,
+        } = stats;
         step += 1;
-        ema.update(step)?;
         losses.push(loss);
 
         let secs = t.elapsed().as_secs_f64();
@@ -380,14 +326,16 @@ pub fn train(a: &Args) -> anyhow::Result<TrainSummary> {
         bar.inc(1);
         if a.checkpoint_every > 0 && step % a.checkpoint_every == 0 && step < end {
             let meta = checkpoint_meta(step, next_epoch, next_seq);
-            last_ckpt = Some(save_checkpoint(&a.out, &meta, &vars, &sgd, &ema)?);
+            let t = &trainer;
+            last_ckpt = Some(save_checkpoint(&a.out, &meta, &t.vars, &t.sgd, &t.ema)?);
         }
     }
     bar.finish();
     drop(loader);
     if step > first_step || last_ckpt.is_none() {
         let meta = checkpoint_meta(step, next_epoch, next_seq);
-        last_ckpt = Some(save_checkpoint(&a.out, &meta, &vars, &sgd, &ema)?);
+        let t = &trainer;
+        last_ckpt = Some(save_checkpoint(&a.out, &meta, &t.vars, &t.sgd, &t.ema)?);
     }
     events.flush()?;
     let n = (step - first_step).max(1) as f64;

@@ -219,6 +219,53 @@ fn batch_moments<T: Elem>(x: &[T], c: usize, eps: f64) -> Saved {
     Saved { mean, inv_std }
 }
 
+/// y = act(γ·(x − mean)·inv_std + β) on the GPU, from device-side f64 statistics.
+#[cfg(feature = "cuda")]
+fn cuda_apply(
+    op: &str,
+    act: Activation,
+    (s1, l1): (&candle_core::CudaStorage, &Layout),
+    (s2, l2): (&candle_core::CudaStorage, &Layout),
+    (s3, l3): (&candle_core::CudaStorage, &Layout),
+    mean: &candle_core::cuda_backend::cudarc::driver::CudaSlice<f64>,
+    inv: &candle_core::cuda_backend::cudarc::driver::CudaSlice<f64>,
+) -> Result<candle_core::CudaStorage> {
+    use super::cuda;
+    use candle_core::backend::BackendStorage;
+    let dev = s1.device();
+    let c = l2.shape().elem_count();
+    let n = l1.shape().elem_count();
+    let x = cuda::f32_view(op, s1, l1)?;
+    let gamma = cuda::f32_view(op, s2, l2)?;
+    let beta = cuda::f32_view(op, s3, l3)?;
+    let scale = cuda::alloc::<f32>(dev, c)?;
+    let shift = cuda::alloc::<f32>(dev, c)?;
+    let c32 = cuda::int(op, c)?;
+    let k = cuda::Kernel::new(dev, "bn_scale_shift")?;
+    let mut b = k.builder();
+    b.arg(&gamma)
+        .arg(&beta)
+        .arg(mean)
+        .arg(inv)
+        .arg(&scale)
+        .arg(&shift)
+        .arg(&c32);
+    cuda::launch(b, cuda::elementwise(c))?;
+    let y = cuda::alloc::<f32>(dev, n)?;
+    let k = cuda::Kernel::new(dev, "bn_apply")?;
+    let (n64, act32) = (n as i64, (act == Activation::Swish) as i32);
+    let mut b = k.builder();
+    b.arg(&x)
+        .arg(&scale)
+        .arg(&shift)
+        .arg(&y)
+        .arg(&n64)
+        .arg(&c32)
+        .arg(&act32);
+    cuda::launch(b, cuda::elementwise(n))?;
+    Ok(cuda::wrap(dev, y))
+}
+
 struct BnTrain {
     eps: f64,
     act: Activation,
@@ -255,7 +302,62 @@ impl CustomOp3 for BnTrain {
         Ok((out, l1.shape().clone()))
     }
 
-    // cuda_fwd: to be written for the `cuda` feature (it must also fill `saved`).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        use candle_core::backend::BackendStorage;
+        let dev = s1.device();
+        let c = l2.shape().elem_count();
+        let n = l1.shape().elem_count();
+        let rows = n / c.max(1);
+        let x = cuda::f32_view(self.name(), s1, l1)?;
+        // Two passes as on the CPU: the mean, then the centered sum of squares.
+        let mean = cuda::column_sums(dev, &x, rows, c, 1)?;
+        let (c32, c64, rows64) = (cuda::int(self.name(), c)?, c as i64, rows as i64);
+        let k = cuda::Kernel::new(dev, "scale_f64")?;
+        let inv_n = 1.0 / rows as f64;
+        let mut b = k.builder();
+        b.arg(&mean).arg(&inv_n).arg(&c64);
+        cuda::launch(b, cuda::elementwise(c))?;
+        let inv = cuda::zeros::<f64>(dev, c)?;
+        let k = cuda::Kernel::new(dev, "col_sq_dev")?;
+        let mut b = k.builder();
+        b.arg(&x).arg(&mean).arg(&inv).arg(&rows64).arg(&c32);
+        cuda::launch(b, cuda::column_reduction(rows, c, 1))?;
+        let k = cuda::Kernel::new(dev, "bn_inv_std")?;
+        let (n_f, eps) = (rows as f64, self.eps);
+        let mut b = k.builder();
+        b.arg(&inv).arg(&n_f).arg(&eps).arg(&c32);
+        cuda::launch(b, cuda::elementwise(c))?;
+        let y = cuda_apply(
+            self.name(),
+            self.act,
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            &mean,
+            &inv,
+        )?;
+        // The caller's running averages and the backward pass read the statistics on the host.
+        let saved = Saved {
+            mean: cuda::to_host(dev, &mean)?,
+            inv_std: cuda::to_host(dev, &inv)?,
+        };
+        *self
+            .saved
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("batch_norm: poisoned lock".into()))? =
+            Some(saved);
+        Ok((y, l1.shape().clone()))
+    }
 
     fn bwd(
         &self,
@@ -305,7 +407,32 @@ impl CustomOp3 for BnEval {
         Ok((out, l1.shape().clone()))
     }
 
-    // cuda_fwd: to be written for the `cuda` feature.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        use candle_core::backend::BackendStorage;
+        let dev = s1.device();
+        let mean = cuda::to_device(dev, &self.saved.mean)?;
+        let inv = cuda::to_device(dev, &self.saved.inv_std)?;
+        let y = cuda_apply(
+            self.name(),
+            self.act,
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            &mean,
+            &inv,
+        )?;
+        Ok((y, l1.shape().clone()))
+    }
 
     fn bwd(
         &self,
@@ -359,6 +486,19 @@ struct Params {
     gamma: Vec<f64>,
     beta: Vec<f64>,
     act: Activation,
+}
+
+impl Params {
+    /// [mean, inv_std, γ, β] per channel as f32, the layout of the CUDA kernels' `chan`
+    /// argument (the same f32 roundings as [`Chan`]).
+    #[cfg(feature = "cuda")]
+    fn channel_constants(&self) -> Vec<f32> {
+        let s = &self.saved;
+        [&s.mean, &s.inv_std, &self.gamma, &self.beta]
+            .into_iter()
+            .flat_map(|v| v.iter().map(|&x| x as f32))
+            .collect()
+    }
 }
 
 /// Per-channel constants in the element type, so the elementwise work stays in f32.
@@ -456,6 +596,39 @@ impl CustomOp2 for BnGradReduce {
         "effdet-batch-norm-grad-reduce"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        use candle_core::backend::BackendStorage;
+        let dev = s1.device();
+        let c = self.p.gamma.len();
+        let rows = l1.shape().elem_count() / c.max(1);
+        let x = cuda::f32_view(self.name(), s1, l1)?;
+        let g = cuda::f32_view(self.name(), s2, l2)?;
+        let chan = cuda::to_device(dev, &self.p.channel_constants())?;
+        let sums = cuda::zeros::<f64>(dev, 2 * c)?;
+        let k = cuda::Kernel::new(dev, "bn_grad_reduce")?;
+        let (rows64, c32) = (rows as i64, cuda::int(self.name(), c)?);
+        let act32 = (self.p.act == Activation::Swish) as i32;
+        let mut b = k.builder();
+        b.arg(&x)
+            .arg(&g)
+            .arg(&chan)
+            .arg(&sums)
+            .arg(&rows64)
+            .arg(&c32)
+            .arg(&act32);
+        cuda::launch(b, cuda::column_reduction(rows, c, 1))?;
+        let out = cuda::f64_to_f32(dev, &sums, 2 * c, 1.0)?;
+        Ok((cuda::wrap(dev, out), Shape::from((2, c))))
+    }
+
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -488,12 +661,12 @@ struct BnGradInput {
 }
 
 impl BnGradInput {
-    fn run<T: Elem>(&self, x: &[T], g: &[T]) -> Vec<T> {
-        let ch = Chan::<T>::new(&self.p);
+    /// Per-channel (k, off, slope) of dx = k·g_z − off − x̂·slope: k = γ·inv_std, and in
+    /// training off = (k/N)·Σg_z, slope = (k/N)·Σg_z·x̂ (the terms through the batch moments).
+    #[allow(clippy::type_complexity)]
+    fn coefficients<T: Elem>(&self, rows: usize) -> (Vec<T>, Vec<T>, Vec<T>) {
         let c = self.p.gamma.len();
-        let rows = x.len() / c;
         let n = rows as f64;
-        // dx = k·g_z − (k/N)·(Σg_z + x̂·Σg_z·x̂) with k = γ·inv_std (train); k·g_z (eval).
         let k: Vec<T> = (0..c)
             .map(|i| T::from64(self.p.gamma[i] * self.p.saved.inv_std[i]))
             .collect();
@@ -510,6 +683,14 @@ impl BnGradInput {
                 }
             })
             .unzip();
+        (k, off, slope)
+    }
+
+    fn run<T: Elem>(&self, x: &[T], g: &[T]) -> Vec<T> {
+        let ch = Chan::<T>::new(&self.p);
+        let c = self.p.gamma.len();
+        let rows = x.len() / c;
+        let (k, off, slope) = self.coefficients::<T>(rows);
         let mut dx = vec![T::zero(); x.len()];
         let chunk = super::chunk_rows(rows, 256) * c;
         dx.par_chunks_mut(chunk)
@@ -532,6 +713,42 @@ impl BnGradInput {
 impl CustomOp2 for BnGradInput {
     fn name(&self) -> &'static str {
         "effdet-batch-norm-grad-input"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        use candle_core::backend::BackendStorage;
+        let dev = s1.device();
+        let c = self.p.gamma.len();
+        let n = l1.shape().elem_count();
+        let x = cuda::f32_view(self.name(), s1, l1)?;
+        let g = cuda::f32_view(self.name(), s2, l2)?;
+        let chan = cuda::to_device(dev, &self.p.channel_constants())?;
+        let (k_, off, slope) = self.coefficients::<f32>(n / c.max(1));
+        let coef: Vec<f32> = k_.into_iter().chain(off).chain(slope).collect();
+        let coef = cuda::to_device(dev, &coef)?;
+        let dx = cuda::alloc::<f32>(dev, n)?;
+        let k = cuda::Kernel::new(dev, "bn_grad_input")?;
+        let (n64, c32) = (n as i64, cuda::int(self.name(), c)?);
+        let act32 = (self.p.act == Activation::Swish) as i32;
+        let mut b = k.builder();
+        b.arg(&x)
+            .arg(&g)
+            .arg(&chan)
+            .arg(&coef)
+            .arg(&dx)
+            .arg(&n64)
+            .arg(&c32)
+            .arg(&act32);
+        cuda::launch(b, cuda::elementwise(n))?;
+        Ok((cuda::wrap(dev, dx), l1.shape().clone()))
     }
 
     fn cpu_fwd(

@@ -111,6 +111,36 @@ fn bias_fwd<T: Elem>(x: &[T], b: &[T], _l: &Layout) -> Result<Vec<T>> {
     Ok(y)
 }
 
+/// Runs `bias_add` (`hw` None) or `channel_gate` (`hw` = H·W) over `n` elements of `c` channels.
+#[cfg(feature = "cuda")]
+fn cuda_broadcast(
+    op: &str,
+    kernel: &str,
+    (s1, l1): (&candle_core::CudaStorage, &Layout),
+    (s2, l2): (&candle_core::CudaStorage, &Layout),
+    n: usize,
+    hw: Option<usize>,
+    c: usize,
+) -> Result<candle_core::CudaStorage> {
+    use super::cuda;
+    use candle_core::backend::BackendStorage;
+    let dev = s1.device();
+    let x = cuda::f32_view(op, s1, l1)?;
+    let v = cuda::f32_view(op, s2, l2)?;
+    let out = cuda::alloc::<f32>(dev, n)?;
+    let k = cuda::Kernel::new(dev, kernel)?;
+    let (n64, c32) = (n as i64, cuda::int(op, c)?);
+    let hw64 = hw.unwrap_or(0) as i64;
+    let mut b = k.builder();
+    b.arg(&x).arg(&v).arg(&out).arg(&n64);
+    if hw.is_some() {
+        b.arg(&hw64);
+    }
+    b.arg(&c32);
+    cuda::launch(b, cuda::elementwise(n))?;
+    Ok(cuda::wrap(dev, out))
+}
+
 struct BiasAdd;
 
 impl CustomOp2 for BiasAdd {
@@ -128,7 +158,19 @@ impl CustomOp2 for BiasAdd {
         dispatch2!(self.name(), s1, l1, s2, l2, l1.shape().clone(), bias_fwd)
     }
 
-    // cuda_fwd: to be written for the `cuda` feature.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let c = l2.shape().elem_count();
+        let n = l1.shape().elem_count();
+        let out = cuda_broadcast(self.name(), "bias_add", (s1, l1), (s2, l2), n, None, c)?;
+        Ok((out, l1.shape().clone()))
+    }
 
     fn bwd(
         &self,
@@ -151,6 +193,22 @@ struct ColumnSum {
 impl CustomOp1 for ColumnSum {
     fn name(&self) -> &'static str {
         "effdet-column-sum"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        use candle_core::backend::BackendStorage;
+        let dev = s.device();
+        let x = cuda::f32_view(self.name(), s, l)?;
+        let rows = l.shape().elem_count() / self.c.max(1);
+        let sums = cuda::column_sums(dev, &x, rows, self.c, 1)?;
+        let out = cuda::f64_to_f32(dev, &sums, self.c, 1.0)?;
+        Ok((cuda::wrap(dev, out), Shape::from(self.c)))
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -201,7 +259,28 @@ impl CustomOp2 for Gate {
         dispatch2!(self.name(), s1, l1, s2, l2, l1.shape().clone(), gate_fwd)
     }
 
-    // cuda_fwd: to be written for the `cuda` feature.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let d = l1.dims();
+        let (hw, c) = (d[1] * d[2], d[3]);
+        let n = l1.shape().elem_count();
+        let out = cuda_broadcast(
+            self.name(),
+            "channel_gate",
+            (s1, l1),
+            (s2, l2),
+            n,
+            Some(hw),
+            c,
+        )?;
+        Ok((out, l1.shape().clone()))
+    }
 
     fn bwd(
         &self,
@@ -254,7 +333,22 @@ impl CustomOp1 for SpatialMean {
         }
     }
 
-    // cuda_fwd: to be written for the `cuda` feature.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        use candle_core::backend::BackendStorage;
+        let d = l.dims();
+        let (b, hw, c) = (d[0], d[1] * d[2], d[3]);
+        let dev = s.device();
+        let x = cuda::f32_view(self.name(), s, l)?;
+        let sums = cuda::column_sums(dev, &x, hw, c, b)?;
+        let out = cuda::f64_to_f32(dev, &sums, b * c, 1.0 / hw as f64)?;
+        Ok((cuda::wrap(dev, out), Shape::from((b, c))))
+    }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let (b, h, w, c) = x.dims4()?;

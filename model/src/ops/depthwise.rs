@@ -56,6 +56,54 @@ impl Geom {
         }
     }
 
+    /// The kernels' integer arguments: B, H, W, C, K, S, OH, OW, PT, PL.
+    #[cfg(feature = "cuda")]
+    fn int_args(&self, op: &str) -> Result<[i32; 10]> {
+        let i = |v| super::cuda::int(op, v);
+        Ok([
+            i(self.b)?,
+            i(self.h)?,
+            i(self.w)?,
+            i(self.c)?,
+            i(self.k)?,
+            i(self.s)?,
+            i(self.oh)?,
+            i(self.ow)?,
+            i(self.pad_top)?,
+            i(self.pad_left)?,
+        ])
+    }
+
+    /// Runs an elementwise depthwise kernel `(a, b, out, ints…)` writing `n` f32 outputs.
+    #[cfg(feature = "cuda")]
+    #[allow(clippy::too_many_arguments)]
+    fn launch(
+        &self,
+        op: &str,
+        kernel: &str,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        n: usize,
+    ) -> Result<candle_core::CudaStorage> {
+        use super::cuda;
+        use candle_core::backend::BackendStorage;
+        let dev = s1.device();
+        let a = cuda::f32_view(op, s1, l1)?;
+        let w = cuda::f32_view(op, s2, l2)?;
+        let out = cuda::alloc::<f32>(dev, n)?;
+        let k = cuda::Kernel::new(dev, kernel)?;
+        let ints = self.int_args(op)?;
+        let mut b = k.builder();
+        b.arg(&a).arg(&w).arg(&out);
+        for v in &ints {
+            b.arg(v);
+        }
+        cuda::launch(b, cuda::elementwise(n))?;
+        Ok(cuda::wrap(dev, out))
+    }
+
     /// Input coordinate read by output coordinate `o` through kernel tap `t`, if inside.
     fn input_of(o: usize, t: usize, s: usize, pad: usize, size: usize) -> Option<usize> {
         let i = (o * s + t) as isize - pad as isize;
@@ -138,7 +186,27 @@ impl CustomOp2 for DepthwiseConv {
         }
     }
 
-    // cuda_fwd: to be written for the `cuda` feature; candle's default reports it as missing.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (b, h, w, c) = dims4(self.name(), l1)?;
+        let g = Geom::new(b, h, w, c, self.k, self.stride);
+        let out = g.launch(
+            self.name(),
+            "dw_fwd",
+            s1,
+            l1,
+            s2,
+            l2,
+            g.b * g.oh * g.ow * g.c,
+        )?;
+        Ok((out, Shape::from((b, g.oh, g.ow, c))))
+    }
 
     fn bwd(
         &self,
@@ -195,6 +263,20 @@ impl DepthwiseGradInput {
 impl CustomOp2 for DepthwiseGradInput {
     fn name(&self) -> &'static str {
         "effdet-depthwise-conv2d-grad-input"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let g = self.geom;
+        let n = g.b * g.h * g.w * g.c;
+        let out = g.launch(self.name(), "dw_grad_input", s1, l1, s2, l2, n)?;
+        Ok((out, Shape::from((g.b, g.h, g.w, g.c))))
     }
 
     fn cpu_fwd(
@@ -278,6 +360,34 @@ impl DepthwiseGradWeight {
 impl CustomOp2 for DepthwiseGradWeight {
     fn name(&self) -> &'static str {
         "effdet-depthwise-conv2d-grad-weight"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        use candle_core::backend::BackendStorage;
+        let g = self.geom;
+        let dev = s1.device();
+        let x = cuda::f32_view(self.name(), s1, l1)?;
+        let grad = cuda::f32_view(self.name(), s2, l2)?;
+        let taps = g.k * g.k;
+        let acc = cuda::zeros::<f64>(dev, taps * g.c)?;
+        let k = cuda::Kernel::new(dev, "dw_grad_weight")?;
+        let a = g.int_args(self.name())?;
+        let mut b = k.builder();
+        b.arg(&x).arg(&grad).arg(&acc);
+        for v in &a {
+            b.arg(v);
+        }
+        cuda::launch(b, cuda::tap_reduction(g.b * g.oh * g.ow, g.c, taps))?;
+        let out = cuda::f64_to_f32(dev, &acc, taps * g.c, 1.0)?;
+        Ok((cuda::wrap(dev, out), Shape::from((g.k, g.k, g.c))))
     }
 
     fn cpu_fwd(

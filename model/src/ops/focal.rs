@@ -102,6 +102,22 @@ impl Focal {
         (a * m * ce, a * (dm * ce + m * (p - ys)))
     }
 
+    /// Reads the kernels' invalid-id flag (one small device→host copy).
+    #[cfg(feature = "cuda")]
+    fn check_ids(
+        &self,
+        dev: &candle_core::CudaDevice,
+        bad: &candle_core::cuda_backend::cudarc::driver::CudaSlice<i32>,
+    ) -> Result<()> {
+        if super::cuda::to_host(dev, bad)?[0] != 0 {
+            candle_core::bail!(
+                "focal_loss: a class id lies outside -2..{}",
+                self.num_classes
+            );
+        }
+        Ok(())
+    }
+
     fn loss<T: Elem>(&self, x: &[T], targets: &[i64]) -> Result<f64> {
         let k = self.num_classes;
         let parts: Vec<Result<f64>> = x
@@ -173,7 +189,33 @@ impl CustomOp2 for Focal {
         }
     }
 
-    // cuda_fwd: to be written for the `cuda` feature.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        use candle_core::backend::BackendStorage;
+        let dev = s1.device();
+        let x = cuda::f32_view(self.name(), s1, l1)?;
+        let ids = cuda::view::<i64>(self.name(), s2, l2)?;
+        let n = l1.shape().elem_count();
+        let sum = cuda::zeros::<f64>(dev, 1)?;
+        let bad = cuda::zeros::<i32>(dev, 1)?;
+        let k = cuda::Kernel::new(dev, "focal_loss")?;
+        let (n64, k32) = (n as i64, cuda::int(self.name(), self.num_classes)?);
+        let (alpha, gamma, smoothing) = (self.p.alpha, self.p.gamma, self.p.label_smoothing);
+        let mut b = k.builder();
+        b.arg(&x).arg(&ids).arg(&sum).arg(&bad).arg(&n64).arg(&k32);
+        b.arg(&alpha).arg(&gamma).arg(&smoothing);
+        cuda::launch(b, cuda::elementwise(n))?;
+        self.check_ids(dev, &bad)?;
+        let out = cuda::f64_to_f32(dev, &sum, 1, 1.0)?;
+        Ok((cuda::wrap(dev, out), Shape::from(())))
+    }
 
     fn bwd(
         &self,
@@ -201,6 +243,43 @@ struct FocalGrad {
 impl CustomOp3 for FocalGrad {
     fn name(&self) -> &'static str {
         "effdet-focal-loss-grad"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        use candle_core::backend::BackendStorage;
+        let dev = s1.device();
+        let x = cuda::f32_view(self.name(), s1, l1)?;
+        let ids = cuda::view::<i64>(self.name(), s2, l2)?;
+        let scale = cuda::view::<f64>(self.name(), s3, l3)?;
+        let n = l1.shape().elem_count();
+        let d = cuda::alloc::<f32>(dev, n)?;
+        let bad = cuda::zeros::<i32>(dev, 1)?;
+        let k = cuda::Kernel::new(dev, "focal_grad")?;
+        let inner = &self.inner;
+        let (n64, k32) = (n as i64, cuda::int(self.name(), inner.num_classes)?);
+        let (alpha, gamma, smoothing) = (inner.p.alpha, inner.p.gamma, inner.p.label_smoothing);
+        let mut b = k.builder();
+        b.arg(&x)
+            .arg(&ids)
+            .arg(&scale)
+            .arg(&d)
+            .arg(&bad)
+            .arg(&n64)
+            .arg(&k32);
+        b.arg(&alpha).arg(&gamma).arg(&smoothing);
+        cuda::launch(b, cuda::elementwise(n))?;
+        inner.check_ids(dev, &bad)?;
+        Ok((cuda::wrap(dev, d), l1.shape().clone()))
     }
 
     fn cpu_fwd(

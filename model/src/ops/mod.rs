@@ -2,9 +2,9 @@
 //!
 //! Every op works on channels-last (NHWC) tensors, the layout the whole network uses, and is
 //! implemented as a candle custom op with a CPU forward and a backward pass. The backward
-//! passes are themselves custom ops (without backward), so a CUDA port only has to fill the
-//! `cuda_fwd` slots of the structs in this module; until then those slots return candle's
-//! "no cuda implementation" error.
+//! passes are themselves custom ops (without backward). Under the `cuda` feature every op also
+//! has a `cuda_fwd` running the kernels of `kernels.cu` (f32; long sums in f64 as on the CPU,
+//! so both devices agree to float rounding).
 //!
 //! Ops (each has a finite-difference gradient test in its file):
 //! - [`depthwise_conv2d`]: depthwise k×k convolution with TensorFlow "same" padding (asymmetric
@@ -21,6 +21,8 @@
 
 mod batch_norm;
 mod channel;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod depthwise;
 mod focal;
 mod pool;

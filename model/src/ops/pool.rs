@@ -58,6 +58,26 @@ impl Geom {
     }
 
     /// Input rows (or columns) covered by output index `o`: [start, end).
+    /// The kernels' integer arguments: B, H, W, C, KH, KW, SH, SW, OH, OW, PT, PL.
+    #[cfg(feature = "cuda")]
+    fn int_args(&self, op: &str) -> Result<[i32; 12]> {
+        let i = |v| super::cuda::int(op, v);
+        Ok([
+            i(self.b)?,
+            i(self.h)?,
+            i(self.w)?,
+            i(self.c)?,
+            i(self.kh)?,
+            i(self.kw)?,
+            i(self.sh)?,
+            i(self.sw)?,
+            i(self.oh)?,
+            i(self.ow)?,
+            i(self.pt)?,
+            i(self.pl)?,
+        ])
+    }
+
     fn span(o: usize, s: usize, k: usize, pad: usize, size: usize) -> (usize, usize) {
         let start = (o * s) as isize - pad as isize;
         let end = (start + k as isize).min(size as isize);
@@ -153,7 +173,29 @@ impl CustomOp1 for MaxPoolSame {
         }
     }
 
-    // cuda_fwd: to be written for the `cuda` feature.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        use candle_core::backend::BackendStorage;
+        let g = Geom::new(l, self.kernel, self.stride)?;
+        let dev = s.device();
+        let x = cuda::f32_view(self.name(), s, l)?;
+        let n = g.b * g.oh * g.ow * g.c;
+        let out = cuda::alloc::<f32>(dev, n)?;
+        let k = cuda::Kernel::new(dev, "maxpool_fwd")?;
+        let ints = g.int_args(self.name())?;
+        let mut b = k.builder();
+        b.arg(&x).arg(&out);
+        for v in &ints {
+            b.arg(v);
+        }
+        cuda::launch(b, cuda::elementwise(n))?;
+        Ok((cuda::wrap(dev, out), Shape::from((g.b, g.oh, g.ow, g.c))))
+    }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let op = MaxPoolGrad {
@@ -193,6 +235,32 @@ impl MaxPoolGrad {
 impl CustomOp2 for MaxPoolGrad {
     fn name(&self) -> &'static str {
         "effdet-max-pool2d-same-grad"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        use candle_core::backend::BackendStorage;
+        let g = Geom::new(l1, self.kernel, self.stride)?;
+        let dev = s1.device();
+        let x = cuda::f32_view(self.name(), s1, l1)?;
+        let grad = cuda::f32_view(self.name(), s2, l2)?;
+        let gx = cuda::zeros::<f32>(dev, g.b * g.h * g.w * g.c)?;
+        let k = cuda::Kernel::new(dev, "maxpool_grad")?;
+        let ints = g.int_args(self.name())?;
+        let mut b = k.builder();
+        b.arg(&x).arg(&grad).arg(&gx);
+        for v in &ints {
+            b.arg(v);
+        }
+        cuda::launch(b, cuda::elementwise(g.b * g.oh * g.ow * g.c))?;
+        Ok((cuda::wrap(dev, gx), l1.shape().clone()))
     }
 
     fn cpu_fwd(

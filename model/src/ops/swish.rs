@@ -52,7 +52,25 @@ impl CustomOp1 for Swish {
         }
     }
 
-    // cuda_fwd: to be written for the `cuda` feature.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        use candle_core::backend::BackendStorage;
+        let dev = s.device();
+        let x = cuda::f32_view(self.name(), s, l)?;
+        let n = l.shape().elem_count();
+        let out = cuda::alloc::<f32>(dev, n)?;
+        let k = cuda::Kernel::new(dev, "swish_fwd")?;
+        let n64 = n as i64;
+        let mut b = k.builder();
+        b.arg(&x).arg(&out).arg(&n64);
+        cuda::launch(b, cuda::elementwise(n))?;
+        Ok((cuda::wrap(dev, out), l.shape().clone()))
+    }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(x.apply_op2_no_bwd(&g.contiguous()?, &SwishGrad)?))
@@ -65,6 +83,29 @@ struct SwishGrad;
 impl CustomOp2 for SwishGrad {
     fn name(&self) -> &'static str {
         "effdet-swish-grad"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        use candle_core::backend::BackendStorage;
+        let dev = s1.device();
+        let x = cuda::f32_view(self.name(), s1, l1)?;
+        let g = cuda::f32_view(self.name(), s2, l2)?;
+        let n = l1.shape().elem_count();
+        let out = cuda::alloc::<f32>(dev, n)?;
+        let k = cuda::Kernel::new(dev, "swish_grad")?;
+        let n64 = n as i64;
+        let mut b = k.builder();
+        b.arg(&x).arg(&g).arg(&out).arg(&n64);
+        cuda::launch(b, cuda::elementwise(n))?;
+        Ok((cuda::wrap(dev, out), l1.shape().clone()))
     }
 
     fn cpu_fwd(

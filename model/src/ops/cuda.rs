@@ -1,0 +1,181 @@
+//! CUDA plumbing for the own ops (feature `cuda`): the PTX of `kernels.cu` (built by
+//! `build.rs` with nvcc), kernel lookup, launch shapes and device↔host copies. The ops' own
+//! `cuda_fwd` methods (in their files) use these to mirror their CPU kernels.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/effdet_kernels.ptx"));
+const MODULE: &str = "effdet_kernels";
+
+/// Threads per block of the elementwise (grid-stride) kernels; `focal_loss` relies on 256.
+const THREADS: u32 = 256;
+/// Width and height of the column-reduction blocks (`RED_Y` in kernels.cu).
+const RED_X: u32 = 32;
+const RED_Y: u32 = 8;
+
+/// A launcher for kernel `name` of `kernels.cu`.
+pub(crate) struct Kernel {
+    func: candle_core::cuda_backend::cudarc::driver::CudaFunction,
+    stream: std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+}
+
+impl Kernel {
+    pub(crate) fn new(dev: &CudaDevice, name: &str) -> Result<Kernel> {
+        let func = dev
+            .get_or_load_custom_func(name, MODULE, PTX)?
+            .into_cuda_function();
+        Ok(Kernel {
+            func,
+            stream: dev.cuda_stream(),
+        })
+    }
+
+    pub(crate) fn builder(&self) -> LaunchArgs<'_> {
+        self.stream.launch_builder(&self.func)
+    }
+}
+
+/// Launches a built argument list.
+pub(crate) fn launch(mut b: LaunchArgs<'_>, cfg: LaunchConfig) -> Result<()> {
+    // SAFETY: every kernel of kernels.cu bounds-checks its indices against the sizes passed with
+    // the buffers, and the buffers were sized from the same numbers by the caller.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// Grid-stride launch over `n` elements.
+pub(crate) fn elementwise(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(THREADS as usize).clamp(1, 1 << 20) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Launch shape of the column reductions over `rows` rows of `c` channels, `groups` times
+/// (grid z): enough row chunks to fill the GPU, each thread still summing ≥ 32 rows.
+pub(crate) fn column_reduction(rows: usize, c: usize, groups: usize) -> LaunchConfig {
+    let cblocks = c.div_ceil(RED_X as usize).max(1);
+    let want = (4096 / (cblocks * groups.max(1))).max(1);
+    let chunks = rows.div_ceil(RED_Y as usize * 32).clamp(1, want.min(65535));
+    LaunchConfig {
+        grid_dim: (cblocks as u32, chunks as u32, groups.max(1) as u32),
+        block_dim: (RED_X, RED_Y, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Launch shape of the depthwise weight gradient: (channel blocks, taps, position chunks).
+pub(crate) fn tap_reduction(positions: usize, c: usize, taps: usize) -> LaunchConfig {
+    let cblocks = c.div_ceil(RED_X as usize).max(1);
+    let want = (4096 / (cblocks * taps)).max(1);
+    let chunks = positions
+        .div_ceil(RED_Y as usize * 32)
+        .clamp(1, want.min(65535));
+    LaunchConfig {
+        grid_dim: (cblocks as u32, taps as u32, chunks as u32),
+        block_dim: (RED_X, RED_Y, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The contiguous `T` data of a storage.
+pub(crate) fn view<'a, T: CudaDType + DeviceRepr>(
+    op: &str,
+    s: &'a CudaStorage,
+    l: &Layout,
+) -> Result<CudaView<'a, T>> {
+    let slice = s
+        .as_cuda_slice::<T>()
+        .map_err(|_| dtype_error(op, s.dtype()))?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(slice.slice(a..b)),
+        None => candle_core::bail!("{op}: effdet ops expect contiguous tensors"),
+    }
+}
+
+/// The f32 data of a storage, or an error naming the op for other dtypes.
+pub(crate) fn f32_view<'a>(op: &str, s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, f32>> {
+    if s.dtype() != DType::F32 {
+        return Err(dtype_error(op, s.dtype()));
+    }
+    view::<f32>(op, s, l)
+}
+
+fn dtype_error(op: &str, dtype: DType) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "{op}: unsupported dtype {dtype:?} on CUDA (f32 only)"
+    ))
+}
+
+/// Uninitialized device buffer (every element is written by the kernel that fills it).
+pub(crate) fn alloc<T: DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
+    // SAFETY: callers pass the buffer to a kernel that writes all n elements before any read.
+    unsafe { dev.alloc::<T>(n.max(1)) }
+}
+
+pub(crate) fn zeros<T: DeviceRepr + ValidAsZeroBits>(
+    dev: &CudaDevice,
+    n: usize,
+) -> Result<CudaSlice<T>> {
+    dev.alloc_zeros::<T>(n.max(1))
+}
+
+pub(crate) fn to_host<T: DeviceRepr + Default + Clone>(
+    dev: &CudaDevice,
+    s: &CudaSlice<T>,
+) -> Result<Vec<T>> {
+    dev.cuda_stream().clone_dtoh(s).w()
+}
+
+pub(crate) fn to_device<T: DeviceRepr>(dev: &CudaDevice, v: &[T]) -> Result<CudaSlice<T>> {
+    dev.cuda_stream().clone_htod(v).w()
+}
+
+pub(crate) fn wrap<T: CudaDType>(dev: &CudaDevice, s: CudaSlice<T>) -> CudaStorage {
+    CudaStorage::wrap_cuda_slice(s, dev.clone())
+}
+
+/// f64 buffer → f32 buffer multiplied by `scale` (reduction results to the op's dtype).
+pub(crate) fn f64_to_f32(
+    dev: &CudaDevice,
+    src: &CudaSlice<f64>,
+    n: usize,
+    scale: f64,
+) -> Result<CudaSlice<f32>> {
+    let k = Kernel::new(dev, "scale_f64_to_f32")?;
+    let out = alloc::<f32>(dev, n)?;
+    let n64 = n as i64;
+    let mut b = k.builder();
+    b.arg(src).arg(&out).arg(&scale).arg(&n64);
+    launch(b, elementwise(n))?;
+    Ok(out)
+}
+
+/// Per-channel sums `[groups, C]` (f64) of an f32 `[groups, rows, C]` buffer.
+pub(crate) fn column_sums(
+    dev: &CudaDevice,
+    x: &CudaView<'_, f32>,
+    rows: usize,
+    c: usize,
+    groups: usize,
+) -> Result<CudaSlice<f64>> {
+    let k = Kernel::new(dev, "col_sum")?;
+    let out = zeros::<f64>(dev, groups * c)?;
+    let (rows64, c32) = (rows as i64, c as i32);
+    let mut b = k.builder();
+    b.arg(x).arg(&out).arg(&rows64).arg(&c32);
+    launch(b, column_reduction(rows, c, groups))?;
+    Ok(out)
+}
+
+/// Converts a size to the kernels' `int`, refusing tensors too large for it.
+pub(crate) fn int(op: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{op}: size {v} exceeds i32")))
+}

@@ -1,0 +1,394 @@
+// CUDA kernels of effdet's own ops (f32, channels-last). Each mirrors the CPU kernel of the
+// same name in this folder; long sums accumulate in f64 as the CPU code does, so GPU and CPU
+// results agree to float rounding. Compiled to PTX by model/build.rs under the `cuda` feature.
+#include <stdint.h>
+
+typedef long long i64;
+
+#define GRID_STRIDE(i, n) \
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)blockDim.x * gridDim.x)
+
+// Column-reduction blocks are 32 channels wide and RED_Y rows tall.
+#define RED_Y 8
+
+__device__ __forceinline__ float sigmoid_f(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// Sums v over the RED_Y rows of a (32 × RED_Y) block; thread row 0 gets the total.
+__device__ __forceinline__ double block_col_sum(double v, double (*sh)[33]) {
+    sh[threadIdx.y][threadIdx.x] = v;
+    __syncthreads();
+    double total = 0.0;
+    if (threadIdx.y == 0) {
+        for (int r = 0; r < RED_Y; ++r) total += sh[r][threadIdx.x];
+    }
+    __syncthreads();
+    return total;
+}
+
+// ---------------------------------------------------------------- depthwise convolution
+
+extern "C" __global__ void dw_fwd(const float* __restrict__ x, const float* __restrict__ w,
+                                  float* __restrict__ y, int B, int H, int W, int C, int K, int S,
+                                  int OH, int OW, int PT, int PL) {
+    i64 n = (i64)B * OH * OW * C;
+    GRID_STRIDE(i, n) {
+        int c = (int)(i % C);
+        i64 r = i / C;
+        int ox = (int)(r % OW);
+        r /= OW;
+        int oy = (int)(r % OH);
+        int b = (int)(r / OH);
+        float acc = 0.0f;
+        for (int ky = 0; ky < K; ++ky) {
+            int iy = oy * S + ky - PT;
+            if (iy < 0 || iy >= H) continue;
+            for (int kx = 0; kx < K; ++kx) {
+                int ix = ox * S + kx - PL;
+                if (ix < 0 || ix >= W) continue;
+                acc += x[(((i64)b * H + iy) * W + ix) * C + c] * w[(ky * K + kx) * C + c];
+            }
+        }
+        y[i] = acc;
+    }
+}
+
+extern "C" __global__ void dw_grad_input(const float* __restrict__ g, const float* __restrict__ w,
+                                         float* __restrict__ gx, int B, int H, int W, int C, int K,
+                                         int S, int OH, int OW, int PT, int PL) {
+    i64 n = (i64)B * H * W * C;
+    GRID_STRIDE(i, n) {
+        int c = (int)(i % C);
+        i64 r = i / C;
+        int ix = (int)(r % W);
+        r /= W;
+        int iy = (int)(r % H);
+        int b = (int)(r / H);
+        float acc = 0.0f;
+        for (int ky = 0; ky < K; ++ky) {
+            int oyn = iy + PT - ky;
+            if (oyn < 0 || oyn % S != 0) continue;
+            int oy = oyn / S;
+            if (oy >= OH) continue;
+            for (int kx = 0; kx < K; ++kx) {
+                int oxn = ix + PL - kx;
+                if (oxn < 0 || oxn % S != 0) continue;
+                int ox = oxn / S;
+                if (ox >= OW) continue;
+                acc += g[(((i64)b * OH + oy) * OW + ox) * C + c] * w[(ky * K + kx) * C + c];
+            }
+        }
+        gx[i] = acc;
+    }
+}
+
+// grid (ceil(C/32), K·K, chunks), block (32, RED_Y); gw (f64, zeroed) [K, K, C].
+extern "C" __global__ void dw_grad_weight(const float* __restrict__ x, const float* __restrict__ g,
+                                          double* __restrict__ gw, int B, int H, int W, int C, int K,
+                                          int S, int OH, int OW, int PT, int PL) {
+    __shared__ double sh[RED_Y][33];
+    int c = blockIdx.x * 32 + threadIdx.x;
+    int tap = blockIdx.y;
+    int ky = tap / K, kx = tap % K;
+    i64 positions = (i64)B * OH * OW;
+    double acc = 0.0;
+    if (c < C) {
+        for (i64 p = (i64)blockIdx.z * RED_Y + threadIdx.y; p < positions;
+             p += (i64)gridDim.z * RED_Y) {
+            int ox = (int)(p % OW);
+            i64 r = p / OW;
+            int oy = (int)(r % OH);
+            int b = (int)(r / OH);
+            int iy = oy * S + ky - PT, ix = ox * S + kx - PL;
+            if (iy < 0 || iy >= H || ix < 0 || ix >= W) continue;
+            acc += (double)(x[(((i64)b * H + iy) * W + ix) * C + c] * g[p * C + c]);
+        }
+    }
+    double total = block_col_sum(acc, sh);
+    if (threadIdx.y == 0 && c < C) atomicAdd(&gw[(i64)tap * C + c], total);
+}
+
+// ---------------------------------------------------------------- "same" max-pool
+
+extern "C" __global__ void maxpool_fwd(const float* __restrict__ x, float* __restrict__ y, int B,
+                                       int H, int W, int C, int KH, int KW, int SH, int SW, int OH,
+                                       int OW, int PT, int PL) {
+    i64 n = (i64)B * OH * OW * C;
+    GRID_STRIDE(i, n) {
+        int c = (int)(i % C);
+        i64 r = i / C;
+        int ox = (int)(r % OW);
+        r /= OW;
+        int oy = (int)(r % OH);
+        int b = (int)(r / OH);
+        int y0 = max(oy * SH - PT, 0), y1 = min(oy * SH - PT + KH, H);
+        int x0 = max(ox * SW - PL, 0), x1 = min(ox * SW - PL + KW, W);
+        float best = -INFINITY;
+        for (int iy = y0; iy < y1; ++iy)
+            for (int ix = x0; ix < x1; ++ix) {
+                float v = x[(((i64)b * H + iy) * W + ix) * C + c];
+                if (v > best) best = v;
+            }
+        y[i] = best;
+    }
+}
+
+// Each output gradient goes to its window's first maximum (gx zeroed).
+extern "C" __global__ void maxpool_grad(const float* __restrict__ x, const float* __restrict__ g,
+                                        float* __restrict__ gx, int B, int H, int W, int C, int KH,
+                                        int KW, int SH, int SW, int OH, int OW, int PT, int PL) {
+    i64 n = (i64)B * OH * OW * C;
+    GRID_STRIDE(i, n) {
+        int c = (int)(i % C);
+        i64 r = i / C;
+        int ox = (int)(r % OW);
+        r /= OW;
+        int oy = (int)(r % OH);
+        int b = (int)(r / OH);
+        int y0 = max(oy * SH - PT, 0), y1 = min(oy * SH - PT + KH, H);
+        int x0 = max(ox * SW - PL, 0), x1 = min(ox * SW - PL + KW, W);
+        i64 img = (i64)b * H * W * C;
+        float best = -INFINITY;
+        i64 arg = 0;
+        for (int iy = y0; iy < y1; ++iy)
+            for (int ix = x0; ix < x1; ++ix) {
+                i64 off = ((i64)iy * W + ix) * C + c;
+                float v = x[img + off];
+                if (v > best) {
+                    best = v;
+                    arg = off;
+                }
+            }
+        atomicAdd(&gx[img + arg], g[i]);
+    }
+}
+
+// ---------------------------------------------------------------- column sums
+
+// out[z, c] += Σ_r x[z, r, c] (f64, zeroed) for x [Z, rows, C].
+// grid (ceil(C/32), chunks, Z), block (32, RED_Y).
+extern "C" __global__ void col_sum(const float* __restrict__ x, double* __restrict__ out, i64 rows,
+                                   int C) {
+    __shared__ double sh[RED_Y][33];
+    int c = blockIdx.x * 32 + threadIdx.x;
+    const float* xz = x + (i64)blockIdx.z * rows * C;
+    double acc = 0.0;
+    if (c < C) {
+        for (i64 r = (i64)blockIdx.y * RED_Y + threadIdx.y; r < rows; r += (i64)gridDim.y * RED_Y)
+            acc += (double)xz[r * C + c];
+    }
+    double total = block_col_sum(acc, sh);
+    if (threadIdx.y == 0 && c < C) atomicAdd(&out[(i64)blockIdx.z * C + c], total);
+}
+
+// out[c] += Σ_r (x[r, c] − mean[c])² (f64, zeroed).
+extern "C" __global__ void col_sq_dev(const float* __restrict__ x, const double* __restrict__ mean,
+                                      double* __restrict__ out, i64 rows, int C) {
+    __shared__ double sh[RED_Y][33];
+    int c = blockIdx.x * 32 + threadIdx.x;
+    double acc = 0.0;
+    if (c < C) {
+        double m = mean[c];
+        for (i64 r = (i64)blockIdx.y * RED_Y + threadIdx.y; r < rows; r += (i64)gridDim.y * RED_Y) {
+            double d = (double)x[r * C + c] - m;
+            acc += d * d;
+        }
+    }
+    double total = block_col_sum(acc, sh);
+    if (threadIdx.y == 0 && c < C) atomicAdd(&out[c], total);
+}
+
+extern "C" __global__ void scale_f64_to_f32(const double* __restrict__ src, float* __restrict__ dst,
+                                            double scale, i64 n) {
+    GRID_STRIDE(i, n) { dst[i] = (float)(src[i] * scale); }
+}
+
+extern "C" __global__ void scale_f64(double* __restrict__ v, double scale, i64 n) {
+    GRID_STRIDE(i, n) { v[i] *= scale; }
+}
+
+// ---------------------------------------------------------------- batch norm
+
+// inv[c] = 1/sqrt(sq[c]/n + eps) in place.
+extern "C" __global__ void bn_inv_std(double* __restrict__ sq, double n, double eps, int C) {
+    GRID_STRIDE(i, C) { sq[i] = 1.0 / sqrt(sq[i] / n + eps); }
+}
+
+// Folds normalization and affine into one scale and shift per channel (as the CPU code does).
+extern "C" __global__ void bn_scale_shift(const float* __restrict__ gamma,
+                                          const float* __restrict__ beta,
+                                          const double* __restrict__ mean,
+                                          const double* __restrict__ inv, float* __restrict__ scale,
+                                          float* __restrict__ shift, int C) {
+    GRID_STRIDE(i, C) {
+        double gi = (double)gamma[i] * inv[i];
+        scale[i] = (float)gi;
+        shift[i] = (float)((double)beta[i] - gi * mean[i]);
+    }
+}
+
+// y = act(x·scale + shift); act 0 = none, 1 = swish.
+extern "C" __global__ void bn_apply(const float* __restrict__ x, const float* __restrict__ scale,
+                                    const float* __restrict__ shift, float* __restrict__ y, i64 n,
+                                    int C, int act) {
+    GRID_STRIDE(i, n) {
+        int c = (int)(i % C);
+        float z = x[i] * scale[c] + shift[c];
+        y[i] = act ? z / (1.0f + expf(-z)) : z;
+    }
+}
+
+// (x̂, g_z) of one element; chan = [mean, inv, gamma, beta] each [C] (f32).
+__device__ __forceinline__ void bn_xhat_gz(float x, float g, int c, const float* chan, int C,
+                                           int act, float* xhat, float* gz) {
+    float xh = (x - chan[c]) * chan[C + c];
+    *xhat = xh;
+    if (act) {
+        float z = chan[2 * C + c] * xh + chan[3 * C + c];
+        float s = 1.0f / (1.0f + expf(-z));
+        *gz = g * s * (1.0f + z * (1.0f - s));
+    } else {
+        *gz = g;
+    }
+}
+
+// out (f64, zeroed) [2, C]: Σ g_z and Σ g_z·x̂. grid (ceil(C/32), chunks), block (32, RED_Y).
+extern "C" __global__ void bn_grad_reduce(const float* __restrict__ x, const float* __restrict__ g,
+                                          const float* __restrict__ chan, double* __restrict__ out,
+                                          i64 rows, int C, int act) {
+    __shared__ double sh[RED_Y][33];
+    int c = blockIdx.x * 32 + threadIdx.x;
+    double sg = 0.0, sgx = 0.0;
+    if (c < C) {
+        for (i64 r = (i64)blockIdx.y * RED_Y + threadIdx.y; r < rows; r += (i64)gridDim.y * RED_Y) {
+            float xh, gz;
+            bn_xhat_gz(x[r * C + c], g[r * C + c], c, chan, C, act, &xh, &gz);
+            sg += (double)gz;
+            sgx += (double)(gz * xh);
+        }
+    }
+    double t0 = block_col_sum(sg, sh);
+    double t1 = block_col_sum(sgx, sh);
+    if (threadIdx.y == 0 && c < C) {
+        atomicAdd(&out[c], t0);
+        atomicAdd(&out[C + c], t1);
+    }
+}
+
+// dx = k·g_z − off − x̂·slope; coef = [k, off, slope] each [C] (f32).
+extern "C" __global__ void bn_grad_input(const float* __restrict__ x, const float* __restrict__ g,
+                                         const float* __restrict__ chan,
+                                         const float* __restrict__ coef, float* __restrict__ dx,
+                                         i64 n, int C, int act) {
+    GRID_STRIDE(i, n) {
+        int c = (int)(i % C);
+        float xh, gz;
+        bn_xhat_gz(x[i], g[i], c, chan, C, act, &xh, &gz);
+        dx[i] = coef[c] * gz - coef[C + c] - xh * coef[2 * C + c];
+    }
+}
+
+// ---------------------------------------------------------------- channel broadcasts, swish
+
+extern "C" __global__ void bias_add(const float* __restrict__ x, const float* __restrict__ b,
+                                    float* __restrict__ y, i64 n, int C) {
+    GRID_STRIDE(i, n) { y[i] = x[i] + b[i % C]; }
+}
+
+// y[b, p, c] = x[b, p, c] · gate[b, c] for x [B, HW, C].
+extern "C" __global__ void channel_gate(const float* __restrict__ x, const float* __restrict__ gate,
+                                        float* __restrict__ y, i64 n, i64 hw, int C) {
+    GRID_STRIDE(i, n) {
+        i64 b = i / (hw * C);
+        y[i] = x[i] * gate[b * C + i % C];
+    }
+}
+
+extern "C" __global__ void swish_fwd(const float* __restrict__ x, float* __restrict__ y, i64 n) {
+    GRID_STRIDE(i, n) {
+        float v = x[i];
+        y[i] = v / (1.0f + expf(-v));
+    }
+}
+
+extern "C" __global__ void swish_grad(const float* __restrict__ x, const float* __restrict__ g,
+                                      float* __restrict__ d, i64 n) {
+    GRID_STRIDE(i, n) {
+        float s = sigmoid_f(x[i]);
+        d[i] = g[i] * s * (1.0f + x[i] * (1.0f - s));
+    }
+}
+
+// ---------------------------------------------------------------- focal loss
+
+// (loss, dloss/dx) of one entry, in f64 as the CPU code computes it.
+__device__ __forceinline__ void focal_entry(double x, bool positive, double alpha, double gamma,
+                                            double smoothing, double* loss, double* dloss) {
+    double e = exp(-fabs(x));
+    double p = x >= 0.0 ? 1.0 / (1.0 + e) : e / (1.0 + e);
+    double t = positive ? 1.0 : 0.0;
+    double ys = t * (1.0 - smoothing) + 0.5 * smoothing;
+    double ce = fmax(x, 0.0) + log1p(e) - x * ys;
+    double a = positive ? alpha : 1.0 - alpha;
+    double base = positive ? 1.0 - p : p;
+    double m;
+    if (gamma == 1.5) m = base * sqrt(base);
+    else if (gamma == 2.0) m = base * base;
+    else m = pow(base, gamma);
+    double dm = positive ? -gamma * p * m : gamma * (1.0 - p) * m;
+    *loss = a * m * ce;
+    *dloss = a * (dm * ce + m * (p - ys));
+}
+
+// Class status of entry k for an id: 1 positive, 0 negative, -1 ignored, -2 invalid id.
+__device__ __forceinline__ int focal_status(i64 id, int k, int K) {
+    if (id == -2) return -1;
+    if (id == -1) return 0;
+    if (id >= 0 && id < K) return id == k ? 1 : 0;
+    return -2;
+}
+
+// out[0] += Σ loss (f64, zeroed); bad[0] = 1 on an invalid class id.
+extern "C" __global__ void focal_loss(const float* __restrict__ x, const i64* __restrict__ ids,
+                                      double* __restrict__ out, int* __restrict__ bad, i64 n, int K,
+                                      double alpha, double gamma, double smoothing) {
+    __shared__ double sh[256];
+    double acc = 0.0;
+    GRID_STRIDE(i, n) {
+        int st = focal_status(ids[i / K], (int)(i % K), K);
+        if (st == -2) {
+            bad[0] = 1;
+        } else if (st >= 0) {
+            double l, d;
+            focal_entry((double)x[i], st == 1, alpha, gamma, smoothing, &l, &d);
+            acc += l;
+        }
+    }
+    sh[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) atomicAdd(out, sh[0]);
+}
+
+// d = scale[0] · dloss/dx (0 for ignored anchors); bad[0] = 1 on an invalid class id.
+extern "C" __global__ void focal_grad(const float* __restrict__ x, const i64* __restrict__ ids,
+                                      const double* __restrict__ scale, float* __restrict__ d,
+                                      int* __restrict__ bad, i64 n, int K, double alpha,
+                                      double gamma, double smoothing) {
+    double s = scale[0];
+    GRID_STRIDE(i, n) {
+        int st = focal_status(ids[i / K], (int)(i % K), K);
+        if (st == -2) {
+            bad[0] = 1;
+            d[i] = 0.0f;
+        } else if (st < 0) {
+            d[i] = 0.0f;
+        } else {
+            double l, dl;
+            focal_entry((double)x[i], st == 1, alpha, gamma, smoothing, &l, &dl);
+            d[i] = (float)(s * dl);
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! `effdet bench-train`: training-step throughput on the CPU or a CUDA GPU, fed by the real
+//! input pipeline (or one reused batch with `--reuse-batch`, to time the model alone). Prints
+//! one JSON line: images/s, step and data-wait milliseconds, the data-wait share of the wall
+//! time, and memory. Timed steps are synchronized at their end so step time is compute time.
+
+use std::time::Instant;
+
+use candle_core::Device;
+use clap::ValueEnum;
+use effdet_pipeline::augment::Mode;
+use serde::Serialize;
+
+use super::data::{peak_rss_mb, start_loader, DataArgs};
+use super::step::{BatchTensors, Trainer};
+use super::train::load_config;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Model config (TOML path or built-in name).
+    #[arg(long, default_value = "efficientdet-d0")]
+    pub config: String,
+    /// Config overrides `section.key=value`, repeatable.
+    #[arg(long = "set")]
+    pub set: Vec<String>,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 10)]
+    pub steps: u64,
+    /// Untimed steps first (allocator warm-up, kernel loading).
+    #[arg(long, default_value_t = 2)]
+    pub warmup: u64,
+    /// fp32 (TF32 matrix math on a GPU unless --no-tf32), fp16 or bf16 mixed precision.
+    #[arg(long, default_value = "fp32")]
+    pub precision: String,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+    /// Full-precision f32 matrix products on the GPU.
+    #[arg(long)]
+    pub no_tf32: bool,
+    /// Time the model alone on one batch reused every step (no data wait).
+    #[arg(long)]
+    pub reuse_batch: bool,
+    /// Constant learning rate of the timed steps.
+    #[arg(long, default_value_t = 0.01)]
+    pub lr: f64,
+}
+
+#[derive(Serialize, Debug)]
+pub struct Report {
+    pub device: DeviceArg,
+    pub device_name: String,
+    pub precision: String,
+    pub tf32: bool,
+    pub batch_size: usize,
+    pub image_size: u32,
+    pub steps: u64,
+    pub warmup: u64,
+    pub feed: &'static str,
+    pub images_per_sec: f64,
+    pub step_ms: f64,
+    pub step_ms_min: f64,
+    pub data_wait_ms: f64,
+    pub data_wait_share: f64,
+    pub gpu_mem_mb: Option<f64>,
+    pub peak_rss_mb: f64,
+    pub loss_first: f64,
+    pub loss_last: f64,
+    pub seconds: f64,
+}
+
+pub fn run(a: Args) -> anyhow::Result<i32> {
+    let r = bench(&a)?;
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(0)
+}
+
+/// The device for `--device`.
+pub fn device(d: DeviceArg) -> anyhow::Result<Device> {
+    Ok(match d {
+        DeviceArg::Cpu => Device::Cpu,
+        DeviceArg::Cuda => Device::new_cuda(0).map_err(|e| {
+            anyhow::anyhow!(
+                "--device cuda: {e} (build with --features cuda: tools/device/build.sh)"
+            )
+        })?,
+    })
+}
+
+/// Device name and memory in use (MiB), where the device reports them.
+pub fn device_info(dev: &Device) -> (String, Option<f64>) {
+    #[cfg(feature = "cuda")]
+    if let Ok(c) = dev.as_cuda_device() {
+        let stream = c.cuda_stream();
+        let ctx = stream.context();
+        let name = ctx.name().unwrap_or_else(|_| "cuda".into());
+        let used = ctx
+            .mem_get_info()
+            .ok()
+            .map(|(free, total)| (total - free) as f64 / (1024.0 * 1024.0));
+        return (name, used);
+    }
+    let _ = dev;
+    ("cpu".into(), None)
+}
+
+pub fn bench(a: &Args) -> anyhow::Result<Report> {
+    anyhow::ensure!(
+        a.precision == "fp32",
+        "--precision {}: only fp32 is available in this build",
+        a.precision
+    );
+    anyhow::ensure!(
+        a.steps > 0 && a.batch_size > 0,
+        "--steps and --batch-size must be > 0"
+    );
+    let cfg = load_config(&a.config, &a.set)?;
+    let dev = device(a.device)?;
+    let tf32 = dev.is_cuda() && !a.no_tf32;
+    candle_core::cuda::set_gemm_reduced_precision_f32(tf32);
+    let mut trainer = Trainer::new(&cfg, &dev, a.data.seed)?;
+
+    let mut lcfg = a.data.loader_config(Mode::Train, a.batch_size);
+    lcfg.augment.jitter_min = cfg.input.jitter_min as f32;
+    lcfg.augment.jitter_max = cfg.input.jitter_max as f32;
+    lcfg.augment.hflip = cfg.input.input_rand_hflip;
+    let mut loader = start_loader(lcfg, a.data.files()?)?;
+    let mut next = |dev: &Device| -> anyhow::Result<BatchTensors> {
+        let b = loader
+            .next_batch()
+            .ok_or_else(|| anyhow::anyhow!("the input pipeline ended"))??;
+        BatchTensors::from_batch(&b, dev)
+    };
+    let reused = if a.reuse_batch {
+        Some(next(&dev)?)
+    } else {
+        None
+    };
+
+    let (mut wait, mut compute) = (0.0f64, Vec::new());
+    let (mut loss_first, mut loss_last) = (f64::NAN, f64::NAN);
+    let mut peak_mem: Option<f64> = None;
+    let mut t_timed = Instant::now();
+    for i in 0..a.warmup + a.steps {
+        if i == a.warmup {
+            wait = 0.0;
+            t_timed = Instant::now();
+        }
+        let t0 = Instant::now();
+        let fresh;
+        let batch = match &reused {
+            Some(b) => b,
+            None => {
+                fresh = next(&dev)?;
+                &fresh
+            }
+        };
+        let t1 = Instant::now();
+        let s = trainer.step(batch, a.lr, i)?;
+        dev.synchronize()?;
+        let t2 = Instant::now();
+        if i >= a.warmup {
+            wait += (t1 - t0).as_secs_f64();
+            compute.push((t2 - t1).as_secs_f64());
+            if loss_first.is_nan() {
+                loss_first = s.loss;
+            }
+            loss_last = s.loss;
+        }
+        let (_, mem) = device_info(&dev);
+        peak_mem = match (peak_mem, mem) {
+            (Some(p), Some(m)) => Some(p.max(m)),
+            (p, m) => p.or(m),
+        };
+    }
+    let secs = t_timed.elapsed().as_secs_f64();
+    let steps = a.steps as f64;
+    let (name, _) = device_info(&dev);
+    Ok(Report {
+        device: a.device,
+        device_name: name,
+        precision: a.precision.clone(),
+        tf32,
+        batch_size: a.batch_size,
+        image_size: a.data.image_size,
+        steps: a.steps,
+        warmup: a.warmup,
+        feed: if a.reuse_batch {
+            "reused-batch"
+        } else {
+            "pipeline"
+        },
+        images_per_sec: steps * a.batch_size as f64 / secs,
+        step_ms: 1e3 * compute.iter().sum::<f64>() / steps,
+        step_ms_min: 1e3 * compute.iter().cloned().fold(f64::INFINITY, f64::min),
+        data_wait_ms: 1e3 * wait / steps,
+        data_wait_share: wait / secs,
+        gpu_mem_mb: peak_mem,
+        peak_rss_mb: peak_rss_mb(),
+        loss_first,
+        loss_last,
+        seconds: secs,
+    })
+}

@@ -1,0 +1,271 @@
+//! `effdet cuda-check`: GPU results against the CPU. First every own op (forward and
+//! gradients on random inputs), then the whole D0 training loss and all its gradients for one
+//! pipeline batch and identical weights. Prints one JSON object and exits non-zero when any
+//! relative error (‖gpu − cpu‖ / ‖cpu‖) exceeds `--tolerance`.
+
+use candle_core::{DType, Device, Tensor, Var};
+use effdet_model::ops::{self, Activation, FocalParams};
+use effdet_pipeline::augment::Mode;
+use serde::Serialize;
+
+use super::bench_train::device_info;
+use super::data::{start_loader, DataArgs};
+use super::step::{BatchTensors, Trainer};
+use super::train::load_config;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Model config (TOML path or built-in name).
+    #[arg(long, default_value = "efficientdet-d0")]
+    pub config: String,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[arg(long, default_value_t = 2)]
+    pub batch_size: usize,
+    /// Largest relative error accepted.
+    #[arg(long, default_value_t = 1e-3)]
+    pub tolerance: f64,
+}
+
+#[derive(Serialize, Debug)]
+struct Check {
+    name: String,
+    /// Relative error of the output.
+    output: f64,
+    /// Largest relative error over the gradients.
+    gradients: f64,
+    /// The variable with the largest gradient error (model check).
+    worst: Option<String>,
+    pass: bool,
+}
+
+#[derive(Serialize, Debug)]
+struct Report {
+    device_name: String,
+    tolerance: f64,
+    checks: Vec<Check>,
+    pass: bool,
+}
+
+/// ‖a − b‖ / ‖b‖ (both moved to the CPU as f64).
+fn rel_err(a: &Tensor, b: &Tensor) -> anyhow::Result<f64> {
+    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    let diff = (&a - &b)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    let norm = b.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    Ok(if norm > 0.0 { diff / norm } else { diff })
+}
+
+/// Deterministic inputs in [-1, 1).
+fn random(shape: &[usize], seed: u64) -> anyhow::Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect();
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+}
+
+type OpFn = dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>;
+
+/// Runs `f` on the CPU and the GPU from the same inputs; compares the output and the gradients
+/// of Σ output·r (r random) with respect to every input.
+fn check_op(name: &str, gpu: &Device, inputs: &[Tensor], f: &OpFn) -> anyhow::Result<Check> {
+    let run = |dev: &Device| -> anyhow::Result<(Tensor, Vec<Tensor>)> {
+        let vars = inputs
+            .iter()
+            .map(|t| Var::from_tensor(&t.to_device(dev)?))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(&ts)?;
+        let r = random(y.dims(), 99)?.to_device(dev)?;
+        let grads = (&y * &r)?.sum_all()?.backward()?;
+        let gs = vars
+            .iter()
+            .map(|v| {
+                grads
+                    .get(v)
+                    .cloned()
+                    .ok_or_else(|| anyhow::anyhow!("{name}: no gradient for an input"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok((y, gs))
+    };
+    let (yc, gc) = run(&Device::Cpu)?;
+    let (yg, gg) = run(gpu)?;
+    let output = rel_err(&yg, &yc)?;
+    let mut gradients = 0f64;
+    for (g, c) in gg.iter().zip(&gc) {
+        gradients = gradients.max(rel_err(g, c)?);
+    }
+    Ok(Check {
+        name: name.into(),
+        output,
+        gradients,
+        worst: None,
+        pass: false,
+    })
+}
+
+fn op_checks(gpu: &Device) -> anyhow::Result<Vec<Check>> {
+    let mut out = Vec::new();
+    for (k, s, h, w) in [(3, 1, 9, 7), (3, 2, 10, 9), (5, 2, 17, 16), (5, 1, 8, 8)] {
+        out.push(check_op(
+            &format!("depthwise k{k} s{s} {h}x{w}"),
+            gpu,
+            &[random(&[2, h, w, 40], 1)?, random(&[k, k, 40], 2)?],
+            &move |v| ops::depthwise_conv2d(&v[0], &v[1], s),
+        )?);
+    }
+    out.push(check_op(
+        "max_pool 3x3 s2",
+        gpu,
+        &[random(&[2, 11, 10, 24], 3)?],
+        &|v| ops::max_pool2d_same(&v[0], (3, 3), (2, 2)),
+    )?);
+    for act in [Activation::None, Activation::Swish] {
+        out.push(check_op(
+            &format!("batch_norm_train {act:?}"),
+            gpu,
+            &[
+                (random(&[3, 6, 5, 48], 4)? * 3.0)?,
+                random(&[48], 5)?,
+                random(&[48], 6)?,
+            ],
+            &move |v| Ok(ops::batch_norm_train(&v[0], &v[1], &v[2], 1e-3, act)?.0),
+        )?);
+        let mean = random(&[48], 7)?;
+        let var = (random(&[48], 8)?.abs()? + 0.5)?;
+        out.push(check_op(
+            &format!("batch_norm_eval {act:?}"),
+            gpu,
+            &[
+                random(&[3, 6, 5, 48], 9)?,
+                random(&[48], 10)?,
+                random(&[48], 11)?,
+            ],
+            &move |v| {
+                let dev = v[0].device();
+                let (m, s) = (mean.to_device(dev)?, var.to_device(dev)?);
+                ops::batch_norm_eval(&v[0], &v[1], &v[2], &m, &s, 1e-3, act)
+            },
+        )?);
+    }
+    out.push(check_op(
+        "swish",
+        gpu,
+        &[(random(&[4, 1000], 12)? * 6.0)?],
+        &|v| ops::swish(&v[0]),
+    )?);
+    out.push(check_op(
+        "add_channel_bias",
+        gpu,
+        &[random(&[2, 5, 7, 33], 13)?, random(&[33], 14)?],
+        &|v| ops::add_channel_bias(&v[0], &v[1]),
+    )?);
+    out.push(check_op(
+        "channel_gate",
+        gpu,
+        &[random(&[2, 5, 7, 33], 15)?, random(&[2, 33], 16)?],
+        &|v| ops::channel_gate(&v[0], &v[1]),
+    )?);
+    out.push(check_op(
+        "spatial_mean",
+        gpu,
+        &[random(&[3, 9, 8, 33], 17)?],
+        &|v| ops::spatial_mean(&v[0]),
+    )?);
+    // Class ids: −2 ignored, −1 background, 0..K−1 positives.
+    let (anchors, k) = (9usize, 7usize);
+    let ids: Vec<i64> = (0..2 * 6 * anchors)
+        .map(|i| (i as i64 * 7919 % (k as i64 + 2)) - 2)
+        .collect();
+    let ids = Tensor::from_vec(ids, (2, 6, anchors), &Device::Cpu)?;
+    let params = FocalParams {
+        alpha: 0.25,
+        gamma: 1.5,
+        label_smoothing: 0.1,
+    };
+    out.push(check_op(
+        "focal_loss",
+        gpu,
+        &[(random(&[2, 6, anchors * k], 18)? * 4.0)?],
+        &move |v| {
+            let t = ids.to_device(v[0].device())?;
+            ops::focal_loss_sum(&v[0], &t, params)
+        },
+    )?);
+    Ok(out)
+}
+
+/// The whole training loss and every gradient, CPU against GPU, for one pipeline batch.
+fn model_check(a: &Args, gpu: &Device) -> anyhow::Result<Check> {
+    let cfg = load_config(&a.config, &[])?;
+    let lcfg = a.data.loader_config(Mode::Train, a.batch_size);
+    let mut loader = start_loader(lcfg, a.data.files()?)?;
+    let b = loader
+        .next_batch()
+        .ok_or_else(|| anyhow::anyhow!("the input pipeline gave no batch"))??;
+    let mut losses = Vec::new();
+    let mut grads = Vec::new();
+    let mut names = Vec::new();
+    for dev in [Device::Cpu, gpu.clone()] {
+        let trainer = Trainer::new(&cfg, &dev, a.data.seed)?;
+        let t = BatchTensors::from_batch(&b, &dev)?;
+        let parts = trainer.loss(&t)?;
+        losses.push(parts.total.clone());
+        grads.push(trainer.gradients(&parts.total)?);
+        names = trainer.sgd.vars().iter().map(|(n, _)| n.clone()).collect();
+    }
+    let output = rel_err(&losses[1], &losses[0])?;
+    let (mut worst, mut worst_name) = (0f64, None);
+    for ((g, c), name) in grads[1].iter().zip(&grads[0]).zip(&names) {
+        let e = match (g, c) {
+            (Some(g), Some(c)) => rel_err(g, c)?,
+            (None, None) => 0.0,
+            _ => f64::INFINITY,
+        };
+        if e > worst || worst_name.is_none() {
+            worst = e;
+            worst_name = Some(name.clone());
+        }
+    }
+    Ok(Check {
+        name: format!(
+            "model loss+gradients ({} vars, batch {}, {}²)",
+            names.len(),
+            a.batch_size,
+            a.data.image_size
+        ),
+        output,
+        gradients: worst,
+        worst: worst_name,
+        pass: false,
+    })
+}
+
+pub fn run(a: Args) -> anyhow::Result<i32> {
+    let gpu = Device::new_cuda(0).map_err(|e| {
+        anyhow::anyhow!("cuda-check needs a CUDA build and a GPU: {e} (tools/device/build.sh)")
+    })?;
+    candle_core::cuda::set_gemm_reduced_precision_f32(false);
+    let mut checks = op_checks(&gpu)?;
+    checks.push(model_check(&a, &gpu)?);
+    for c in checks.iter_mut() {
+        c.pass = c.output <= a.tolerance && c.gradients <= a.tolerance;
+    }
+    let pass = checks.iter().all(|c| c.pass);
+    let report = Report {
+        device_name: device_info(&gpu).0,
+        tolerance: a.tolerance,
+        checks,
+        pass,
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(if pass { 0 } else { 1 })
+}

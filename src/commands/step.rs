@@ -1,0 +1,151 @@
+//! One training step, shared by `train` and `bench-train`: forward (training BN) → automl loss
+//! → backward → clip → SGD (momentum) → EMA, on whichever device the model lives. Host reads
+//! are batched (the four loss scalars in one transfer, the gradient norms in one), since on a
+//! GPU each read is a synchronization.
+
+use candle_core::{DType, Device, Tensor};
+use effdet_model::config::Config;
+use effdet_model::loss::detection_loss;
+use effdet_model::optim::{clip_gradients, Ema, Sgd};
+use effdet_model::{EfficientDet, ModelVars};
+use effdet_pipeline::loader::Batch;
+
+/// Model, optimizer state and EMA of one training run.
+pub struct Trainer {
+    pub cfg: Config,
+    pub vars: ModelVars,
+    pub model: EfficientDet,
+    pub sgd: Sgd,
+    pub ema: Ema,
+    l2: Vec<Tensor>,
+}
+
+/// What one step measured.
+#[derive(Clone, Copy, Debug)]
+pub struct StepStats {
+    pub loss: f64,
+    pub cls_loss: f64,
+    pub box_loss: f64,
+    pub reg_loss: f64,
+    pub gradient_norm: f64,
+}
+
+/// A batch's tensors on a device: images `[B, 3, H, W]`, per-level class and box targets,
+/// num_positives `[B]`.
+pub struct BatchTensors {
+    pub images: Tensor,
+    pub cls: Vec<Tensor>,
+    pub boxes: Vec<Tensor>,
+    pub num_positives: Tensor,
+}
+
+impl BatchTensors {
+    /// Copies a pipeline batch to `dev`.
+    pub fn from_batch(b: &Batch, dev: &Device) -> anyhow::Result<BatchTensors> {
+        let (h, w) = b.image_size;
+        let bs = b.batch_size;
+        let images = Tensor::from_vec(b.buffers().images.to_f32(), (bs, 3, h, w), dev)?;
+        let a = b.anchors_per_cell;
+        let mut cls = Vec::new();
+        let mut boxes = Vec::new();
+        for (l, lv) in b.levels.iter().enumerate() {
+            cls.push(Tensor::from_slice(
+                b.cls_targets(l),
+                (bs, lv.height, lv.width, a),
+                dev,
+            )?);
+            boxes.push(Tensor::from_slice(
+                b.box_targets(l),
+                (bs, lv.height, lv.width, 4 * a),
+                dev,
+            )?);
+        }
+        let num_positives = Tensor::from_slice(&b.buffers().num_positives, bs, dev)?;
+        Ok(BatchTensors {
+            images,
+            cls,
+            boxes,
+            num_positives,
+        })
+    }
+}
+
+impl Trainer {
+    /// A freshly initialized model (weights drawn from `seed`, identical on every device).
+    pub fn new(cfg: &Config, dev: &Device, seed: u64) -> anyhow::Result<Trainer> {
+        let vars = ModelVars::new(dev, seed);
+        let model = EfficientDet::new(cfg, &vars)?;
+        let sgd = Sgd::new(vars.trainable(), cfg.train.momentum)?;
+        let ema_vars: Vec<_> = vars
+            .trainable()
+            .into_iter()
+            .chain(vars.bn_stats())
+            .collect();
+        let ema = Ema::new(ema_vars, cfg.train.moving_average_decay)?;
+        let l2 = model.l2_kernels();
+        Ok(Trainer {
+            cfg: cfg.clone(),
+            vars,
+            model,
+            sgd,
+            ema,
+            l2,
+        })
+    }
+
+    /// Forward and loss; returns the loss parts as tensors (no host read).
+    pub fn loss(&self, t: &BatchTensors) -> anyhow::Result<effdet_model::loss::LossParts> {
+        let (cls, boxes) = self.model.forward(&t.images, true)?;
+        Ok(detection_loss(
+            &cls,
+            &boxes,
+            &t.cls,
+            &t.boxes,
+            &t.num_positives,
+            &self.l2,
+            &self.cfg.loss,
+        )?)
+    }
+
+    /// Gradients of the total loss for `sgd.vars()` (None where a variable got none).
+    pub fn gradients(&self, total: &Tensor) -> anyhow::Result<Vec<Option<Tensor>>> {
+        let grads = total.backward()?;
+        Ok(self
+            .sgd
+            .vars()
+            .iter()
+            .map(|(_, v)| grads.get(v).map(|g| g.detach()))
+            .collect())
+    }
+
+    /// One full step at learning rate `lr`; `step` is the global step before it (the EMA ramp
+    /// counts `step + 1` updates). Fails on a non-finite loss.
+    pub fn step(&mut self, t: &BatchTensors, lr: f64, step: u64) -> anyhow::Result<StepStats> {
+        let parts = self.loss(t)?;
+        let scalars: Vec<f64> =
+            Tensor::stack(&[&parts.total, &parts.cls, &parts.box_loss, &parts.reg], 0)?
+                .to_dtype(DType::F64)?
+                .to_vec1()?;
+        let (loss, cls_l, box_l, reg_l) = (scalars[0], scalars[1], scalars[2], scalars[3]);
+        anyhow::ensure!(
+            loss.is_finite(),
+            "non-finite loss at step {step}: total {loss}, cls {cls_l}, box {box_l}, reg {reg_l}"
+        );
+        let mut all = self.gradients(&parts.total)?;
+        let present: Vec<usize> = (0..all.len()).filter(|&i| all[i].is_some()).collect();
+        let mut gs: Vec<Tensor> = present.iter().filter_map(|&i| all[i].take()).collect();
+        let gnorm = clip_gradients(&mut gs, self.cfg.train.clip_gradients_norm)?;
+        for (i, g) in present.into_iter().zip(gs) {
+            all[i] = Some(g);
+        }
+        self.sgd.step(&all, lr)?;
+        self.ema.update(step + 1)?;
+        Ok(StepStats {
+            loss,
+            cls_loss: cls_l,
+            box_loss: box_l,
+            reg_loss: reg_l,
+            gradient_norm: gnorm,
+        })
+    }
+}

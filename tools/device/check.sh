@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# The GPU device check, run on the lent machine from the repo root with target/device carried
+# (the CUDA effdet binary from tools/device/build.sh, coco_tiny shards in target/device/data)
+# and .whl carried for the PyTorch baseline (tools/device/fetch_wheels.sh).
+#   (a) cuda-check: every own op and the whole D0 loss + gradients, GPU against CPU (fp32);
+#   (b) bench-train on one reused batch: 512², batch 16/32/64, fp32 (TF32) and mixed precision;
+#   (c) bench-train fed by the real pipeline (all CPU cores) with its data-wait share;
+#   (d) the input pipeline alone on all cores;
+#   (e) PyTorch effdet tf_efficientdet_d0 training step, same batch sizes, AMP and fp32.
+# Writes logs and summary.json under $OUT and prints a table last. Each step has a timeout so
+# the whole script ends well inside 10 minutes.
+set -uo pipefail
+OUT=${OUT:-/tmp/effdet_out}
+mkdir -p "$OUT"
+DEV=target/device
+BIN=/tmp/effdet
+START=$(date +%s)
+STEPS=${STEPS:-10}
+BATCHES=${BATCHES:-"16 32 64"}
+PRECISIONS=${PRECISIONS:-"fp32 fp16"}
+
+log() { echo "[$(($(date +%s) - START))s] $*"; }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+nproc | sed 's/^/cpu cores: /' | tee -a "$OUT/gpu.txt"
+
+# The binary travels compressed when large.
+if [[ -f $DEV/effdet.xz ]]; then
+  python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" "$DEV/effdet.xz" "$BIN"
+else
+  cp "$DEV/effdet" "$BIN"
+fi
+chmod +x "$BIN"
+
+# CUDA libraries: those of the machine's PyTorch install (CUDA 13 wheels), the driver's libcuda.
+NV=$(python3 -c "import nvidia; print(list(nvidia.__path__)[0])" 2>/dev/null)
+LIBS=$(find "$NV" -maxdepth 3 -type d -name lib 2>/dev/null | tr '\n' ':')
+export LD_LIBRARY_PATH="${LIBS}${LD_LIBRARY_PATH:-}"
+if ! ldd "$BIN" | tee "$OUT/ldd.txt" | grep -q "not found"; then log "all libraries found"; else
+  log "missing libraries:"; grep "not found" "$OUT/ldd.txt"; fi
+
+DATA="$DEV/data/train-*.tfrecord"
+run() { # name timeout cmd...
+  local name=$1 t=$2; shift 2
+  log "$name: $*"
+  timeout "$t" "$@" > "$OUT/$name.json" 2> "$OUT/$name.err"
+  local rc=$?
+  tail -c 600 "$OUT/$name.err" | grep -v "^\s*$" | tail -3
+  cat "$OUT/$name.json"
+  [[ $rc -ne 0 ]] && log "$name exited $rc"
+  return 0
+}
+
+# (a) correctness, full fp32 (no TF32 anywhere).
+NVIDIA_TF32_OVERRIDE=0 run cuda_check 150 "$BIN" cuda-check --data "$DATA" --image-size 256 --batch-size 2
+
+# (b) model alone on a reused batch.
+for p in $PRECISIONS; do
+  for b in $BATCHES; do
+    run "train_${p}_b${b}" 100 "$BIN" bench-train --device cuda --data "$DATA" --image-size 512 \
+      --batch-size "$b" --steps "$STEPS" --warmup 3 --precision "$p" --reuse-batch
+  done
+done
+
+# (c) fed by the pipeline on all cores.
+run train_pipeline_fp32_b32 120 "$BIN" bench-train --device cuda --data "$DATA" --image-size 512 \
+  --batch-size 32 --steps "$STEPS" --warmup 3 --precision fp32 --threads "$(nproc)"
+
+# (d) the pipeline alone.
+run pipeline_b32 60 "$BIN" bench-pipeline --data "$DATA" --mode train --batch-size 32 --image-size 512 \
+  --batches 40 --threads "$(nproc)"
+
+# (e) PyTorch effdet, same shapes, random inputs.
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    > "$OUT/pip.log" 2>&1 && export PYTHONPATH=/tmp/site
+  for b in $BATCHES; do
+    run "torch_fp16_b${b}" 120 python3 tools/device/torch_baseline.py --device cuda --batch-size "$b" \
+      --image-size 512 --steps "$STEPS" --warmup 3 --amp
+  done
+  run torch_fp32_b32 120 python3 tools/device/torch_baseline.py --device cuda --batch-size 32 \
+    --image-size 512 --steps "$STEPS" --warmup 3
+else
+  log "no .whl folder: PyTorch baseline skipped"
+fi
+
+# Summary: every JSON result in one file, then a table.
+python3 - "$OUT" <<'PY'
+import json, os, sys, glob
+out = sys.argv[1]
+summary = {}
+for f in sorted(glob.glob(os.path.join(out, "*.json"))):
+    name = os.path.basename(f)[:-5]
+    if name == "summary":
+        continue
+    try:
+        text = open(f).read().strip().splitlines()
+        summary[name] = json.loads(text[-1]) if text else None
+    except Exception as e:
+        summary[name] = {"error": f"unreadable: {e}"}
+json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1)
+print("\n%-26s %10s %9s %9s %8s %9s" % ("run", "img/s", "step ms", "wait ms", "wait %", "mem MiB"))
+for k, v in summary.items():
+    if not isinstance(v, dict) or "images_per_sec" not in v:
+        continue
+    mem = v.get("gpu_mem_mb")
+    print("%-26s %10.1f %9.1f %9s %8s %9s" % (
+        k, v["images_per_sec"], v.get("step_ms", float("nan")),
+        "%.1f" % v["data_wait_ms"] if "data_wait_ms" in v else "-",
+        "%.1f" % (100 * v["data_wait_share"]) if "data_wait_share" in v else "-",
+        "%.0f" % mem if mem else "-"))
+c = summary.get("cuda_check")
+if isinstance(c, dict) and "checks" in c:
+    print("\ncuda-check pass=%s (tolerance %g)" % (c["pass"], c["tolerance"]))
+    for ch in c["checks"]:
+        print("  %-45s out %.2e grad %.2e %s" % (ch["name"], ch["output"], ch["gradients"], "ok" if ch["pass"] else "FAIL " + str(ch.get("worst"))))
+PY
+log "done"
