@@ -230,7 +230,7 @@ fn cuda_apply(
     mean: &candle_core::cuda_backend::cudarc::driver::CudaSlice<f64>,
     inv: &candle_core::cuda_backend::cudarc::driver::CudaSlice<f64>,
 ) -> Result<candle_core::CudaStorage> {
-    use super::cuda;
+    use super::cuda::{self, PushKernelArg};
     use candle_core::backend::BackendStorage;
     let dev = s1.device();
     let c = l2.shape().elem_count();
@@ -312,7 +312,7 @@ impl CustomOp3 for BnTrain {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda;
+        use super::cuda::{self, PushKernelArg};
         use candle_core::backend::BackendStorage;
         let dev = s1.device();
         let c = l2.shape().elem_count();
@@ -417,7 +417,7 @@ impl CustomOp3 for BnEval {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda;
+        use super::cuda::{self, PushKernelArg};
         use candle_core::backend::BackendStorage;
         let dev = s1.device();
         let mean = cuda::to_device(dev, &self.saved.mean)?;
@@ -604,7 +604,7 @@ impl CustomOp2 for BnGradReduce {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda;
+        use super::cuda::{self, PushKernelArg};
         use candle_core::backend::BackendStorage;
         let dev = s1.device();
         let c = self.p.gamma.len();
@@ -723,7 +723,7 @@ impl CustomOp2 for BnGradInput {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda;
+        use super::cuda::{self, PushKernelArg};
         use candle_core::backend::BackendStorage;
         let dev = s1.device();
         let c = self.p.gamma.len();

@@ -87,7 +87,7 @@ impl Geom {
         l2: &Layout,
         n: usize,
     ) -> Result<candle_core::CudaStorage> {
-        use super::cuda;
+        use super::cuda::{self, PushKernelArg};
         use candle_core::backend::BackendStorage;
         let dev = s1.device();
         let a = cuda::f32_view(op, s1, l1)?;
@@ -370,7 +370,7 @@ impl CustomOp2 for DepthwiseGradWeight {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda;
+        use super::cuda::{self, PushKernelArg};
         use candle_core::backend::BackendStorage;
         let g = self.geom;
         let dev = s1.device();

@@ -197,7 +197,7 @@ impl CustomOp2 for Focal {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda;
+        use super::cuda::{self, PushKernelArg};
         use candle_core::backend::BackendStorage;
         let dev = s1.device();
         let x = cuda::f32_view(self.name(), s1, l1)?;
@@ -255,7 +255,7 @@ impl CustomOp3 for FocalGrad {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda;
+        use super::cuda::{self, PushKernelArg};
         use candle_core::backend::BackendStorage;
         let dev = s1.device();
         let x = cuda::f32_view(self.name(), s1, l1)?;

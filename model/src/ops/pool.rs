@@ -179,7 +179,7 @@ impl CustomOp1 for MaxPoolSame {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda;
+        use super::cuda::{self, PushKernelArg};
         use candle_core::backend::BackendStorage;
         let g = Geom::new(l, self.kernel, self.stride)?;
         let dev = s.device();
@@ -245,7 +245,7 @@ impl CustomOp2 for MaxPoolGrad {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda;
+        use super::cuda::{self, PushKernelArg};
         use candle_core::backend::BackendStorage;
         let g = Geom::new(l1, self.kernel, self.stride)?;
         let dev = s1.device();

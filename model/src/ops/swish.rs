@@ -58,7 +58,7 @@ impl CustomOp1 for Swish {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda;
+        use super::cuda::{self, PushKernelArg};
         use candle_core::backend::BackendStorage;
         let dev = s.device();
         let x = cuda::f32_view(self.name(), s, l)?;
@@ -93,7 +93,7 @@ impl CustomOp2 for SwishGrad {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda;
+        use super::cuda::{self, PushKernelArg};
         use candle_core::backend::BackendStorage;
         let dev = s1.device();
         let x = cuda::f32_view(self.name(), s1, l1)?;
