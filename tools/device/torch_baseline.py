@@ -25,8 +25,18 @@ import traceback
 MAX_INSTANCES = 100  # effdet's loader pads every image's boxes to this many
 
 
+class BadArguments(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # Raised instead of argparse's exit so that a bad command line still yields the JSON line.
+        raise BadArguments(message)
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = _Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--image-size", type=int, default=512)
@@ -217,7 +227,12 @@ def _dist_version(name):
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+    except BadArguments as e:
+        print(json.dumps({"framework": "pytorch-effdet", "model": "tf_efficientdet_d0",
+                          "error": f"bad arguments: {e}"}), flush=True)
+        return 2
     result = {
         "framework": "pytorch-effdet",
         "model": "tf_efficientdet_d0",
