@@ -53,7 +53,6 @@ def parse_args(argv):
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--weight-decay", type=float, default=4e-5)
     p.add_argument("--clip-grad", type=float, default=10.0, help="global grad-norm clip, 0 = off")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (not effdet's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=int, default=480, help="seconds before giving up, 0 = never")
     a = p.parse_args(argv)
@@ -167,7 +166,7 @@ def run(args, result):
     optimizer = torch.optim.SGD(bench.parameters(), lr=args.lr, momentum=0.9,
                                 weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    model = torch.compile(bench) if args.compile else bench
+    model = bench  # eager, as effdet's train.py runs it
 
     def autocast():
         return torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
@@ -251,7 +250,6 @@ def main(argv=None):
         "labeler": args.labeler,
         "boxes_per_image": args.boxes,
         "clip_grad": args.clip_grad,
-        "compile": args.compile,
         "steps": args.steps,
         "warmup": args.warmup,
     }
@@ -276,6 +274,11 @@ def main(argv=None):
     except Exception:
         pass
     print(json.dumps(result), flush=True)
+    if code:
+        # Skip interpreter teardown: after a failure, worker threads (e.g. a busy CUDA or compile
+        # worker) can keep a normal exit waiting forever.
+        sys.stderr.flush()
+        os._exit(code)
     return code
 
 
