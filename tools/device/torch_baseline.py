@@ -82,7 +82,7 @@ def random_boxes(torch, gen, n, size):
     return torch.stack([y0, x0, y0 + hw[:, 0], x0 + hw[:, 1]], dim=1)
 
 
-def make_targets(torch, effdet, bench, args, device):
+def make_targets(torch, bench, args, device):
     gen = torch.Generator().manual_seed(args.seed)
     b, n, s = args.batch_size, min(args.boxes, MAX_INSTANCES), args.image_size
     boxes = [random_boxes(torch, gen, n, s) for _ in range(b)]
@@ -161,7 +161,7 @@ def run(args, result):
         args.batch_size, 3, args.image_size, args.image_size,
         generator=torch.Generator().manual_seed(args.seed + 1),
     ).to(device).contiguous(memory_format=memory_format)
-    target = make_targets(torch, effdet, bench, args, device)
+    target = make_targets(torch, bench, args, device)
 
     optimizer = torch.optim.SGD(bench.parameters(), lr=args.lr, momentum=0.9,
                                 weight_decay=args.weight_decay)
