@@ -7,11 +7,12 @@
 #   (c) bench-train fed by the real pipeline (all CPU cores) with its data-wait share;
 #   (d) the input pipeline alone on all cores;
 #   (e) PyTorch effdet tf_efficientdet_d0 training step, same batch sizes, AMP and fp32.
-# Writes logs and summary.json under $OUT and prints a table last. Each step has a timeout so
-# the whole script ends well inside 10 minutes.
+# Writes summary.json and results.tgz (every JSON line and log) under $OUT and prints a table
+# last. Each step has a timeout so the whole script ends well inside 10 minutes.
 set -uo pipefail
-OUT=${OUT:-/tmp/effdet_out}
-mkdir -p "$OUT"
+FINAL=${OUT:-/tmp/effdet_out}
+OUT=/tmp/effdet_work
+rm -rf "$OUT"; mkdir -p "$OUT" "$FINAL"
 DEV=target/device
 BIN=/tmp/effdet
 START=$(date +%s)
@@ -43,7 +44,7 @@ DATA="$DEV/data/train-*.tfrecord"
 run() { # name timeout cmd...
   local name=$1 t=$2; shift 2
   log "$name: $*"
-  timeout "$t" "$@" > "$OUT/$name.json" 2> "$OUT/$name.err"
+  timeout -k 5 "$t" "$@" > "$OUT/$name.json" 2> "$OUT/$name.err"
   local rc=$?
   tail -c 600 "$OUT/$name.err" | grep -v "^\s*$" | tail -3
   cat "$OUT/$name.json"
@@ -115,4 +116,6 @@ if isinstance(c, dict) and "checks" in c:
     for ch in c["checks"]:
         print("  %-45s out %.2e grad %.2e %s" % (ch["name"], ch["output"], ch["gradients"], "ok" if ch["pass"] else "FAIL " + str(ch.get("worst"))))
 PY
+cp "$OUT/summary.json" "$FINAL/summary.json"
+tar czf "$FINAL/results.tgz" -C "$OUT" .
 log "done"

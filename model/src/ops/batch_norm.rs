@@ -417,7 +417,7 @@ impl CustomOp3 for BnEval {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda::{self, PushKernelArg};
+        use super::cuda;
         use candle_core::backend::BackendStorage;
         let dev = s1.device();
         let mean = cuda::to_device(dev, &self.saved.mean)?;

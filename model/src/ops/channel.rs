@@ -201,7 +201,7 @@ impl CustomOp1 for ColumnSum {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda::{self, PushKernelArg};
+        use super::cuda;
         use candle_core::backend::BackendStorage;
         let dev = s.device();
         let x = cuda::f32_view(self.name(), s, l)?;
@@ -339,7 +339,7 @@ impl CustomOp1 for SpatialMean {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda::{self, PushKernelArg};
+        use super::cuda;
         use candle_core::backend::BackendStorage;
         let d = l.dims();
         let (b, hw, c) = (d[0], d[1] * d[2], d[3]);
