@@ -33,6 +33,8 @@ pub fn focal_loss_sum(logits: &Tensor, targets: &Tensor, params: FocalParams) ->
     }
     let targets = match targets.dtype() {
         DType::I64 => targets.clone(),
+        // The CUDA kernels read i32 ids directly (candle's CUDA backend has no i32 casts).
+        DType::I32 if !targets.device().is_cpu() => targets.clone(),
         DType::I32 | DType::I16 | DType::U32 | DType::U8 => targets.to_dtype(DType::I64)?,
         d => candle_core::bail!("focal_loss: targets must be integer class ids, got {d:?}"),
     };
@@ -201,15 +203,26 @@ impl CustomOp2 for Focal {
         use candle_core::backend::BackendStorage;
         let dev = s1.device();
         let x = cuda::f32_view(self.name(), s1, l1)?;
-        let ids = cuda::view::<i64>(self.name(), s2, l2)?;
         let n = l1.shape().elem_count();
         let sum = cuda::zeros::<f64>(dev, 1)?;
         let bad = cuda::zeros::<i32>(dev, 1)?;
-        let k = cuda::Kernel::new(dev, "focal_loss")?;
         let (n64, k32) = (n as i64, cuda::int(self.name(), self.num_classes)?);
         let (alpha, gamma, smoothing) = (self.p.alpha, self.p.gamma, self.p.label_smoothing);
-        let mut b = k.builder();
-        b.arg(&x).arg(&ids).arg(&sum).arg(&bad).arg(&n64).arg(&k32);
+        let (k, ids32, ids64);
+        let mut b = if s2.dtype() == DType::I32 {
+            k = cuda::Kernel::new(dev, "focal_loss_i32")?;
+            ids32 = cuda::view::<i32>(self.name(), s2, l2)?;
+            let mut b = k.builder();
+            b.arg(&x).arg(&ids32);
+            b
+        } else {
+            k = cuda::Kernel::new(dev, "focal_loss_i64")?;
+            ids64 = cuda::view::<i64>(self.name(), s2, l2)?;
+            let mut b = k.builder();
+            b.arg(&x).arg(&ids64);
+            b
+        };
+        b.arg(&sum).arg(&bad).arg(&n64).arg(&k32);
         b.arg(&alpha).arg(&gamma).arg(&smoothing);
         cuda::launch(b, cuda::elementwise(n))?;
         self.check_ids(dev, &bad)?;

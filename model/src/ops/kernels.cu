@@ -347,48 +347,52 @@ __device__ __forceinline__ int focal_status(i64 id, int k, int K) {
     return -2;
 }
 
-// out[0] += Σ loss (f64, zeroed); bad[0] = 1 on an invalid class id.
-extern "C" __global__ void focal_loss(const float* __restrict__ x, const i64* __restrict__ ids,
-                                      double* __restrict__ out, int* __restrict__ bad, i64 n, int K,
-                                      double alpha, double gamma, double smoothing) {
-    __shared__ double sh[256];
-    double acc = 0.0;
-    GRID_STRIDE(i, n) {
-        int st = focal_status(ids[i / K], (int)(i % K), K);
-        if (st == -2) {
-            bad[0] = 1;
-        } else if (st >= 0) {
-            double l, d;
-            focal_entry((double)x[i], st == 1, alpha, gamma, smoothing, &l, &d);
-            acc += l;
-        }
+// Class ids arrive as i32 (the pipeline's) or i64; candle's CUDA backend casts neither.
+#define FOCAL_KERNELS(ID_T, SUFFIX)                                                              \
+    /* out[0] += Σ loss (f64, zeroed); bad[0] = 1 on an invalid class id. */                  \
+    extern "C" __global__ void focal_loss_##SUFFIX(                                             \
+        const float* __restrict__ x, const ID_T* __restrict__ ids, double* __restrict__ out,    \
+        int* __restrict__ bad, i64 n, int K, double alpha, double gamma, double smoothing) {    \
+        __shared__ double sh[256];                                                              \
+        double acc = 0.0;                                                                       \
+        GRID_STRIDE(i, n) {                                                                     \
+            int st = focal_status((i64)ids[i / K], (int)(i % K), K);                            \
+            if (st == -2) {                                                                     \
+                bad[0] = 1;                                                                     \
+            } else if (st >= 0) {                                                               \
+                double l, d;                                                                    \
+                focal_entry((double)x[i], st == 1, alpha, gamma, smoothing, &l, &d);            \
+                acc += l;                                                                       \
+            }                                                                                   \
+        }                                                                                       \
+        sh[threadIdx.x] = acc;                                                                  \
+        __syncthreads();                                                                        \
+        for (int s = blockDim.x / 2; s > 0; s >>= 1) {                                          \
+            if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];                        \
+            __syncthreads();                                                                    \
+        }                                                                                       \
+        if (threadIdx.x == 0) atomicAdd(out, sh[0]);                                            \
+    }                                                                                           \
+    /* d = scale[0] · dloss/dx (0 for ignored anchors); bad[0] = 1 on an invalid id. */        \
+    extern "C" __global__ void focal_grad_##SUFFIX(                                             \
+        const float* __restrict__ x, const ID_T* __restrict__ ids,                              \
+        const double* __restrict__ scale, float* __restrict__ d, int* __restrict__ bad, i64 n,  \
+        int K, double alpha, double gamma, double smoothing) {                                  \
+        double s = scale[0];                                                                    \
+        GRID_STRIDE(i, n) {                                                                     \
+            int st = focal_status((i64)ids[i / K], (int)(i % K), K);                            \
+            if (st == -2) {                                                                     \
+                bad[0] = 1;                                                                     \
+                d[i] = 0.0f;                                                                    \
+            } else if (st < 0) {                                                                \
+                d[i] = 0.0f;                                                                    \
+            } else {                                                                            \
+                double l, dl;                                                                   \
+                focal_entry((double)x[i], st == 1, alpha, gamma, smoothing, &l, &dl);           \
+                d[i] = (float)(s * dl);                                                         \
+            }                                                                                   \
+        }                                                                                       \
     }
-    sh[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) atomicAdd(out, sh[0]);
-}
 
-// d = scale[0] · dloss/dx (0 for ignored anchors); bad[0] = 1 on an invalid class id.
-extern "C" __global__ void focal_grad(const float* __restrict__ x, const i64* __restrict__ ids,
-                                      const double* __restrict__ scale, float* __restrict__ d,
-                                      int* __restrict__ bad, i64 n, int K, double alpha,
-                                      double gamma, double smoothing) {
-    double s = scale[0];
-    GRID_STRIDE(i, n) {
-        int st = focal_status(ids[i / K], (int)(i % K), K);
-        if (st == -2) {
-            bad[0] = 1;
-            d[i] = 0.0f;
-        } else if (st < 0) {
-            d[i] = 0.0f;
-        } else {
-            double l, dl;
-            focal_entry((double)x[i], st == 1, alpha, gamma, smoothing, &l, &dl);
-            d[i] = (float)(s * dl);
-        }
-    }
-}
+FOCAL_KERNELS(int, i32)
+FOCAL_KERNELS(i64, i64)
