@@ -3,8 +3,8 @@
 
 use crate::config::{Config, WeightMethod};
 use crate::layers::{BatchNorm, Conv1x1, SeparableConv};
-use crate::precision::Precision;
 use crate::ops::{self, Activation};
+use crate::precision::Precision;
 use crate::vars::{Init, ModelVars};
 use candle_core::{Result, Tensor};
 

@@ -3,8 +3,8 @@
 
 use crate::config::BackboneConfig;
 use crate::layers::{BatchNorm, Conv1x1, StemConv};
-use crate::precision::Precision;
 use crate::ops::{self, Activation};
+use crate::precision::Precision;
 use crate::vars::{Init, ModelVars};
 use candle_core::{Result, Tensor};
 

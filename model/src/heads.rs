@@ -72,7 +72,11 @@ impl HeadNet {
 
     /// Compute precision of the pointwise products of every separable convolution.
     pub fn set_precision(&mut self, precision: Precision) {
-        for c in self.convs.iter_mut().chain(std::iter::once(&mut self.predict)) {
+        for c in self
+            .convs
+            .iter_mut()
+            .chain(std::iter::once(&mut self.predict))
+        {
             c.set_precision(precision);
         }
     }

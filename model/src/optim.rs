@@ -152,10 +152,16 @@ impl TryFrom<ScalerState> for DynamicLossScaler {
 
     fn try_from(s: ScalerState) -> std::result::Result<Self, String> {
         if !s.scale.is_finite() || s.scale < Self::MIN_SCALE {
-            return Err(format!("loss scale must be a finite number >= 1, got {}", s.scale));
+            return Err(format!(
+                "loss scale must be a finite number >= 1, got {}",
+                s.scale
+            ));
         }
         if !s.enabled && s.scale != 1.0 {
-            return Err(format!("a disabled loss scaler has scale 1, got {}", s.scale));
+            return Err(format!(
+                "a disabled loss scaler has scale 1, got {}",
+                s.scale
+            ));
         }
         if s.growth_interval == 0 {
             return Err("loss-scale growth interval must be at least 1".into());
