@@ -261,7 +261,8 @@ impl DynamicLossScaler {
         let mut probes = Vec::with_capacity(grads.len());
         for g in grads.iter_mut() {
             *g = g.affine(inv, 0.0)?;
-            probes.push((&*g - &*g)?.sum_all()?.to_dtype(DType::F32)?);
+            // g − g: 0 for finite entries, NaN for inf and NaN.
+            probes.push(g.sub(g)?.sum_all()?.to_dtype(DType::F32)?);
         }
         let total = Tensor::stack(&probes, 0)?.sum_all()?.to_scalar::<f32>()?;
         Ok(total.is_finite())
