@@ -1,6 +1,7 @@
 //! Building blocks shared by backbone, BiFPN and heads, all on NHWC tensors: 1×1 convolution as
 //! a matrix product, depthwise-separable convolution, batch norm with running statistics, and
-//! the backbone stem convolution.
+//! the backbone stem convolution. The 1×1 and stem products follow the layer's
+//! [`Precision`] (see [`crate::precision`]); everything else here is f32.
 
 use crate::ops::{self, Activation};
 use crate::precision::Precision;

@@ -8,6 +8,15 @@
 //!
 //! fp16 gradients can overflow or underflow; pair [`Precision::F16`] with
 //! [`crate::optim::DynamicLossScaler`]. bf16 has f32's exponent range and needs no scaling.
+//!
+//! The policy is set per network with [`crate::EfficientDet::new_with_precision`] or
+//! [`crate::EfficientDet::set_precision`] and stored in the layers that own a product
+//! ([`crate::layers::Conv1x1`], [`crate::layers::StemConv`]). candle's CPU backend has fp16
+//! and bf16 matmul and fp16 convolution but no bf16 convolution; on the CPU that one case is
+//! emulated ([`Precision::autocast_conv`]).
+//!
+//! The weights are cast on every forward (PyTorch caches the casts within an autocast
+//! region); the cost is one elementwise pass over each weight, small next to the products.
 
 use candle_core::{DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
