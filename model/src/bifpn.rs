@@ -4,6 +4,7 @@
 use crate::config::{Config, WeightMethod};
 use crate::layers::{BatchNorm, Conv1x1, SeparableConv};
 use crate::ops::{self, Activation};
+use crate::precision::Precision;
 use crate::vars::{Init, ModelVars};
 use candle_core::{Result, Tensor};
 
@@ -79,6 +80,12 @@ impl Resample {
             None
         };
         Ok(Resample { conv })
+    }
+
+    fn set_precision(&mut self, p: Precision) {
+        if let Some((conv, _)) = &mut self.conv {
+            conv.set_precision(p);
+        }
     }
 
     fn channels(&self, x: &Tensor, train: bool) -> Result<Tensor> {
@@ -215,6 +222,20 @@ impl BiFpn {
             min_level: f.min_level,
             max_level: f.max_level,
         })
+    }
+
+    /// Compute precision of every 1×1 resample convolution and every pointwise product of
+    /// the node convolutions; fusion, pooling, upsampling and batch norms stay f32.
+    pub fn set_precision(&mut self, precision: Precision) {
+        for r in &mut self.extra {
+            r.set_precision(precision);
+        }
+        for node in self.cells.iter_mut().flat_map(|c| c.nodes.iter_mut()) {
+            for r in &mut node.resample {
+                r.set_precision(precision);
+            }
+            node.conv.set_precision(precision);
+        }
     }
 
     /// [P3, P4, P5] from the backbone → the BiFPN outputs for levels min..=max.

@@ -4,6 +4,7 @@ use crate::bifpn::BiFpn;
 use crate::config::Config;
 use crate::efficientnet::{feature_channels, EfficientNet};
 use crate::heads::{class_prior_bias, HeadNet};
+use crate::precision::Precision;
 use crate::vars::ModelVars;
 use candle_core::{DType, Result, Tensor};
 
@@ -14,6 +15,7 @@ pub struct EfficientDet {
     fpn: BiFpn,
     class_net: HeadNet,
     box_net: HeadNet,
+    precision: Precision,
     num_params: usize,
     num_stats: usize,
 }
@@ -42,9 +44,37 @@ impl EfficientDet {
             fpn,
             class_net,
             box_net,
+            precision: Precision::F32,
             num_params: vars.num_trainable() - p0,
             num_stats: vars.num_stats() - s0,
         })
+    }
+
+    /// [`Self::new`] with the matrix products and convolutions autocast to `precision` (see
+    /// [`crate::precision`]); `Precision::F32` is exactly [`Self::new`].
+    pub fn new_with_precision(
+        cfg: &Config,
+        vars: &ModelVars,
+        precision: Precision,
+    ) -> Result<Self> {
+        let mut model = Self::new(cfg, vars)?;
+        model.set_precision(precision);
+        Ok(model)
+    }
+
+    /// Compute precision of the matrix products and convolutions.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Switches the compute precision (e.g. to evaluate in f32 a model trained in fp16); the
+    /// variables are untouched, they are f32 in every precision.
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.backbone.set_precision(precision);
+        self.fpn.set_precision(precision);
+        self.class_net.set_precision(precision);
+        self.box_net.set_precision(precision);
+        self.precision = precision;
     }
 
     /// The configuration the network was built from.

@@ -4,6 +4,7 @@
 use crate::config::BackboneConfig;
 use crate::layers::{BatchNorm, Conv1x1, StemConv};
 use crate::ops::{self, Activation};
+use crate::precision::Precision;
 use crate::vars::{Init, ModelVars};
 use candle_core::{Result, Tensor};
 
@@ -178,6 +179,15 @@ impl MbConv {
         })
     }
 
+    fn set_precision(&mut self, p: Precision) {
+        if let Some((conv, _)) = &mut self.expand {
+            conv.set_precision(p);
+        }
+        self.se.reduce.set_precision(p);
+        self.se.expand.set_precision(p);
+        self.project.set_precision(p);
+    }
+
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut h = x.clone();
         if let Some((conv, bn)) = &self.expand {
@@ -251,6 +261,15 @@ impl EfficientNet {
             blocks,
             taps: [ends[2], ends[4], ends[6]],
         })
+    }
+
+    /// Compute precision of the stem convolution and every 1×1 product (expansion,
+    /// squeeze-excitation, projection); depthwise convolutions and batch norms stay f32.
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.stem.set_precision(precision);
+        for b in &mut self.blocks {
+            b.set_precision(precision);
+        }
     }
 
     /// `images` `[B, 3, H, W]` → [P3, P4, P5], each `[B, h, w, C]`.

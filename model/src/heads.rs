@@ -5,6 +5,7 @@
 use crate::config::Config;
 use crate::layers::{BatchNorm, SeparableConv};
 use crate::ops::Activation;
+use crate::precision::Precision;
 use crate::vars::{Init, ModelVars};
 use candle_core::{Result, Tensor};
 
@@ -67,6 +68,17 @@ impl HeadNet {
             bns,
             predict,
         })
+    }
+
+    /// Compute precision of the pointwise products of every separable convolution.
+    pub fn set_precision(&mut self, precision: Precision) {
+        for c in self
+            .convs
+            .iter_mut()
+            .chain(std::iter::once(&mut self.predict))
+        {
+            c.set_precision(precision);
+        }
     }
 
     /// One output per level of `feats`.

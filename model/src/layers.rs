@@ -1,15 +1,19 @@
 //! Building blocks shared by backbone, BiFPN and heads, all on NHWC tensors: 1×1 convolution as
 //! a matrix product, depthwise-separable convolution, batch norm with running statistics, and
-//! the backbone stem convolution.
+//! the backbone stem convolution. The 1×1 and stem products follow the layer's
+//! [`Precision`] (see [`crate::precision`]); everything else here is f32.
 
 use crate::ops::{self, Activation};
+use crate::precision::Precision;
 use crate::vars::{Init, ModelVars};
 use candle_core::{Result, Tensor, Var};
 
-/// 1×1 convolution, kernel `[C_in, C_out]` (name `<prefix>.weight`), optional bias.
+/// 1×1 convolution, kernel `[C_in, C_out]` (name `<prefix>.weight`), optional bias. The
+/// product runs under autocast at [`Conv1x1::precision`]; the bias is added in f32.
 pub struct Conv1x1 {
     pub(crate) weight: Tensor,
     bias: Option<Tensor>,
+    precision: Precision,
 }
 
 impl Conv1x1 {
@@ -28,7 +32,21 @@ impl Conv1x1 {
         } else {
             None
         };
-        Ok(Conv1x1 { weight, bias })
+        Ok(Conv1x1 {
+            weight,
+            bias,
+            precision: Precision::F32,
+        })
+    }
+
+    /// Compute precision of the matrix product (F32 after [`Conv1x1::new`]).
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Sets the compute precision of the matrix product; the weight stays f32.
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
     }
 
     /// `x` `[..., C_in]` → `[..., C_out]`.
@@ -36,7 +54,9 @@ impl Conv1x1 {
         let dims = x.dims().to_vec();
         let cin = dims[dims.len() - 1];
         let rows = x.elem_count() / cin.max(1);
-        let y = x.reshape((rows, cin))?.matmul(&self.weight)?;
+        let y = self
+            .precision
+            .autocast2(&x.reshape((rows, cin))?, &self.weight, |a, w| a.matmul(w))?;
         let y = match &self.bias {
             Some(b) => ops::add_channel_bias(&y, b)?,
             None => y,
@@ -76,8 +96,15 @@ impl SeparableConv {
             pw: Conv1x1 {
                 weight: pw_weight,
                 bias: Some(bias),
+                precision: Precision::F32,
             },
         })
+    }
+
+    /// Sets the compute precision of the pointwise product (the depthwise part is an f32
+    /// custom op and stays f32).
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.pw.set_precision(precision);
     }
 
     /// `x` `[B, H, W, C]` → `[B, H, W, C_out]` (stride 1, "same").
@@ -164,9 +191,11 @@ impl BatchNorm {
 }
 
 /// The backbone stem: 3×3 stride-2 convolution, TF "same" padding, no bias, on NCHW images;
-/// returns NHWC. Kernel `<prefix>.weight` is stored `[C_out, 3, 3, 3]` (candle's OIHW).
+/// returns NHWC. Kernel `<prefix>.weight` is stored `[C_out, 3, 3, 3]` (candle's OIHW). The
+/// convolution runs under autocast at [`StemConv::precision`].
 pub struct StemConv {
     pub(crate) weight: Tensor,
+    precision: Precision,
 }
 
 impl StemConv {
@@ -177,7 +206,20 @@ impl StemConv {
             &[cout, 3, 3, 3],
             Init::efficientnet_conv(9 * cout),
         )?;
-        Ok(StemConv { weight })
+        Ok(StemConv {
+            weight,
+            precision: Precision::F32,
+        })
+    }
+
+    /// Compute precision of the convolution (F32 after [`StemConv::new`]).
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Sets the compute precision of the convolution; the weight stays f32.
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
     }
 
     /// `images` `[B, 3, H, W]` → `[B, ceil(H/2), ceil(W/2), C_out]`.
@@ -188,7 +230,8 @@ impl StemConv {
         let x = images
             .pad_with_zeros(2, pt, pb)?
             .pad_with_zeros(3, pl, pr)?;
-        x.conv2d(&self.weight, 0, 2, 1, 1)?
+        self.precision
+            .autocast_conv(&x, &self.weight, |x, w| x.conv2d(w, 0, 2, 1, 1))?
             .permute((0, 2, 3, 1))?
             .contiguous()
     }
@@ -208,6 +251,7 @@ mod tests {
         let conv = Conv1x1 {
             weight: w,
             bias: conv.bias.map(|b| (b + 1.0).unwrap()),
+            precision: Precision::F32,
         };
         let x = Tensor::new(&[1f32, -1.], &Device::Cpu)?.reshape((1, 1, 1, 2))?;
         let y = conv.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
@@ -221,7 +265,10 @@ mod tests {
         // columns 0..3, output (last) covers the last two rows/columns plus one zero row.
         let img = rand_tensor(&[1, 3, 6, 4], 81)?;
         let w = rand_tensor(&[2, 3, 3, 3], 82)?;
-        let stem = StemConv { weight: w.clone() };
+        let stem = StemConv {
+            weight: w.clone(),
+            precision: Precision::F32,
+        };
         let y = stem.forward(&img)?; // [1, 3, 2, 2]
         assert_eq!(y.dims(), &[1, 3, 2, 2]);
         let iv = img.flatten_all()?.to_vec1::<f64>()?;
@@ -251,6 +298,7 @@ mod tests {
             |v| {
                 StemConv {
                     weight: v[1].clone(),
+                    precision: Precision::F32,
                 }
                 .forward(&v[0])
             },

@@ -42,6 +42,9 @@
 //!   octave-major then aspect ratio, matching the pipeline's `[B, h, w, 9]` targets.
 //! - [`loss::detection_loss`] → [`loss::LossParts`] `{ total, cls, box_loss, reg }`, exactly
 //!   automl's focal + Huber + L2 (see the module doc).
+//! - [`Precision`] / [`EfficientDet::new_with_precision`]: mixed precision (fp16/bf16
+//!   products and convolutions, f32 everything else and f32 master weights), with
+//!   [`DynamicLossScaler`] for fp16 (see [`precision`]).
 
 pub mod bifpn;
 pub mod config;
@@ -53,7 +56,10 @@ pub mod loss;
 pub mod ops;
 pub mod optim;
 pub mod postprocess;
+pub mod precision;
 pub mod vars;
 
 pub use efficientdet::{feature_sizes, EfficientDet};
+pub use optim::DynamicLossScaler;
+pub use precision::Precision;
 pub use vars::{Init, ModelVars};

@@ -4,10 +4,14 @@
 //! (`accum = m·accum + g; w −= lr·accum`), and the exponential moving average of the weights
 //! and batch-norm statistics with TF's `num_updates` ramp (`decay = min(d, (1+n)/(10+n))`).
 //! Weight decay is not here: automl adds it to the loss as an L2 term (see [`crate::loss`]).
+//! [`DynamicLossScaler`] is the loss scaling that fp16 mixed precision needs (not in automl,
+//! which trains in f32 or bf16; it follows PyTorch's `GradScaler`).
 
-use candle_core::{Result, Tensor, Var};
+use candle_core::{DType, Result, Tensor, Var};
+use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
+use crate::precision::Precision;
 
 /// automl's cosine schedule: from `warmup_init` rising linearly to `peak` over `warmup_steps`,
 /// then `0.5·peak·(1 + cos(π·step / (total_steps − warmup_steps)))`. As in automl the cosine
@@ -90,6 +94,200 @@ pub fn clip_gradients(grads: &mut [Tensor], clip: f64) -> Result<f64> {
         return Ok(clip);
     }
     Ok(global)
+}
+
+/// Dynamic loss scaling for fp16 training (PyTorch `GradScaler` semantics).
+///
+/// fp16 flushes values below ~6e-8 to zero, which loses most of a detector's small
+/// gradients; multiplying the loss by a large `scale` before `backward` shifts the gradients
+/// into fp16's range, and dividing the f32 gradients by the same factor afterwards restores
+/// them. Too large a scale overflows instead, so the scale adapts:
+///
+/// - it starts at 2^15 ([`Self::INIT_SCALE`]);
+/// - a step with any non-finite gradient (inf or NaN) is skipped (no optimizer update) and the
+///   scale is halved, but never below 1 ([`Self::MIN_SCALE`]);
+/// - after `growth_interval` consecutive finite steps (2000 by default) the scale doubles.
+///
+/// The scale stays a power of two, so scaling and unscaling are exact in floating point.
+/// A disabled scaler ([`Self::disabled`], what [`Self::for_precision`] gives for fp32 and
+/// bf16) has scale 1, never touches the gradients and never skips.
+///
+/// Per step:
+///
+/// ```no_run
+/// # use candle_core::{Result, Tensor};
+/// # use effdet_model::{DynamicLossScaler, Precision};
+/// # fn step(loss: &Tensor, params: &[candle_core::Var]) -> Result<()> {
+/// let mut scaler = DynamicLossScaler::for_precision(Precision::F16);
+/// let grads = scaler.scale_loss(loss)?.backward()?;
+/// let mut gs: Vec<Tensor> = params.iter().filter_map(|v| grads.get(v).map(|g| g.detach())).collect();
+/// let finite = scaler.unscale_and_check(&mut gs)?; // gs are now true gradients
+/// scaler.update(finite);
+/// if finite { /* clip, optimizer step with gs */ } // else: skip this step
+/// # Ok(()) }
+/// ```
+///
+/// The state (scale, count of good steps, interval, enabled) is serde-serializable so a
+/// checkpoint can carry it across a resume; deserializing rejects a scale that is not a
+/// finite number ≥ 1 (or ≠ 1 when disabled) and a zero growth interval.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "ScalerState")]
+pub struct DynamicLossScaler {
+    scale: f64,
+    good_steps: u64,
+    growth_interval: u64,
+    enabled: bool,
+}
+
+/// Unchecked serialized form of [`DynamicLossScaler`].
+#[derive(Deserialize)]
+struct ScalerState {
+    scale: f64,
+    good_steps: u64,
+    growth_interval: u64,
+    enabled: bool,
+}
+
+impl TryFrom<ScalerState> for DynamicLossScaler {
+    type Error = String;
+
+    fn try_from(s: ScalerState) -> std::result::Result<Self, String> {
+        if !s.scale.is_finite() || s.scale < Self::MIN_SCALE {
+            return Err(format!(
+                "loss scale must be a finite number >= 1, got {}",
+                s.scale
+            ));
+        }
+        if !s.enabled && s.scale != 1.0 {
+            return Err(format!(
+                "a disabled loss scaler has scale 1, got {}",
+                s.scale
+            ));
+        }
+        if s.growth_interval == 0 {
+            return Err("loss-scale growth interval must be at least 1".into());
+        }
+        Ok(DynamicLossScaler {
+            scale: s.scale,
+            good_steps: s.good_steps,
+            growth_interval: s.growth_interval,
+            enabled: s.enabled,
+        })
+    }
+}
+
+impl Default for DynamicLossScaler {
+    /// Enabled, scale 2^15, growth interval 2000.
+    fn default() -> Self {
+        DynamicLossScaler::new(Self::DEFAULT_GROWTH_INTERVAL)
+    }
+}
+
+impl DynamicLossScaler {
+    /// Initial scale of an enabled scaler, 2^15.
+    pub const INIT_SCALE: f64 = 32768.0;
+    /// The scale never drops below this.
+    pub const MIN_SCALE: f64 = 1.0;
+    /// Consecutive finite steps before the scale doubles.
+    pub const DEFAULT_GROWTH_INTERVAL: u64 = 2000;
+
+    /// An enabled scaler at 2^15 that doubles after `growth_interval` finite steps
+    /// (0 is taken as 1: grow after every finite step).
+    pub fn new(growth_interval: u64) -> Self {
+        DynamicLossScaler {
+            scale: Self::INIT_SCALE,
+            good_steps: 0,
+            growth_interval: growth_interval.max(1),
+            enabled: true,
+        }
+    }
+
+    /// Scale 1, gradients untouched, no step ever skipped.
+    pub fn disabled() -> Self {
+        DynamicLossScaler {
+            scale: 1.0,
+            good_steps: 0,
+            growth_interval: Self::DEFAULT_GROWTH_INTERVAL,
+            enabled: false,
+        }
+    }
+
+    /// Enabled with the defaults for fp16, disabled for fp32 and bf16.
+    pub fn for_precision(precision: Precision) -> Self {
+        if precision.needs_loss_scaling() {
+            Self::default()
+        } else {
+            Self::disabled()
+        }
+    }
+
+    /// Whether scaling is active.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// The current loss multiplier (1 when disabled).
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+
+    /// Consecutive finite steps since the last change of scale.
+    pub fn good_steps(&self) -> u64 {
+        self.good_steps
+    }
+
+    /// Finite steps needed for the scale to double.
+    pub fn growth_interval(&self) -> u64 {
+        self.growth_interval
+    }
+
+    /// `loss · scale`, the tensor to call `backward` on (the loss itself when disabled).
+    pub fn scale_loss(&self, loss: &Tensor) -> Result<Tensor> {
+        if !self.enabled {
+            return Ok(loss.clone());
+        }
+        loss.affine(self.scale, 0.0)
+    }
+
+    /// Divides every gradient by the scale and reports whether all of them are finite. The
+    /// check costs one device→host read in all: each gradient contributes `sum(g − g)`, which
+    /// is exactly 0 when `g` is finite and NaN when it holds an inf or a NaN (a plain sum
+    /// could overflow on finite values), and the per-gradient results are stacked and read
+    /// once. Disabled: no work, always `true`.
+    pub fn unscale_and_check(&self, grads: &mut [Tensor]) -> Result<bool> {
+        if !self.enabled || grads.is_empty() {
+            return Ok(true);
+        }
+        let inv = 1.0 / self.scale;
+        let mut probes = Vec::with_capacity(grads.len());
+        for g in grads.iter_mut() {
+            *g = g.affine(inv, 0.0)?;
+            // g − g: 0 for finite entries, NaN for inf and NaN.
+            probes.push(g.sub(g)?.sum_all()?.to_dtype(DType::F32)?);
+        }
+        let total = Tensor::stack(&probes, 0)?.sum_all()?.to_scalar::<f32>()?;
+        Ok(total.is_finite())
+    }
+
+    /// Advances the schedule after a step whose gradients were `finite` (the result of
+    /// [`Self::unscale_and_check`]): non-finite halves the scale (not below 1) and restarts
+    /// the count; the `growth_interval`-th finite step in a row doubles it. No-op when
+    /// disabled.
+    pub fn update(&mut self, finite: bool) {
+        if !self.enabled {
+            return;
+        }
+        if finite {
+            self.good_steps += 1;
+            if self.good_steps >= self.growth_interval {
+                self.scale *= 2.0;
+                self.good_steps = 0;
+            }
+        } else {
+            self.scale = (self.scale * 0.5).max(Self::MIN_SCALE);
+            self.good_steps = 0;
+        }
+    }
 }
 
 /// SGD with momentum over a fixed list of variables (TF1 `MomentumOptimizer`).
@@ -316,6 +514,96 @@ mod tests {
         sgd.step(&[None], 0.5)?;
         close(v.to_vec1::<f32>()?[0] as f64, -1.1);
         Ok(())
+    }
+
+    #[test]
+    fn loss_scaler_halves_and_skips_on_overflow() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut s = DynamicLossScaler::new(3);
+        assert_eq!(s.scale(), 32768.0);
+        for bad in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN] {
+            let mut g = vec![
+                Tensor::new(&[1f32, 2.], &dev)?,
+                Tensor::new(&[[0f32, bad], [3., 4.]], &dev)?,
+            ];
+            let before = s.scale();
+            let finite = s.unscale_and_check(&mut g)?;
+            assert!(!finite, "{bad} not detected");
+            s.update(finite);
+            assert_eq!(s.scale(), before / 2.0);
+            assert_eq!(s.good_steps(), 0);
+        }
+        // Huge but finite values must not read as overflow (a plain sum would overflow).
+        let mut g = vec![Tensor::new(&[f32::MAX, f32::MAX, -f32::MAX], &dev)?];
+        let mut big = DynamicLossScaler::new(3);
+        big.scale = DynamicLossScaler::MIN_SCALE;
+        assert!(big.unscale_and_check(&mut g)?);
+        // The scale bottoms out at 1.
+        for _ in 0..40 {
+            s.update(false);
+        }
+        assert_eq!(s.scale(), 1.0);
+        Ok(())
+    }
+
+    #[test]
+    fn loss_scaler_grows_after_clean_steps_and_unscales_exactly() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut s = DynamicLossScaler::new(3);
+        // Values that are not powers of two, so an inexact division would show.
+        let raw = [0.1f32, -3.7, 1e-30, 12345.678];
+        for step in 1..=7u32 {
+            let scaled: Vec<f32> = raw.iter().map(|v| v * s.scale() as f32).collect();
+            let mut g = vec![Tensor::new(scaled.as_slice(), &dev)?];
+            let finite = s.unscale_and_check(&mut g)?;
+            assert!(finite);
+            assert_eq!(g[0].to_vec1::<f32>()?, raw.to_vec(), "step {step}");
+            s.update(finite);
+            let want = 32768.0 * 2f64.powi((step / 3) as i32);
+            assert_eq!(s.scale(), want, "step {step}");
+            assert_eq!(s.good_steps(), (step % 3) as u64);
+        }
+        // An overflow resets the count of clean steps.
+        s.update(true);
+        s.update(false);
+        assert_eq!((s.scale(), s.good_steps()), (65536.0, 0));
+        let loss = Tensor::new(3f32, &dev)?;
+        assert_eq!(s.scale_loss(&loss)?.to_scalar::<f32>()?, 3.0 * 65536.0);
+        Ok(())
+    }
+
+    #[test]
+    fn disabled_loss_scaler_is_transparent() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut s = DynamicLossScaler::for_precision(Precision::Bf16);
+        assert_eq!(s, DynamicLossScaler::for_precision(Precision::F32));
+        assert!(!s.is_enabled());
+        assert!(DynamicLossScaler::for_precision(Precision::F16).is_enabled());
+        let mut g = vec![Tensor::new(&[2f32, f32::NAN], &dev)?];
+        assert!(s.unscale_and_check(&mut g)?);
+        assert!(g[0].to_vec1::<f32>()?[1].is_nan());
+        s.update(false);
+        assert_eq!((s.scale(), s.good_steps()), (1.0, 0));
+        let loss = Tensor::new(3f32, &dev)?;
+        assert_eq!(s.scale_loss(&loss)?.to_scalar::<f32>()?, 3.0);
+        Ok(())
+    }
+
+    #[test]
+    fn loss_scaler_state_round_trips_and_is_validated() {
+        let mut s = DynamicLossScaler::new(5);
+        s.update(false);
+        s.update(true);
+        s.update(true);
+        let text = toml::to_string(&s).unwrap();
+        let back: DynamicLossScaler = toml::from_str(&text).unwrap();
+        assert_eq!(back, s);
+        assert_eq!((back.scale(), back.good_steps()), (16384.0, 2));
+        let bad = text.replace("16384.0", "0.5");
+        let err = toml::from_str::<DynamicLossScaler>(&bad).unwrap_err();
+        assert!(err.to_string().contains("finite number >= 1"), "{err}");
+        let bad = text.replace("growth_interval = 5", "growth_interval = 0");
+        assert!(toml::from_str::<DynamicLossScaler>(&bad).is_err());
     }
 
     #[test]
