@@ -10,6 +10,8 @@ use clap::ValueEnum;
 use effdet_pipeline::augment::Mode;
 use serde::Serialize;
 
+use effdet_model::Precision;
+
 use super::data::{peak_rss_mb, start_loader, DataArgs};
 use super::step::{BatchTensors, Trainer};
 use super::train::load_config;
@@ -41,7 +43,7 @@ pub struct Args {
     pub warmup: u64,
     /// fp32 (TF32 matrix math on a GPU unless --no-tf32), fp16 or bf16 mixed precision.
     #[arg(long, default_value = "fp32")]
-    pub precision: String,
+    pub precision: Precision,
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
     /// Full-precision f32 matrix products on the GPU.
@@ -59,7 +61,7 @@ pub struct Args {
 pub struct Report {
     pub device: DeviceArg,
     pub device_name: String,
-    pub precision: String,
+    pub precision: Precision,
     pub tf32: bool,
     pub batch_size: usize,
     pub image_size: u32,
@@ -73,6 +75,7 @@ pub struct Report {
     pub data_wait_share: f64,
     pub gpu_mem_mb: Option<f64>,
     pub peak_rss_mb: f64,
+    pub skipped_steps: u64,
     pub loss_first: f64,
     pub loss_last: f64,
     pub seconds: f64,
@@ -115,11 +118,6 @@ pub fn device_info(dev: &Device) -> (String, Option<f64>) {
 
 pub fn bench(a: &Args) -> anyhow::Result<Report> {
     anyhow::ensure!(
-        a.precision == "fp32",
-        "--precision {}: only fp32 is available in this build",
-        a.precision
-    );
-    anyhow::ensure!(
         a.steps > 0 && a.batch_size > 0,
         "--steps and --batch-size must be > 0"
     );
@@ -127,7 +125,7 @@ pub fn bench(a: &Args) -> anyhow::Result<Report> {
     let dev = device(a.device)?;
     let tf32 = dev.is_cuda() && !a.no_tf32;
     candle_core::cuda::set_gemm_reduced_precision_f32(tf32);
-    let mut trainer = Trainer::new(&cfg, &dev, a.data.seed)?;
+    let mut trainer = Trainer::new(&cfg, &dev, a.data.seed, a.precision)?;
 
     let mut lcfg = a.data.loader_config(Mode::Train, a.batch_size);
     lcfg.augment.jitter_min = cfg.input.jitter_min as f32;
@@ -149,6 +147,7 @@ pub fn bench(a: &Args) -> anyhow::Result<Report> {
     let (mut wait, mut compute) = (0.0f64, Vec::new());
     let (mut loss_first, mut loss_last) = (f64::NAN, f64::NAN);
     let mut peak_mem: Option<f64> = None;
+    let mut skipped_steps = 0;
     let mut t_timed = Instant::now();
     for i in 0..a.warmup + a.steps {
         if i == a.warmup {
@@ -175,6 +174,7 @@ pub fn bench(a: &Args) -> anyhow::Result<Report> {
                 loss_first = s.loss;
             }
             loss_last = s.loss;
+            skipped_steps += s.skipped as u64;
         }
         let (_, mem) = device_info(&dev);
         peak_mem = match (peak_mem, mem) {
@@ -188,7 +188,8 @@ pub fn bench(a: &Args) -> anyhow::Result<Report> {
     Ok(Report {
         device: a.device,
         device_name: name,
-        precision: a.precision.clone(),
+        precision: a.precision,
+        skipped_steps,
         tf32,
         batch_size: a.batch_size,
         image_size: a.data.image_size,

@@ -215,7 +215,7 @@ fn model_check(a: &Args, gpu: &Device) -> anyhow::Result<Check> {
     let mut grads = Vec::new();
     let mut names = Vec::new();
     for dev in [Device::Cpu, gpu.clone()] {
-        let trainer = Trainer::new(&cfg, &dev, a.data.seed)?;
+        let trainer = Trainer::new(&cfg, &dev, a.data.seed, effdet_model::Precision::F32)?;
         let t = BatchTensors::from_batch(&b, &dev)?;
         let parts = trainer.loss(&t)?;
         losses.push(parts.total.clone());

@@ -176,6 +176,8 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     data.seed = a.seed;
     let train_args = super::train::Args {
         config: "efficientdet-d0".into(),
+        precision: effdet_model::Precision::F32,
+        device: super::bench_train::DeviceArg::Cpu,
         data,
         out: run_dir.clone(),
         resume: false,

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use effdet_model::config::Config;
 use effdet_model::loss::detection_loss;
 use effdet_model::optim::{clip_gradients, Ema, Sgd};
-use effdet_model::{EfficientDet, ModelVars};
+use effdet_model::{DynamicLossScaler, EfficientDet, ModelVars, Precision};
 use effdet_pipeline::loader::Batch;
 
 /// Model, optimizer state and EMA of one training run.
@@ -17,6 +17,8 @@ pub struct Trainer {
     pub model: EfficientDet,
     pub sgd: Sgd,
     pub ema: Ema,
+    /// Dynamic loss scaling (enabled for fp16 only).
+    pub scaler: DynamicLossScaler,
     l2: Vec<Tensor>,
 }
 
@@ -28,6 +30,10 @@ pub struct StepStats {
     pub box_loss: f64,
     pub reg_loss: f64,
     pub gradient_norm: f64,
+    /// The loss scaler found an overflow: no update was made and the scale was halved.
+    pub skipped: bool,
+    /// Loss scale used for this step (1 without scaling).
+    pub loss_scale: f64,
 }
 
 /// A batch's tensors on a device: images `[B, 3, H, W]`, per-level class and box targets,
@@ -71,10 +77,16 @@ impl BatchTensors {
 }
 
 impl Trainer {
-    /// A freshly initialized model (weights drawn from `seed`, identical on every device).
-    pub fn new(cfg: &Config, dev: &Device, seed: u64) -> anyhow::Result<Trainer> {
+    /// A freshly initialized model (weights drawn from `seed`, identical on every device);
+    /// matrix products in `precision`, master weights in f32.
+    pub fn new(
+        cfg: &Config,
+        dev: &Device,
+        seed: u64,
+        precision: Precision,
+    ) -> anyhow::Result<Trainer> {
         let vars = ModelVars::new(dev, seed);
-        let model = EfficientDet::new(cfg, &vars)?;
+        let model = EfficientDet::new_with_precision(cfg, &vars, precision)?;
         let sgd = Sgd::new(vars.trainable(), cfg.train.momentum)?;
         let ema_vars: Vec<_> = vars
             .trainable()
@@ -89,6 +101,7 @@ impl Trainer {
             model,
             sgd,
             ema,
+            scaler: DynamicLossScaler::for_precision(precision),
             l2,
         })
     }
@@ -131,21 +144,34 @@ impl Trainer {
             loss.is_finite(),
             "non-finite loss at step {step}: total {loss}, cls {cls_l}, box {box_l}, reg {reg_l}"
         );
-        let mut all = self.gradients(&parts.total)?;
+        let loss_scale = self.scaler.scale();
+        let mut all = if self.scaler.is_enabled() {
+            self.gradients(&self.scaler.scale_loss(&parts.total)?)?
+        } else {
+            self.gradients(&parts.total)?
+        };
         let present: Vec<usize> = (0..all.len()).filter(|&i| all[i].is_some()).collect();
         let mut gs: Vec<Tensor> = present.iter().filter_map(|&i| all[i].take()).collect();
-        let gnorm = clip_gradients(&mut gs, self.cfg.train.clip_gradients_norm)?;
+        let finite = self.scaler.unscale_and_check(&mut gs)?;
+        self.scaler.update(finite);
+        let mut stats = StepStats {
+            loss,
+            cls_loss: cls_l,
+            box_loss: box_l,
+            reg_loss: reg_l,
+            gradient_norm: f64::NAN,
+            skipped: !finite,
+            loss_scale,
+        };
+        if !finite {
+            return Ok(stats);
+        }
+        stats.gradient_norm = clip_gradients(&mut gs, self.cfg.train.clip_gradients_norm)?;
         for (i, g) in present.into_iter().zip(gs) {
             all[i] = Some(g);
         }
         self.sgd.step(&all, lr)?;
         self.ema.update(step + 1)?;
-        Ok(StepStats {
-            loss,
-            cls_loss: cls_l,
-            box_loss: box_l,
-            reg_loss: reg_l,
-            gradient_norm: gnorm,
-        })
+        Ok(stats)
     }
 }

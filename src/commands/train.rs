@@ -11,7 +11,7 @@ use anyhow::Context;
 use candle_core::Device;
 use effdet_model::config::Config;
 use effdet_model::optim::{CosineSchedule, Ema, Sgd};
-use effdet_model::ModelVars;
+use effdet_model::{DynamicLossScaler, ModelVars, Precision};
 use effdet_pipeline::augment::Mode;
 use effdet_pipeline::tfrecord::RecordReader;
 
@@ -62,6 +62,12 @@ pub struct Args {
     /// No progress bar (tests, logs).
     #[arg(long)]
     pub quiet: bool,
+    /// fp32, or mixed precision: fp16 (dynamic loss scaling) or bf16 matrix products.
+    #[arg(long, default_value = "fp32")]
+    pub precision: Precision,
+    /// Run on the CPU or the first CUDA GPU (CUDA builds).
+    #[arg(long, value_enum, default_value_t = super::bench_train::DeviceArg::Cpu)]
+    pub device: super::bench_train::DeviceArg,
 }
 
 /// Loads a config file or built-in name and applies `section.key=value` overrides.
@@ -111,6 +117,12 @@ pub struct CheckpointMeta {
     pub schedule_warmup_steps: u64,
     pub peak_lr: f64,
     pub config: Config,
+    /// Matrix-product precision (absent in older checkpoints: fp32).
+    #[serde(default)]
+    pub precision: Precision,
+    /// Loss-scaler state (fp16).
+    #[serde(default)]
+    pub loss_scaler: Option<DynamicLossScaler>,
 }
 
 /// Counts records across shard files (the epoch length in samples for one replica).
@@ -164,7 +176,7 @@ const P_MOM: &str = "momentum/";
 
 pub fn train(a: &Args) -> anyhow::Result<TrainSummary> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let dev = Device::Cpu;
+    let dev = super::bench_train::device(a.device)?;
     let resume_meta: Option<CheckpointMeta> = if a.resume {
         let latest = a.out.join("latest");
         let name = std::fs::read_to_string(&latest)
@@ -224,7 +236,11 @@ pub fn train(a: &Args) -> anyhow::Result<TrainSummary> {
         }
     };
 
-    let mut trainer = Trainer::new(&cfg, &dev, data.seed)?;
+    let precision = resume_meta.as_ref().map_or(a.precision, |m| m.precision);
+    let mut trainer = Trainer::new(&cfg, &dev, data.seed, precision)?;
+    if let Some(s) = resume_meta.as_ref().and_then(|m| m.loss_scaler.clone()) {
+        trainer.scaler = s;
+    }
     let (mut step, mut next_epoch, mut next_seq) = (0u64, 0u64, 0u64);
     if let Some(m) = &resume_meta {
         let path = a.out.join(format!("ckpt-{}.safetensors", m.step));
@@ -271,6 +287,8 @@ pub fn train(a: &Args) -> anyhow::Result<TrainSummary> {
         schedule_warmup_steps: schedule.warmup_steps,
         peak_lr: schedule.peak,
         config: cfg.clone(),
+        precision,
+        loss_scaler: None,
     };
     while step < end {
         let t = Instant::now();
@@ -302,6 +320,8 @@ pub fn train(a: &Args) -> anyhow::Result<TrainSummary> {
             box_loss: box_l,
             reg_loss: reg_l,
             gradient_norm: gnorm,
+            loss_scale,
+            ..
         } = stats;
         step += 1;
         losses.push(loss);
@@ -319,13 +339,15 @@ pub fn train(a: &Args) -> anyhow::Result<TrainSummary> {
                     ("lr", lr),
                     ("gradient_norm", gnorm),
                     ("images_per_sec", ips),
+                    ("loss_scale", loss_scale),
                 ],
             )?;
         }
         bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {ips:.1} img/s"));
         bar.inc(1);
         if a.checkpoint_every > 0 && step % a.checkpoint_every == 0 && step < end {
-            let meta = checkpoint_meta(step, next_epoch, next_seq);
+            let mut meta = checkpoint_meta(step, next_epoch, next_seq);
+            meta.loss_scaler = Some(trainer.scaler.clone());
             let t = &trainer;
             last_ckpt = Some(save_checkpoint(&a.out, &meta, &t.vars, &t.sgd, &t.ema)?);
         }
@@ -333,7 +355,8 @@ pub fn train(a: &Args) -> anyhow::Result<TrainSummary> {
     bar.finish();
     drop(loader);
     if step > first_step || last_ckpt.is_none() {
-        let meta = checkpoint_meta(step, next_epoch, next_seq);
+        let mut meta = checkpoint_meta(step, next_epoch, next_seq);
+        meta.loss_scaler = Some(trainer.scaler.clone());
         let t = &trainer;
         last_ckpt = Some(save_checkpoint(&a.out, &meta, &t.vars, &t.sgd, &t.ema)?);
     }
@@ -465,6 +488,8 @@ pub(crate) mod tests {
         Args {
             config: "efficientdet-d0".into(),
             data: d,
+            precision: effdet_model::Precision::F32,
+            device: crate::commands::bench_train::DeviceArg::Cpu,
             out: out.to_path_buf(),
             resume: false,
             steps: Some(steps),

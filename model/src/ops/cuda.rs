@@ -3,10 +3,10 @@
 //! `cuda_fwd` methods (in their files) use these to mirror their CPU kernels.
 
 use candle_core::backend::BackendStorage;
+pub(crate) use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, ValidAsZeroBits,
 };
-pub(crate) use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result};
 
