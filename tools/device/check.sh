@@ -17,8 +17,9 @@ DEV=target/device
 BIN=/tmp/effdet
 START=$(date +%s)
 STEPS=${STEPS:-10}
-BATCHES=${BATCHES:-"16 32 64"}
-PRECISIONS=${PRECISIONS:-"fp32 fp16"}
+RUNS=${RUNS:-"fp32:32 fp32:64 fp16:32 fp16:64 bf16:64"}   # bench-train precision:batch
+FED=${FED:-fp16:64}                                      # the pipeline-fed run
+TORCH=${TORCH:-"fp16:32 fp16:64 fp32:32"}                 # PyTorch effdet precision:batch
 
 log() { echo "[$(($(date +%s) - START))s] $*"; }
 
@@ -55,17 +56,17 @@ run() { # name timeout cmd...
 # (a) correctness, full fp32 (no TF32 anywhere).
 NVIDIA_TF32_OVERRIDE=0 run cuda_check 150 "$BIN" cuda-check --data "$DATA" --image-size 256 --batch-size 2
 
-# (b) model alone on a reused batch.
-for p in $PRECISIONS; do
-  for b in $BATCHES; do
-    run "train_${p}_b${b}" 100 "$BIN" bench-train --device cuda --data "$DATA" --image-size 512 \
-      --batch-size "$b" --steps "$STEPS" --warmup 3 --precision "$p" --reuse-batch
-  done
+# (b) model alone on a reused batch: precision:batch pairs.
+for pb in $RUNS; do
+  p=${pb%%:*}; b=${pb##*:}
+  run "train_${p}_b${b}" 100 "$BIN" bench-train --device cuda --data "$DATA" --image-size 512 \
+    --batch-size "$b" --steps "$STEPS" --warmup 3 --precision "$p" --reuse-batch
 done
 
 # (c) fed by the pipeline on all cores.
-run train_pipeline_fp32_b32 120 "$BIN" bench-train --device cuda --data "$DATA" --image-size 512 \
-  --batch-size 32 --steps "$STEPS" --warmup 3 --precision fp32 --threads "$(nproc)"
+p=${FED%%:*}; b=${FED##*:}
+run "train_pipeline_${p}_b${b}" 120 "$BIN" bench-train --device cuda --data "$DATA" --image-size 512 \
+  --batch-size "$b" --steps "$STEPS" --warmup 3 --precision "$p" --threads "$(nproc)"
 
 # (d) the pipeline alone.
 run pipeline_b32 60 "$BIN" bench-pipeline --data "$DATA" --mode train --batch-size 32 --image-size 512 \
@@ -75,12 +76,12 @@ run pipeline_b32 60 "$BIN" bench-pipeline --data "$DATA" --mode train --batch-si
 if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     > "$OUT/pip.log" 2>&1 && export PYTHONPATH=/tmp/site
-  for b in $BATCHES; do
-    run "torch_fp16_b${b}" 120 python3 tools/device/torch_baseline.py --device cuda --batch-size "$b" \
-      --image-size 512 --steps "$STEPS" --warmup 3 --amp
+  for pb in $TORCH; do
+    p=${pb%%:*}; b=${pb##*:}
+    amp=""; [[ $p == fp16 ]] && amp=--amp
+    run "torch_${p}_b${b}" 120 python3 tools/device/torch_baseline.py --device cuda --batch-size "$b" \
+      --image-size 512 --steps "$STEPS" --warmup 3 $amp --timeout 110
   done
-  run torch_fp32_b32 120 python3 tools/device/torch_baseline.py --device cuda --batch-size 32 \
-    --image-size 512 --steps "$STEPS" --warmup 3
 else
   log "no .whl folder: PyTorch baseline skipped"
 fi
