@@ -272,23 +272,28 @@ impl CustomOp3 for FocalGrad {
         use candle_core::backend::BackendStorage;
         let dev = s1.device();
         let x = cuda::f32_view(self.name(), s1, l1)?;
-        let ids = cuda::view::<i64>(self.name(), s2, l2)?;
         let scale = cuda::view::<f64>(self.name(), s3, l3)?;
         let n = l1.shape().elem_count();
         let d = cuda::alloc::<f32>(dev, n)?;
         let bad = cuda::zeros::<i32>(dev, 1)?;
-        let k = cuda::Kernel::new(dev, "focal_grad")?;
         let inner = &self.inner;
         let (n64, k32) = (n as i64, cuda::int(self.name(), inner.num_classes)?);
         let (alpha, gamma, smoothing) = (inner.p.alpha, inner.p.gamma, inner.p.label_smoothing);
-        let mut b = k.builder();
-        b.arg(&x)
-            .arg(&ids)
-            .arg(&scale)
-            .arg(&d)
-            .arg(&bad)
-            .arg(&n64)
-            .arg(&k32);
+        let (k, ids32, ids64);
+        let mut b = if s2.dtype() == DType::I32 {
+            k = cuda::Kernel::new(dev, "focal_grad_i32")?;
+            ids32 = cuda::view::<i32>(self.name(), s2, l2)?;
+            let mut b = k.builder();
+            b.arg(&x).arg(&ids32);
+            b
+        } else {
+            k = cuda::Kernel::new(dev, "focal_grad_i64")?;
+            ids64 = cuda::view::<i64>(self.name(), s2, l2)?;
+            let mut b = k.builder();
+            b.arg(&x).arg(&ids64);
+            b
+        };
+        b.arg(&scale).arg(&d).arg(&bad).arg(&n64).arg(&k32);
         b.arg(&alpha).arg(&gamma).arg(&smoothing);
         cuda::launch(b, cuda::elementwise(n))?;
         inner.check_ids(dev, &bad)?;
