@@ -59,7 +59,7 @@ NVIDIA_TF32_OVERRIDE=0 run cuda_check 150 "$BIN" cuda-check --data "$DATA" --ima
 # (b) model alone on a reused batch: precision:batch pairs.
 for pb in $RUNS; do
   p=${pb%%:*}; b=${pb##*:}
-  run "train_${p}_b${b}" 100 "$BIN" bench-train --device cuda --data "$DATA" --image-size 512 \
+  run "train_${p}_b${b}" "${RT:-100}" "$BIN" bench-train --device cuda --data "$DATA" --image-size 512 \
     --batch-size "$b" --steps "$STEPS" --warmup 3 --precision "$p" --reuse-batch
 done
 
@@ -79,7 +79,7 @@ if ls .whl/*.whl > /dev/null 2>&1; then
   for pb in $TORCH; do
     p=${pb%%:*}; b=${pb##*:}
     amp=""; [[ $p == fp16 ]] && amp=--amp
-    run "torch_${p}_b${b}" 120 python3 tools/device/torch_baseline.py --device cuda --batch-size "$b" \
+    run "torch_${p}_b${b}" "${RT:-120}" python3 tools/device/torch_baseline.py --device cuda --batch-size "$b" \
       --image-size 512 --steps "$STEPS" --warmup 3 $amp --timeout 110
   done
 else
