@@ -65,7 +65,7 @@ done
 
 # (c) fed by the pipeline on all cores.
 p=${FED%%:*}; b=${FED##*:}
-run "train_pipeline_${p}_b${b}" 120 "$BIN" bench-train --device cuda --data "$DATA" --image-size 512 \
+run "train_pipeline_${p}_b${b}" "${RT:-120}" "$BIN" bench-train --device cuda --data "$DATA" --image-size 512 \
   --batch-size "$b" --steps "$STEPS" --warmup 3 --precision "$p" --threads "$(nproc)"
 
 # (d) the pipeline alone.
