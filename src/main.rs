@@ -36,6 +36,8 @@ enum Command {
     Train(commands::train::Args),
     /// COCO AP of a training checkpoint (EMA weights) on evaluation shards.
     Eval(commands::eval::Args),
+    /// Detect objects in JPEG/PNG files with a checkpoint: detections.json + annotated PNGs.
+    Predict(commands::predict::Args),
     /// Training-step throughput on the CPU or a CUDA GPU: images/s, step and data-wait time.
     BenchTrain(commands::bench_train::Args),
     /// Check the CUDA build against the CPU: every own op, then the whole loss and gradients.
@@ -54,6 +56,7 @@ fn main() {
         Command::CocoEval(a) => commands::coco_eval::run(a),
         Command::Train(a) => commands::train::run(a),
         Command::Eval(a) => commands::eval::run(a),
+        Command::Predict(a) => commands::predict::run(a),
         Command::BenchTrain(a) => commands::bench_train::run(a),
         Command::CudaCheck(a) => commands::cuda_check::run(a),
     };

@@ -9,6 +9,7 @@ pub mod data;
 pub mod dump_batch;
 pub mod eval;
 pub mod inspect;
+pub mod predict;
 pub mod quickstart;
 pub mod step;
 pub mod synth;
