@@ -296,7 +296,9 @@ mod tests {
         for (h, w) in [(9, 8), (16, 16), (7, 11)] {
             let vars = ModelVars::new(&Device::Cpu, 3);
             let stem = StemConv::new(&vars, "stem", 5)?;
-            let x = candle_core::Var::from_tensor(&rand_tensor(&[2, 3, h, w], 4)?.to_dtype(DType::F32)?)?;
+            let x = candle_core::Var::from_tensor(
+                &rand_tensor(&[2, 3, h, w], 4)?.to_dtype(DType::F32)?,
+            )?;
             let r = rand_tensor(&[2, h.div_ceil(2), w.div_ceil(2), 5], 5)?.to_dtype(DType::F32)?;
             let a = stem.forward(x.as_tensor())?;
             let b = stem.forward_im2col(x.as_tensor())?;

@@ -1,7 +1,8 @@
 //! `effdet bench-train`: training-step throughput on the CPU or a CUDA GPU, fed by the real
 //! input pipeline (or one reused batch with `--reuse-batch`, to time the model alone). Prints
 //! one JSON line: images/s, step and data-wait milliseconds, the data-wait share of the wall
-//! time, and memory. Timed steps are synchronized at their end so step time is compute time.
+//! time, and memory. Timed steps are synchronized at their end so step time is compute time;
+//! data wait is the time spent waiting for the next device-resident batch.
 
 use std::time::Instant;
 
@@ -13,7 +14,7 @@ use serde::Serialize;
 use effdet_model::Precision;
 
 use super::data::{peak_rss_mb, start_loader, DataArgs};
-use super::step::{BatchTensors, Trainer};
+use super::step::{BatchTensors, DeviceFeeder, Trainer};
 use super::train::load_config;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -131,18 +132,15 @@ pub fn bench(a: &Args) -> anyhow::Result<Report> {
     lcfg.augment.jitter_min = cfg.input.jitter_min as f32;
     lcfg.augment.jitter_max = cfg.input.jitter_max as f32;
     lcfg.augment.hflip = cfg.input.input_rand_hflip;
-    let mut loader = start_loader(lcfg, a.data.files()?)?;
-    let mut next = |dev: &Device| -> anyhow::Result<BatchTensors> {
-        let b = loader
+    // Batches reach the device through the background uploader, two ahead (as in `train`).
+    let feeder = DeviceFeeder::start(start_loader(lcfg, a.data.files()?)?, dev.clone(), 2);
+    let next = || -> anyhow::Result<BatchTensors> {
+        Ok(feeder
             .next_batch()
-            .ok_or_else(|| anyhow::anyhow!("the input pipeline ended"))??;
-        BatchTensors::from_batch(&b, dev)
+            .ok_or_else(|| anyhow::anyhow!("the input pipeline ended"))??
+            .tensors)
     };
-    let reused = if a.reuse_batch {
-        Some(next(&dev)?)
-    } else {
-        None
-    };
+    let reused = if a.reuse_batch { Some(next()?) } else { None };
 
     let (mut wait, mut compute) = (0.0f64, Vec::new());
     let (mut loss_first, mut loss_last) = (f64::NAN, f64::NAN);
@@ -159,7 +157,7 @@ pub fn bench(a: &Args) -> anyhow::Result<Report> {
         let batch = match &reused {
             Some(b) => b,
             None => {
-                fresh = next(&dev)?;
+                fresh = next()?;
                 &fresh
             }
         };

@@ -8,7 +8,8 @@ use effdet_model::config::Config;
 use effdet_model::loss::detection_loss;
 use effdet_model::optim::{clip_gradients, Ema, Sgd};
 use effdet_model::{DynamicLossScaler, EfficientDet, ModelVars, Precision};
-use effdet_pipeline::loader::Batch;
+use effdet_pipeline::loader::{Batch, Loader};
+use std::sync::mpsc::{sync_channel, Receiver};
 
 /// Model, optimizer state and EMA of one training run.
 pub struct Trainer {
@@ -173,5 +174,51 @@ impl Trainer {
         self.sgd.step(&all, lr)?;
         self.ema.update(step + 1)?;
         Ok(stats)
+    }
+}
+
+/// A batch on the device with its position in the data order.
+pub struct FedBatch {
+    pub tensors: BatchTensors,
+    /// Epoch and sequence number (within it) of the batch's first sample.
+    pub epoch: u64,
+    pub first_sequence: u64,
+    /// Real samples in the batch.
+    pub len: usize,
+}
+
+/// Uploads loader batches to the device on a background thread, `depth` batches ahead, so the
+/// host-side conversion and copy of the next batch overlap the current step. Order is the
+/// loader's; an error ends the stream after being delivered.
+pub struct DeviceFeeder {
+    rx: Receiver<anyhow::Result<FedBatch>>,
+}
+
+impl DeviceFeeder {
+    pub fn start(mut loader: Loader, dev: Device, depth: usize) -> DeviceFeeder {
+        let (tx, rx) = sync_channel(depth.max(1));
+        std::thread::spawn(move || {
+            while let Some(b) = loader.next_batch() {
+                let item = b.and_then(|b| {
+                    Ok(FedBatch {
+                        tensors: BatchTensors::from_batch(&b, &dev)?,
+                        epoch: b.epoch,
+                        first_sequence: b.first_sequence,
+                        len: b.len,
+                    })
+                });
+                let failed = item.is_err();
+                // A closed channel means the consumer is done: stop (dropping the loader).
+                if tx.send(item).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        DeviceFeeder { rx }
+    }
+
+    /// The next batch; None when the loader has ended.
+    pub fn next_batch(&self) -> Option<anyhow::Result<FedBatch>> {
+        self.rx.recv().ok()
     }
 }

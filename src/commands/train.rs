@@ -16,7 +16,7 @@ use effdet_pipeline::augment::Mode;
 use effdet_pipeline::tfrecord::RecordReader;
 
 use super::data::{start_loader, DataArgs};
-use super::step::{BatchTensors, StepStats, Trainer};
+use super::step::{DeviceFeeder, StepStats, Trainer};
 use super::tensorboard::EventWriter;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -258,7 +258,7 @@ pub fn train(a: &Args) -> anyhow::Result<TrainSummary> {
     lcfg.augment.hflip = cfg.input.input_rand_hflip;
     lcfg.start_epoch = next_epoch;
     lcfg.skip_samples = next_seq;
-    let mut loader = start_loader(lcfg, files)?;
+    let feeder = DeviceFeeder::start(start_loader(lcfg, files)?, dev.clone(), 2);
     let mut events = EventWriter::create(&a.out)?;
 
     let end = schedule.total_steps.min(
@@ -292,10 +292,9 @@ pub fn train(a: &Args) -> anyhow::Result<TrainSummary> {
     };
     while step < end {
         let t = Instant::now();
-        let b = loader
+        let b = feeder
             .next_batch()
             .ok_or_else(|| anyhow::anyhow!("the input pipeline ended at step {step}"))??;
-        let tensors = BatchTensors::from_batch(&b, &dev)?;
         // Position of the sample after this batch, wrapping into the next epoch.
         next_epoch = b.epoch;
         next_seq = b.first_sequence + b.len as u64;
@@ -304,7 +303,7 @@ pub fn train(a: &Args) -> anyhow::Result<TrainSummary> {
             next_epoch += 1;
         }
         let images_in_batch = b.len;
-        drop(b);
+        let tensors = b.tensors;
 
         let lr = schedule.lr(step);
         let stats = match trainer.step(&tensors, lr, step) {
@@ -353,7 +352,7 @@ pub fn train(a: &Args) -> anyhow::Result<TrainSummary> {
         }
     }
     bar.finish();
-    drop(loader);
+    drop(feeder);
     if step > first_step || last_ckpt.is_none() {
         let mut meta = checkpoint_meta(step, next_epoch, next_seq);
         meta.loss_scaler = Some(trainer.scaler.clone());
