@@ -17,6 +17,7 @@ use effdet_pipeline::coco::{load_json, InstancesFile};
 
 use super::data::{start_loader, DataArgs};
 use super::step::BatchTensors;
+use super::tensorboard::EventWriter;
 use super::train::{load_ema_weights, CheckpointMeta};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -32,6 +33,10 @@ pub struct Args {
     /// Write the COCO results JSON here.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Do not append the stats as TensorBoard scalars (`eval/AP`, …) at the checkpoint's step
+    /// to the event files of the checkpoint's run directory.
+    #[arg(long)]
+    pub no_events: bool,
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
 }
@@ -60,6 +65,7 @@ fn meta_of(ckpt: &Path) -> anyhow::Result<CheckpointMeta> {
 pub fn eval(a: &Args) -> anyhow::Result<EvalSummary> {
     let dev = Device::Cpu;
     let meta = meta_of(&a.checkpoint)?;
+    let meta_step = meta.step;
     let cfg = meta.config;
     let gt: InstancesFile = load_json(&a.annotations)?;
     let vars = ModelVars::new(&dev, 0);
@@ -124,6 +130,27 @@ pub fn eval(a: &Args) -> anyhow::Result<EvalSummary> {
             .with_context(|| format!("writing {}", out.display()))?;
     }
     let stats = evaluate(&gt, &dets)?;
+    if !a.no_events {
+        if let Some(run_dir) = a.checkpoint.parent() {
+            let run_dir = if run_dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                run_dir
+            };
+            let mut w = EventWriter::create(run_dir)?;
+            let named: Vec<(String, f64)> = serde_json::to_value(&stats)?
+                .as_object()
+                .map(|o| {
+                    o.iter()
+                        .filter_map(|(k, v)| Some((format!("eval/{k}"), v.as_f64()?)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let scalars: Vec<(&str, f64)> = named.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+            w.scalars(meta_step, &scalars)?;
+            w.flush()?;
+        }
+    }
     Ok(EvalSummary {
         stats,
         images,
@@ -162,8 +189,23 @@ mod tests {
             annotations: ann.clone(),
             out: Some(out.clone()),
             batch_size: 3,
+            no_events: false,
         })?;
         assert_eq!(e.images, 8);
+        // The stats were appended as TensorBoard scalars at the checkpoint's step (a second
+        // event file beside the training run's, whose events are untouched).
+        let events: Vec<_> = std::fs::read_dir(dir.path().join("run"))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains("tfevents"))
+            .map(|e| std::fs::read(e.path()))
+            .collect::<std::io::Result<_>>()?;
+        assert_eq!(events.len(), 2, "train and eval event files");
+        let has = |needle: &[u8]| {
+            events
+                .iter()
+                .any(|b| b.windows(needle.len()).any(|w| w == needle))
+        };
+        assert!(has(b"eval/AP50") && has(b"images_per_sec"));
         let dets: Vec<Detection> = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
         assert_eq!(dets.len(), e.detections);
         let gt: InstancesFile = load_json(&ann)?;
@@ -182,6 +224,7 @@ mod tests {
             annotations: ann,
             out: None,
             batch_size: 3,
+            no_events: true,
         })
         .unwrap_err();
         assert!(format!("{err:#}").contains(".json"), "{err:#}");

@@ -648,6 +648,7 @@ mod tests {
             data: d,
             annotations: ann.clone(),
             out: Some(eval_out.clone()),
+            no_events: true,
             batch_size: 1,
         })?;
         let eval_dets: Vec<effdet_pipeline::coco::eval::Detection> =

@@ -228,6 +228,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         ),
         annotations: val_ann,
         out: Some(a.out.join("val_detections.json")),
+        no_events: false,
         batch_size: 8,
     })?;
     eprintln!(

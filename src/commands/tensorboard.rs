@@ -1,4 +1,4 @@
-//! TensorBoard scalar logging: `events.out.tfevents.<time>.<host>` files made of TFRecord-framed
+//! TensorBoard scalar logging: `events.out.tfevents.<time>.<host>.<pid>.<n>` files made of TFRecord-framed
 //! `tensorflow.Event` protos (only the fields scalars need), written with our own prost types.
 
 use std::fs::File;
@@ -49,14 +49,22 @@ fn now() -> f64 {
 }
 
 impl EventWriter {
-    /// Creates `dir/events.out.tfevents.<unix time>.<host>` and writes the version event.
+    /// Creates `dir/events.out.tfevents.<unix time>.<host>.<pid>.<n>` (pid and a per-process
+    /// counter keep a training run and an `eval` of it from sharing a name within one second)
+    /// and writes the version event.
     pub fn create(dir: &Path) -> anyhow::Result<EventWriter> {
         let host = std::fs::read_to_string("/etc/hostname")
             .map(|s| s.trim().to_string())
             .ok()
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "localhost".into());
-        let path = dir.join(format!("events.out.tfevents.{}.{host}", now() as u64));
+        static CREATED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = CREATED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = dir.join(format!(
+            "events.out.tfevents.{}.{host}.{}.{n}",
+            now() as u64,
+            std::process::id()
+        ));
         let file =
             File::create(&path).map_err(|e| anyhow::anyhow!("creating {}: {e}", path.display()))?;
         let mut w = EventWriter {
