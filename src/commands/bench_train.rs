@@ -74,7 +74,10 @@ pub struct Report {
     pub step_ms_min: f64,
     pub data_wait_ms: f64,
     pub data_wait_share: f64,
+    /// Device memory in use after a synchronized step (driver view, all allocations).
     pub gpu_mem_mb: Option<f64>,
+    /// Peak of the stream-ordered pool during the timed steps (the in-step high-water mark).
+    pub gpu_peak_mb: Option<f64>,
     pub peak_rss_mb: f64,
     pub skipped_steps: u64,
     pub loss_first: f64,
@@ -98,6 +101,42 @@ pub fn device(d: DeviceArg) -> anyhow::Result<Device> {
             )
         })?,
     })
+}
+
+/// Peak bytes (MiB) in use in the device's default memory pool (the one candle's stream-ordered
+/// allocations come from) since the last reset; `reset` starts a new window.
+pub fn gpu_pool_peak_mb(dev: &Device, reset: bool) -> Option<f64> {
+    #[cfg(feature = "cuda")]
+    if let Ok(c) = dev.as_cuda_device() {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let stream = c.cuda_stream();
+        let ctx = stream.context();
+        ctx.bind_to_thread().ok()?;
+        let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+        // SAFETY: plain driver queries on the context's own device; `value` outlives the calls.
+        unsafe {
+            let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+            if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+                != sys::CUresult::CUDA_SUCCESS
+            {
+                return None;
+            }
+            let mut value: u64 = 0;
+            let ptr = &mut value as *mut u64 as *mut std::ffi::c_void;
+            if sys::cuMemPoolGetAttribute(pool, attr, ptr) != sys::CUresult::CUDA_SUCCESS {
+                return None;
+            }
+            let peak = value as f64 / (1024.0 * 1024.0);
+            if reset {
+                let mut zero: u64 = 0;
+                let zptr = &mut zero as *mut u64 as *mut std::ffi::c_void;
+                sys::cuMemPoolSetAttribute(pool, attr, zptr);
+            }
+            return Some(peak);
+        }
+    }
+    let _ = (dev, reset);
+    None
 }
 
 /// Device name and memory in use (MiB), where the device reports them.
@@ -150,6 +189,7 @@ pub fn bench(a: &Args) -> anyhow::Result<Report> {
     for i in 0..a.warmup + a.steps {
         if i == a.warmup {
             wait = 0.0;
+            gpu_pool_peak_mb(&dev, true);
             t_timed = Instant::now();
         }
         let t0 = Instant::now();
@@ -181,6 +221,7 @@ pub fn bench(a: &Args) -> anyhow::Result<Report> {
         };
     }
     let secs = t_timed.elapsed().as_secs_f64();
+    let gpu_peak_mb = gpu_pool_peak_mb(&dev, false);
     let steps = a.steps as f64;
     let (name, _) = device_info(&dev);
     Ok(Report {
@@ -204,6 +245,7 @@ pub fn bench(a: &Args) -> anyhow::Result<Report> {
         data_wait_ms: 1e3 * wait / steps,
         data_wait_share: wait / secs,
         gpu_mem_mb: peak_mem,
+        gpu_peak_mb,
         peak_rss_mb: peak_rss_mb(),
         loss_first,
         loss_last,

@@ -105,7 +105,7 @@ print("\n%-26s %10s %9s %9s %8s %9s" % ("run", "img/s", "step ms", "wait ms", "w
 for k, v in summary.items():
     if not isinstance(v, dict) or "images_per_sec" not in v:
         continue
-    mem = v.get("gpu_mem_mb")
+    mem = v.get("gpu_peak_mb") or v.get("gpu_mem_mb")
     print("%-26s %10.1f %9.1f %9s %8s %9s" % (
         k, v["images_per_sec"], v.get("step_ms", float("nan")),
         "%.1f" % v["data_wait_ms"] if "data_wait_ms" in v else "-",
