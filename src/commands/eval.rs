@@ -138,7 +138,7 @@ pub fn eval(a: &Args) -> anyhow::Result<EvalSummary> {
                 run_dir
             };
             let mut w = EventWriter::create(run_dir)?;
-            let named: Vec<(String, f64)> = serde_json::to_value(&stats)?
+            let named: Vec<(String, f64)> = serde_json::to_value(stats)?
                 .as_object()
                 .map(|o| {
                     o.iter()
