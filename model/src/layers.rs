@@ -141,6 +141,11 @@ impl BatchNorm {
     /// them (variance with Bessel's correction, as TensorFlow's fused batch norm does);
     /// evaluation mode uses the running averages.
     pub fn forward(&self, x: &Tensor, train: bool, act: Activation) -> Result<Tensor> {
+        let dev = x.device();
+        if !dev.is_cpu() {
+            // Statistics stay on the device (no per-layer synchronization).
+            return self.forward_resident(x, train, act);
+        }
         if !train {
             return ops::batch_norm_eval(
                 x,
@@ -156,20 +161,6 @@ impl BatchNorm {
         let n = stats.count as f64;
         let bessel = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
         let m = self.momentum;
-        let dev = x.device();
-        if !dev.is_cpu() {
-            // On a GPU the update stays on the device: reading the running averages back would
-            // synchronize once per layer. (f32 arithmetic; the CPU path below rounds once.)
-            let c = stats.mean.len();
-            let to_dev = |v: Vec<f32>| Tensor::from_vec(v, c, dev)?.to_dtype(self.mean.dtype());
-            let batch_mean = to_dev(stats.mean.iter().map(|&v| v as f32).collect())?;
-            let batch_var = to_dev(stats.var.iter().map(|&v| (v * bessel) as f32).collect())?;
-            self.mean
-                .set(&((self.mean.as_tensor() * m)? + (batch_mean * (1.0 - m))?)?)?;
-            self.var
-                .set(&((self.var.as_tensor() * m)? + (batch_var * (1.0 - m))?)?)?;
-            return Ok(y);
-        }
         let old_mean: Vec<f64> = self.mean.to_dtype(candle_core::DType::F64)?.to_vec1()?;
         let old_var: Vec<f64> = self.var.to_dtype(candle_core::DType::F64)?.to_vec1()?;
         let new_mean: Vec<f32> = old_mean
@@ -186,6 +177,38 @@ impl BatchNorm {
             .set(&Tensor::from_vec(new_mean, old_mean.len(), dev)?.to_dtype(self.mean.dtype())?)?;
         self.var
             .set(&Tensor::from_vec(new_var, old_var.len(), dev)?.to_dtype(self.var.dtype())?)?;
+        Ok(y)
+    }
+}
+
+impl BatchNorm {
+    /// [`BatchNorm::forward`] with device-resident statistics (GPUs): the moments and the
+    /// running-average update stay tensors, in the same f64 arithmetic as the CPU path.
+    fn forward_resident(&self, x: &Tensor, train: bool, act: Activation) -> Result<Tensor> {
+        use candle_core::DType;
+        if !train {
+            return ops::batch_norm_eval_resident(
+                x,
+                &self.gamma,
+                &self.beta,
+                self.mean.as_tensor(),
+                self.var.as_tensor(),
+                self.eps,
+                act,
+            );
+        }
+        let (y, moments) =
+            ops::batch_norm_train_resident(x, &self.gamma, &self.beta, self.eps, act)?;
+        let n = (x.elem_count() / self.gamma.elem_count().max(1)) as f64;
+        let bessel = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
+        let m = self.momentum;
+        let batch_mean = moments.get(0)?;
+        let batch_var = ((moments.get(1)?.sqr()?.recip()? - self.eps)? * bessel)?;
+        for (stat, batch) in [(&self.mean, batch_mean), (&self.var, batch_var)] {
+            let old = stat.as_tensor().detach().to_dtype(DType::F64)?;
+            let new = ((old * m)? + (batch * (1.0 - m))?)?;
+            stat.set(&new.to_dtype(stat.dtype())?)?;
+        }
         Ok(y)
     }
 }

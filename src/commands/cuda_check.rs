@@ -156,6 +156,45 @@ fn op_checks(gpu: &Device) -> anyhow::Result<Vec<Check>> {
             },
         )?);
     }
+    // The device-resident batch norm (used on GPUs) against the CPU's host-statistics one.
+    for act in [Activation::None, Activation::Swish] {
+        out.push(check_op(
+            &format!("batch_norm_train_resident {act:?}"),
+            gpu,
+            &[
+                (random(&[3, 6, 5, 48], 4)? * 3.0)?,
+                random(&[48], 5)?,
+                random(&[48], 6)?,
+            ],
+            &move |v| {
+                if v[0].device().is_cpu() {
+                    Ok(ops::batch_norm_train(&v[0], &v[1], &v[2], 1e-3, act)?.0)
+                } else {
+                    Ok(ops::batch_norm_train_resident(&v[0], &v[1], &v[2], 1e-3, act)?.0)
+                }
+            },
+        )?);
+        let mean = random(&[48], 7)?;
+        let var = (random(&[48], 8)?.abs()? + 0.5)?;
+        out.push(check_op(
+            &format!("batch_norm_eval_resident {act:?}"),
+            gpu,
+            &[
+                random(&[3, 6, 5, 48], 9)?,
+                random(&[48], 10)?,
+                random(&[48], 11)?,
+            ],
+            &move |v| {
+                let dev = v[0].device();
+                let (m, s) = (mean.to_device(dev)?, var.to_device(dev)?);
+                if dev.is_cpu() {
+                    ops::batch_norm_eval(&v[0], &v[1], &v[2], &m, &s, 1e-3, act)
+                } else {
+                    ops::batch_norm_eval_resident(&v[0], &v[1], &v[2], &m, &s, 1e-3, act)
+                }
+            },
+        )?);
+    }
     out.push(check_op(
         "swish",
         gpu,

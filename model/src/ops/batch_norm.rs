@@ -8,6 +8,9 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tenso
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
+mod resident;
+pub use resident::{batch_norm_eval_resident, batch_norm_train_resident};
+
 /// Activation applied right after the affine transform.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
@@ -688,26 +691,32 @@ impl BnGradInput {
 
     fn run<T: Elem>(&self, x: &[T], g: &[T]) -> Vec<T> {
         let ch = Chan::<T>::new(&self.p);
-        let c = self.p.gamma.len();
-        let rows = x.len() / c;
+        let rows = x.len() / self.p.gamma.len();
         let (k, off, slope) = self.coefficients::<T>(rows);
-        let mut dx = vec![T::zero(); x.len()];
-        let chunk = super::chunk_rows(rows, 256) * c;
-        dx.par_chunks_mut(chunk)
-            .zip(x.par_chunks(chunk).zip(g.par_chunks(chunk)))
-            .for_each(|(dc, (xc, gc))| {
-                for (dr, (xr, gr)) in dc
-                    .chunks_exact_mut(c)
-                    .zip(xc.chunks_exact(c).zip(gc.chunks_exact(c)))
-                {
-                    for i in 0..c {
-                        let (xhat, gz) = ch.xhat_gz(i, xr[i], gr[i]);
-                        dr[i] = k[i] * gz - off[i] - xhat * slope[i];
-                    }
-                }
-            });
-        dx
+        grad_input(x, g, &ch, &k, &off, &slope)
     }
+}
+
+/// dx = k·g_z − off − x̂·slope elementwise, with per-channel constants.
+fn grad_input<T: Elem>(x: &[T], g: &[T], ch: &Chan<T>, k: &[T], off: &[T], slope: &[T]) -> Vec<T> {
+    let c = k.len();
+    let rows = x.len() / c;
+    let mut dx = vec![T::zero(); x.len()];
+    let chunk = super::chunk_rows(rows, 256) * c;
+    dx.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk).zip(g.par_chunks(chunk)))
+        .for_each(|(dc, (xc, gc))| {
+            for (dr, (xr, gr)) in dc
+                .chunks_exact_mut(c)
+                .zip(xc.chunks_exact(c).zip(gc.chunks_exact(c)))
+            {
+                for i in 0..c {
+                    let (xhat, gz) = ch.xhat_gz(i, xr[i], gr[i]);
+                    dr[i] = k[i] * gz - off[i] - xhat * slope[i];
+                }
+            }
+        });
+    dx
 }
 
 impl CustomOp2 for BnGradInput {

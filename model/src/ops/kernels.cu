@@ -396,3 +396,14 @@ __device__ __forceinline__ int focal_status(i64 id, int k, int K) {
 
 FOCAL_KERNELS(int, i32)
 FOCAL_KERNELS(i64, i64)
+
+// scale/shift from params [4, C] f64 = (mean, inv_std, γ, β) (the resident batch norm).
+extern "C" __global__ void bn_scale_shift_params(const double* __restrict__ p,
+                                                 float* __restrict__ scale,
+                                                 float* __restrict__ shift, int C) {
+    GRID_STRIDE(i, C) {
+        double gi = p[2 * C + i] * p[C + i];
+        scale[i] = (float)gi;
+        shift[i] = (float)(p[3 * C + i] - gi * p[i]);
+    }
+}

@@ -32,7 +32,10 @@ mod upsample;
 #[cfg(test)]
 pub(crate) mod fd;
 
-pub use batch_norm::{batch_norm_eval, batch_norm_train, Activation, BatchStats};
+pub use batch_norm::{
+    batch_norm_eval, batch_norm_eval_resident, batch_norm_train, batch_norm_train_resident,
+    Activation, BatchStats,
+};
 pub use channel::{add_channel_bias, channel_gate, spatial_mean};
 pub use depthwise::depthwise_conv2d;
 pub use focal::{focal_loss_sum, FocalParams};
