@@ -13,12 +13,6 @@ use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result};
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/effdet_kernels.ptx"));
 const MODULE: &str = "effdet_kernels";
 
-/// Threads per block of the elementwise (grid-stride) kernels; `focal_loss` relies on 256.
-const THREADS: u32 = 256;
-/// Width and height of the column-reduction blocks (`RED_Y` in kernels.cu).
-const RED_X: u32 = 32;
-const RED_Y: u32 = 8;
-
 /// A launcher for kernel `name` of `kernels.cu`.
 pub(crate) struct Kernel {
     func: candle_core::cuda_backend::cudarc::driver::CudaFunction,
@@ -49,41 +43,27 @@ pub(crate) fn launch(mut b: LaunchArgs<'_>, cfg: LaunchConfig) -> Result<()> {
     Ok(())
 }
 
+fn config(((gx, gy, gz), (bx, by, bz)): super::launch::Shape3) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (gx, gy, gz),
+        block_dim: (bx, by, bz),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// Grid-stride launch over `n` elements.
 pub(crate) fn elementwise(n: usize) -> LaunchConfig {
-    let blocks = n.div_ceil(THREADS as usize).clamp(1, 1 << 20) as u32;
-    LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
+    config(super::launch::elementwise(n))
 }
 
-/// Launch shape of the column reductions over `rows` rows of `c` channels, `groups` times
-/// (grid z): enough row chunks to fill the GPU, each thread still summing ≥ 32 rows.
+/// Column reductions over `rows` rows of `c` channels, `groups` times.
 pub(crate) fn column_reduction(rows: usize, c: usize, groups: usize) -> LaunchConfig {
-    let cblocks = c.div_ceil(RED_X as usize).max(1);
-    let want = (4096 / (cblocks * groups.max(1))).max(1);
-    let chunks = rows.div_ceil(RED_Y as usize * 32).clamp(1, want.min(65535));
-    LaunchConfig {
-        grid_dim: (cblocks as u32, chunks as u32, groups.max(1) as u32),
-        block_dim: (RED_X, RED_Y, 1),
-        shared_mem_bytes: 0,
-    }
+    config(super::launch::column_reduction(rows, c, groups))
 }
 
-/// Launch shape of the depthwise weight gradient: (channel blocks, taps, position chunks).
+/// The depthwise kernel gradient's launch.
 pub(crate) fn tap_reduction(positions: usize, c: usize, taps: usize) -> LaunchConfig {
-    let cblocks = c.div_ceil(RED_X as usize).max(1);
-    let want = (4096 / (cblocks * taps)).max(1);
-    let chunks = positions
-        .div_ceil(RED_Y as usize * 32)
-        .clamp(1, want.min(65535));
-    LaunchConfig {
-        grid_dim: (cblocks as u32, taps as u32, chunks as u32),
-        block_dim: (RED_X, RED_Y, 1),
-        shared_mem_bytes: 0,
-    }
+    config(super::launch::tap_reduction(positions, c, taps))
 }
 
 /// The contiguous `T` data of a storage.

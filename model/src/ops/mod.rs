@@ -25,6 +25,8 @@ mod channel;
 mod cuda;
 mod depthwise;
 mod focal;
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+mod launch;
 mod pool;
 mod swish;
 mod upsample;
