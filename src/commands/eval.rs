@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use effdet_model::postprocess::{postprocess_image, BoxYxyx, PostprocessConfig};
 use effdet_model::{EfficientDet, ModelVars};
 use effdet_pipeline::anchors::{AnchorConfig, Anchors};
@@ -37,6 +37,9 @@ pub struct Args {
     /// to the event files of the checkpoint's run directory.
     #[arg(long)]
     pub no_events: bool,
+    /// Run the model on the CPU or the first CUDA GPU (CUDA builds).
+    #[arg(long, value_enum, default_value_t = super::bench_train::DeviceArg::Cpu)]
+    pub device: super::bench_train::DeviceArg,
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
 }
@@ -63,7 +66,7 @@ fn meta_of(ckpt: &Path) -> anyhow::Result<CheckpointMeta> {
 }
 
 pub fn eval(a: &Args) -> anyhow::Result<EvalSummary> {
-    let dev = Device::Cpu;
+    let dev = super::bench_train::device(a.device)?;
     let meta = meta_of(&a.checkpoint)?;
     let meta_step = meta.step;
     let cfg = meta.config;
@@ -190,6 +193,7 @@ mod tests {
             out: Some(out.clone()),
             batch_size: 3,
             no_events: false,
+            device: crate::commands::bench_train::DeviceArg::Cpu,
         })?;
         assert_eq!(e.images, 8);
         // The stats were appended as TensorBoard scalars at the checkpoint's step (a second
@@ -225,6 +229,7 @@ mod tests {
             out: None,
             batch_size: 3,
             no_events: true,
+            device: crate::commands::bench_train::DeviceArg::Cpu,
         })
         .unwrap_err();
         assert!(format!("{err:#}").contains(".json"), "{err:#}");

@@ -649,6 +649,7 @@ mod tests {
             annotations: ann.clone(),
             out: Some(eval_out.clone()),
             no_events: true,
+            device: crate::commands::bench_train::DeviceArg::Cpu,
             batch_size: 1,
         })?;
         let eval_dets: Vec<effdet_pipeline::coco::eval::Detection> =

@@ -229,6 +229,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         annotations: val_ann,
         out: Some(a.out.join("val_detections.json")),
         no_events: false,
+        device: crate::commands::bench_train::DeviceArg::Cpu,
         batch_size: 8,
     })?;
     eprintln!(
