@@ -8,7 +8,7 @@ use effdet_model::config::Config;
 use effdet_model::loss::detection_loss;
 use effdet_model::optim::{clip_gradients, Ema, Sgd};
 use effdet_model::{DynamicLossScaler, EfficientDet, ModelVars, Precision};
-use effdet_pipeline::loader::{Batch, Loader};
+use effdet_pipeline::loader::{Batch, ImageData, Loader};
 use std::sync::mpsc::{sync_channel, Receiver};
 
 /// Model, optimizer state and EMA of one training run.
@@ -51,7 +51,12 @@ impl BatchTensors {
     pub fn from_batch(b: &Batch, dev: &Device) -> anyhow::Result<BatchTensors> {
         let (h, w) = b.image_size;
         let bs = b.batch_size;
-        let images = Tensor::from_vec(b.buffers().images.to_f32(), (bs, 3, h, w), dev)?;
+        // f16 batches travel as f16 (half the bytes to copy) and widen on the device.
+        let shape = (bs, 3, h, w);
+        let images = match &b.buffers().images {
+            ImageData::F32(v) => Tensor::from_slice(v, shape, dev)?,
+            ImageData::F16(v) => Tensor::from_slice(v, shape, dev)?.to_dtype(DType::F32)?,
+        };
         let a = b.anchors_per_cell;
         let mut cls = Vec::new();
         let mut boxes = Vec::new();
@@ -220,5 +225,61 @@ impl DeviceFeeder {
     /// The next batch; None when the loader has ended.
     pub fn next_batch(&self) -> Option<anyhow::Result<FedBatch>> {
         self.rx.recv().ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::commands::data::{start_loader, DataArgs, DtypeArg};
+    use crate::commands::train::tests as t;
+    use effdet_pipeline::augment::Mode;
+
+    /// f16 batches reach the device as the same images (to f16 rounding) and identical targets,
+    /// through the background feeder as well as directly.
+    #[test]
+    fn f16_batches_widen_on_the_device_and_the_feeder_keeps_order() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let data = t::shards(dir.path(), 6)?;
+        let batches = |dtype: DtypeArg, feeder: bool| -> anyhow::Result<Vec<BatchTensors>> {
+            let mut d = DataArgs::for_paths(vec![data.to_string_lossy().into_owned()], 64);
+            d.threads = Some(2);
+            d.image_dtype = dtype;
+            let loader = start_loader(d.loader_config(Mode::Train, 2), d.files()?)?;
+            if feeder {
+                let f = DeviceFeeder::start(loader, Device::Cpu, 2);
+                (0..3)
+                    .map(|_| Ok(f.next_batch().expect("batch")?.tensors))
+                    .collect()
+            } else {
+                let mut loader = loader;
+                (0..3)
+                    .map(|_| {
+                        BatchTensors::from_batch(
+                            &loader.next_batch().expect("batch")?,
+                            &Device::Cpu,
+                        )
+                    })
+                    .collect()
+            }
+        };
+        let a = batches(DtypeArg::F32, false)?;
+        let b = batches(DtypeArg::F16, true)?;
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(y.images.dtype(), DType::F32);
+            let diff = (&x.images - &y.images)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert!(diff < 2e-2, "f16 images differ by {diff}");
+            assert!(diff > 0.0, "f16 rounding should show");
+            for (u, v) in x.cls.iter().zip(&y.cls).chain(x.boxes.iter().zip(&y.boxes)) {
+                let d = (u.to_dtype(DType::F64)? - v.to_dtype(DType::F64)?)?
+                    .abs()?
+                    .max_all()?;
+                assert_eq!(d.to_scalar::<f64>()?, 0.0);
+            }
+        }
+        Ok(())
     }
 }
