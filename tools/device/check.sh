@@ -65,8 +65,9 @@ done
 
 # (c) fed by the pipeline on all cores.
 p=${FED%%:*}; b=${FED##*:}
+dt=f32; [[ $p != fp32 ]] && dt=f16   # mixed precision: images travel as f16
 run "train_pipeline_${p}_b${b}" "${RT:-120}" "$BIN" bench-train --device cuda --data "$DATA" --image-size 512 \
-  --batch-size "$b" --steps "$STEPS" --warmup 3 --precision "$p" --threads "$(nproc)"
+  --batch-size "$b" --steps "$STEPS" --warmup 3 --precision "$p" --threads "$(nproc)" --image-dtype "$dt"
 
 # (d) the pipeline alone.
 run pipeline_b32 60 "$BIN" bench-pipeline --data "$DATA" --mode train --batch-size 32 --image-size 512 \
