@@ -338,7 +338,7 @@ impl Sgd {
                 self.accum[i].dims()
             );
         }
-        self.accum[i] = t.to_dtype(self.accum[i].dtype())?;
+        self.accum[i] = t.to_dtype(self.accum[i].dtype())?.contiguous()?.copy()?;
         Ok(())
     }
 
@@ -354,12 +354,10 @@ impl Sgd {
         }
         for (i, g) in grads.iter().enumerate() {
             let Some(g) = g else { continue };
-            // Detached: a gradient may carry its autograd history, which the buffer would
-            // otherwise keep alive from step to step.
-            let acc = ((&self.accum[i] * self.momentum)? + g.detach())?.detach();
-            let var = &self.vars[i].1;
-            var.set(&(var.as_tensor() - (&acc * lr)?)?)?;
-            self.accum[i] = acc;
+            // In place: accum = m·accum + g, then w = w − lr·accum (the same arithmetic as the
+            // scalar ops, one launch each and no new buffers).
+            crate::ops::axpby_inplace(&self.accum[i], g, self.momentum, 1.0)?;
+            crate::ops::axpby_inplace(self.vars[i].1.as_tensor(), &self.accum[i], 1.0, -lr)?;
         }
         Ok(())
     }
@@ -396,8 +394,8 @@ impl Ema {
     /// `shadow = d·shadow + (1 − d)·var` with `d = decay_at(num_updates)`.
     pub fn update(&mut self, num_updates: u64) -> Result<()> {
         let d = self.decay_at(num_updates);
-        for (s, (_, v)) in self.shadow.iter_mut().zip(&self.vars) {
-            *s = ((&*s * d)? + (v.as_tensor().detach() * (1.0 - d))?)?.detach();
+        for (s, (_, v)) in self.shadow.iter().zip(&self.vars) {
+            crate::ops::axpby_inplace(s, v.as_tensor(), d, 1.0 - d)?;
         }
         Ok(())
     }
@@ -424,7 +422,7 @@ impl Ema {
                 self.shadow[i].dims()
             );
         }
-        self.shadow[i] = t.to_dtype(self.shadow[i].dtype())?;
+        self.shadow[i] = t.to_dtype(self.shadow[i].dtype())?.contiguous()?.copy()?;
         Ok(())
     }
 

@@ -407,3 +407,9 @@ extern "C" __global__ void bn_scale_shift_params(const double* __restrict__ p,
         shift[i] = (float)(p[3 * C + i] - gi * p[i]);
     }
 }
+
+// x ← a·x + b·y (optimizer and moving-average updates); no fused multiply-add, as on the CPU.
+extern "C" __global__ void axpby_f32(float* __restrict__ x, const float* __restrict__ y, float a,
+                                     float b, i64 n) {
+    GRID_STRIDE(i, n) { x[i] = __fadd_rn(__fmul_rn(x[i], a), __fmul_rn(y[i], b)); }
+}

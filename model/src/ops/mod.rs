@@ -16,9 +16,11 @@
 //!   backward passes are direct reductions;
 //! - [`focal_loss_sum`]: automl's sigmoid focal loss summed over all entries, with one-hot
 //!   targets built on the fly from class ids;
+//! - [`axpby_inplace`]: `x ← a·x + b·y` in place, the optimizer's and the EMA's update;
 //! - [`upsample_nearest`]: nearest-neighbour resize (TensorFlow `resize_nearest_neighbor`
 //!   semantics) built from broadcast/index ops, so its gradient accumulates.
 
+mod axpby;
 mod batch_norm;
 mod channel;
 #[cfg(feature = "cuda")]
@@ -34,6 +36,7 @@ mod upsample;
 #[cfg(test)]
 pub(crate) mod fd;
 
+pub use axpby::axpby_inplace;
 pub use batch_norm::{
     batch_norm_eval, batch_norm_eval_resident, batch_norm_train, batch_norm_train_resident,
     Activation, BatchStats,
