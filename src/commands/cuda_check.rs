@@ -219,6 +219,22 @@ fn op_checks(gpu: &Device) -> anyhow::Result<Vec<Check>> {
         &[random(&[3, 9, 8, 33], 17)?],
         &|v| ops::spatial_mean(&v[0]),
     )?);
+    // The in-place optimizer/EMA update (no gradient).
+    {
+        let (x, y) = (random(&[1000, 37], 19)?, random(&[1000, 37], 20)?);
+        let run = |dev: &Device| -> anyhow::Result<Tensor> {
+            let (x, y) = (x.to_device(dev)?, y.to_device(dev)?);
+            ops::axpby_inplace(&x, &y, 0.9, -0.01)?;
+            Ok(x)
+        };
+        out.push(Check {
+            name: "axpby_inplace".into(),
+            output: rel_err(&run(gpu)?, &run(&Device::Cpu)?)?,
+            gradients: 0.0,
+            worst: None,
+            pass: false,
+        });
+    }
     // Class ids: −2 ignored, −1 background, 0..K−1 positives.
     let (anchors, k) = (9usize, 7usize);
     let ids: Vec<i64> = (0..2 * 6 * anchors)
