@@ -61,9 +61,9 @@ pub(crate) fn column_reduction(rows: usize, c: usize, groups: usize) -> LaunchCo
     config(super::launch::column_reduction(rows, c, groups))
 }
 
-/// The depthwise kernel gradient's launch.
-pub(crate) fn tap_reduction(positions: usize, c: usize, taps: usize) -> LaunchConfig {
-    config(super::launch::tap_reduction(positions, c, taps))
+/// The depthwise kernel gradient's launch over `rows` = B·OH output rows.
+pub(crate) fn tap_reduction(rows: usize, c: usize, taps: usize) -> LaunchConfig {
+    config(super::launch::tap_reduction(rows, c, taps))
 }
 
 /// The contiguous `T` data of a storage.
@@ -82,9 +82,15 @@ pub(crate) fn view<'a, T: CudaDType + DeviceRepr>(
 }
 
 /// The f32 data of a storage, or an error naming the op for other dtypes.
+/// Every kernel's input passes here, so this is where tensors too large for the kernels' 32-bit
+/// index arithmetic are refused.
 pub(crate) fn f32_view<'a>(op: &str, s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, f32>> {
     if s.dtype() != DType::F32 {
         return Err(dtype_error(op, s.dtype()));
+    }
+    let n = l.shape().elem_count();
+    if n > u32::MAX as usize {
+        candle_core::bail!("{op}: {n} elements exceed the CUDA kernels' 32-bit indexing");
     }
     view::<f32>(op, s, l)
 }

@@ -385,7 +385,7 @@ impl CustomOp2 for DepthwiseGradWeight {
         for v in &a {
             b.arg(v);
         }
-        cuda::launch(b, cuda::tap_reduction(g.b * g.oh * g.ow, g.c, taps))?;
+        cuda::launch(b, cuda::tap_reduction(g.b * g.oh, g.c, taps))?;
         let out = cuda::f64_to_f32(dev, &acc, taps * g.c, 1.0)?;
         Ok((cuda::wrap(dev, out), Shape::from((g.k, g.k, g.c))))
     }

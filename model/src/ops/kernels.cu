@@ -8,6 +8,11 @@ typedef long long i64;
 #define GRID_STRIDE(i, n) \
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)blockDim.x * gridDim.x)
 
+// Index decomposition uses 32-bit unsigned arithmetic (64-bit division is emulated and was the
+// bulk of these kernels' instructions): the host refuses tensors over 2^32 elements
+// (`cuda::f32_view`), so `(unsigned)i` is exact.
+typedef unsigned int u32;
+
 // Column-reduction blocks are 32 channels wide and RED_Y rows tall.
 #define RED_Y 8
 
@@ -32,12 +37,13 @@ extern "C" __global__ void dw_fwd(const float* __restrict__ x, const float* __re
                                   int OH, int OW, int PT, int PL) {
     i64 n = (i64)B * OH * OW * C;
     GRID_STRIDE(i, n) {
-        int c = (int)(i % C);
-        i64 r = i / C;
-        int ox = (int)(r % OW);
-        r /= OW;
-        int oy = (int)(r % OH);
-        int b = (int)(r / OH);
+        u32 r = (u32)i;
+        int c = (int)(r % (u32)C);
+        r /= (u32)C;
+        int ox = (int)(r % (u32)OW);
+        r /= (u32)OW;
+        int oy = (int)(r % (u32)OH);
+        int b = (int)(r / (u32)OH);
         float acc = 0.0f;
         for (int ky = 0; ky < K; ++ky) {
             int iy = oy * S + ky - PT;
@@ -57,12 +63,13 @@ extern "C" __global__ void dw_grad_input(const float* __restrict__ g, const floa
                                          int S, int OH, int OW, int PT, int PL) {
     i64 n = (i64)B * H * W * C;
     GRID_STRIDE(i, n) {
-        int c = (int)(i % C);
-        i64 r = i / C;
-        int ix = (int)(r % W);
-        r /= W;
-        int iy = (int)(r % H);
-        int b = (int)(r / H);
+        u32 r = (u32)i;
+        int c = (int)(r % (u32)C);
+        r /= (u32)C;
+        int ix = (int)(r % (u32)W);
+        r /= (u32)W;
+        int iy = (int)(r % (u32)H);
+        int b = (int)(r / (u32)H);
         float acc = 0.0f;
         for (int ky = 0; ky < K; ++ky) {
             int oyn = iy + PT - ky;
@@ -81,7 +88,8 @@ extern "C" __global__ void dw_grad_input(const float* __restrict__ g, const floa
     }
 }
 
-// grid (ceil(C/32), K·K, chunks), block (32, RED_Y); gw (f64, zeroed) [K, K, C].
+// grid (ceil(C/32), K·K, chunks), block (32, RED_Y); gw (f64, zeroed) [K, K, C]. Thread rows
+// walk output rows (b, oy); each sums its row's OW positions, so no division per position.
 extern "C" __global__ void dw_grad_weight(const float* __restrict__ x, const float* __restrict__ g,
                                           double* __restrict__ gw, int B, int H, int W, int C, int K,
                                           int S, int OH, int OW, int PT, int PL) {
@@ -89,18 +97,22 @@ extern "C" __global__ void dw_grad_weight(const float* __restrict__ x, const flo
     int c = blockIdx.x * 32 + threadIdx.x;
     int tap = blockIdx.y;
     int ky = tap / K, kx = tap % K;
-    i64 positions = (i64)B * OH * OW;
+    int rows = B * OH;
     double acc = 0.0;
     if (c < C) {
-        for (i64 p = (i64)blockIdx.z * RED_Y + threadIdx.y; p < positions;
-             p += (i64)gridDim.z * RED_Y) {
-            int ox = (int)(p % OW);
-            i64 r = p / OW;
-            int oy = (int)(r % OH);
-            int b = (int)(r / OH);
-            int iy = oy * S + ky - PT, ix = ox * S + kx - PL;
-            if (iy < 0 || iy >= H || ix < 0 || ix >= W) continue;
-            acc += (double)(x[(((i64)b * H + iy) * W + ix) * C + c] * g[p * C + c]);
+        for (int row = blockIdx.z * RED_Y + threadIdx.y; row < rows; row += gridDim.z * RED_Y) {
+            int oy = row % OH, b = row / OH;
+            int iy = oy * S + ky - PT;
+            if (iy < 0 || iy >= H) continue;
+            const float* xr = x + ((i64)b * H + iy) * W * C + c;
+            const float* gr = g + (i64)row * OW * C + c;
+            float part = 0.0f;
+            for (int ox = 0; ox < OW; ++ox) {
+                int ix = ox * S + kx - PL;
+                if (ix < 0 || ix >= W) continue;
+                part += xr[(i64)ix * C] * gr[(i64)ox * C];
+            }
+            acc += (double)part;
         }
     }
     double total = block_col_sum(acc, sh);
@@ -114,12 +126,13 @@ extern "C" __global__ void maxpool_fwd(const float* __restrict__ x, float* __res
                                        int OW, int PT, int PL) {
     i64 n = (i64)B * OH * OW * C;
     GRID_STRIDE(i, n) {
-        int c = (int)(i % C);
-        i64 r = i / C;
-        int ox = (int)(r % OW);
-        r /= OW;
-        int oy = (int)(r % OH);
-        int b = (int)(r / OH);
+        u32 r = (u32)i;
+        int c = (int)(r % (u32)C);
+        r /= (u32)C;
+        int ox = (int)(r % (u32)OW);
+        r /= (u32)OW;
+        int oy = (int)(r % (u32)OH);
+        int b = (int)(r / (u32)OH);
         int y0 = max(oy * SH - PT, 0), y1 = min(oy * SH - PT + KH, H);
         int x0 = max(ox * SW - PL, 0), x1 = min(ox * SW - PL + KW, W);
         float best = -INFINITY;
@@ -138,12 +151,13 @@ extern "C" __global__ void maxpool_grad(const float* __restrict__ x, const float
                                         int KW, int SH, int SW, int OH, int OW, int PT, int PL) {
     i64 n = (i64)B * OH * OW * C;
     GRID_STRIDE(i, n) {
-        int c = (int)(i % C);
-        i64 r = i / C;
-        int ox = (int)(r % OW);
-        r /= OW;
-        int oy = (int)(r % OH);
-        int b = (int)(r / OH);
+        u32 r = (u32)i;
+        int c = (int)(r % (u32)C);
+        r /= (u32)C;
+        int ox = (int)(r % (u32)OW);
+        r /= (u32)OW;
+        int oy = (int)(r % (u32)OH);
+        int b = (int)(r / (u32)OH);
         int y0 = max(oy * SH - PT, 0), y1 = min(oy * SH - PT + KH, H);
         int x0 = max(ox * SW - PL, 0), x1 = min(ox * SW - PL + KW, W);
         i64 img = (i64)b * H * W * C;
@@ -231,7 +245,7 @@ extern "C" __global__ void bn_apply(const float* __restrict__ x, const float* __
                                     const float* __restrict__ shift, float* __restrict__ y, i64 n,
                                     int C, int act) {
     GRID_STRIDE(i, n) {
-        int c = (int)(i % C);
+        int c = (int)((u32)i % (u32)C);
         float z = x[i] * scale[c] + shift[c];
         y[i] = act ? z / (1.0f + expf(-z)) : z;
     }
@@ -280,7 +294,7 @@ extern "C" __global__ void bn_grad_input(const float* __restrict__ x, const floa
                                          const float* __restrict__ coef, float* __restrict__ dx,
                                          i64 n, int C, int act) {
     GRID_STRIDE(i, n) {
-        int c = (int)(i % C);
+        int c = (int)((u32)i % (u32)C);
         float xh, gz;
         bn_xhat_gz(x[i], g[i], c, chan, C, act, &xh, &gz);
         dx[i] = coef[c] * gz - coef[C + c] - xh * coef[2 * C + c];
@@ -291,15 +305,15 @@ extern "C" __global__ void bn_grad_input(const float* __restrict__ x, const floa
 
 extern "C" __global__ void bias_add(const float* __restrict__ x, const float* __restrict__ b,
                                     float* __restrict__ y, i64 n, int C) {
-    GRID_STRIDE(i, n) { y[i] = x[i] + b[i % C]; }
+    GRID_STRIDE(i, n) { y[i] = x[i] + b[(u32)i % (u32)C]; }
 }
 
 // y[b, p, c] = x[b, p, c] · gate[b, c] for x [B, HW, C].
 extern "C" __global__ void channel_gate(const float* __restrict__ x, const float* __restrict__ gate,
                                         float* __restrict__ y, i64 n, i64 hw, int C) {
     GRID_STRIDE(i, n) {
-        i64 b = i / (hw * C);
-        y[i] = x[i] * gate[b * C + i % C];
+        u32 b = (u32)i / ((u32)hw * (u32)C);
+        y[i] = x[i] * gate[(i64)b * C + (u32)i % (u32)C];
     }
 }
 
@@ -356,7 +370,7 @@ __device__ __forceinline__ int focal_status(i64 id, int k, int K) {
         __shared__ double sh[256];                                                              \
         double acc = 0.0;                                                                       \
         GRID_STRIDE(i, n) {                                                                     \
-            int st = focal_status((i64)ids[i / K], (int)(i % K), K);                            \
+            int st = focal_status((i64)ids[(u32)i / (u32)K], (int)((u32)i % (u32)K), K);        \
             if (st == -2) {                                                                     \
                 bad[0] = 1;                                                                     \
             } else if (st >= 0) {                                                               \
@@ -380,7 +394,7 @@ __device__ __forceinline__ int focal_status(i64 id, int k, int K) {
         int K, double alpha, double gamma, double smoothing) {                                  \
         double s = scale[0];                                                                    \
         GRID_STRIDE(i, n) {                                                                     \
-            int st = focal_status((i64)ids[i / K], (int)(i % K), K);                            \
+            int st = focal_status((i64)ids[(u32)i / (u32)K], (int)((u32)i % (u32)K), K);        \
             if (st == -2) {                                                                     \
                 bad[0] = 1;                                                                     \
                 d[i] = 0.0f;                                                                    \

@@ -36,13 +36,14 @@ pub(crate) fn column_reduction(rows: usize, c: usize, groups: usize) -> Shape3 {
     )
 }
 
-/// The depthwise kernel gradient: (channel blocks, taps, position chunks).
-pub(crate) fn tap_reduction(positions: usize, c: usize, taps: usize) -> Shape3 {
+/// The depthwise kernel gradient: (channel blocks, taps, chunks of output rows); each thread
+/// sums whole rows (B·OH of them), at least one.
+pub(crate) fn tap_reduction(rows: usize, c: usize, taps: usize) -> Shape3 {
     let cblocks = c.div_ceil(RED_X as usize).max(1);
     let taps = taps.clamp(1, GRID_YZ_MAX);
     let want = (TARGET_BLOCKS / (cblocks * taps)).max(1);
-    let chunks = positions
-        .div_ceil(RED_Y as usize * 32)
+    let chunks = rows
+        .div_ceil(RED_Y as usize)
         .clamp(1, want.min(GRID_YZ_MAX));
     (
         (cblocks as u32, taps as u32, chunks as u32),
@@ -89,10 +90,12 @@ mod tests {
         // Per-image sums (grid z = batch).
         within_limits(column_reduction(256 * 256, 96, 64));
         within_limits(column_reduction(4, 4, 100_000));
-        for (p, c, k) in [(64 * 256 * 256, 32, 9), (64 * 16 * 16, 1152, 25), (1, 1, 1)] {
-            let s = tap_reduction(p, c, k);
+        for (rows, c, k) in [(64 * 256, 32, 9), (64 * 16, 1152, 25), (1, 1, 1)] {
+            let s = tap_reduction(rows, c, k);
             within_limits(s);
             assert_eq!(s.0 .1 as usize, k);
+            // Never more row chunks than rows per block row.
+            assert!(s.0 .2 as usize <= rows.div_ceil(RED_Y as usize));
         }
     }
 }
