@@ -222,6 +222,41 @@ fn batch_moments<T: Elem>(x: &[T], c: usize, eps: f64) -> Saved {
     Saved { mean, inv_std }
 }
 
+/// Batch moments on the GPU, in two passes as on the CPU (the mean, then the centered sum of
+/// squares): per-channel mean and 1/√(var + ε), f64, each `[C]`.
+#[cfg(feature = "cuda")]
+fn cuda_moments(
+    op: &str,
+    dev: &candle_core::CudaDevice,
+    x: &candle_core::cuda_backend::cudarc::driver::CudaView<'_, f32>,
+    rows: usize,
+    c: usize,
+    eps: f64,
+) -> Result<(
+    candle_core::cuda_backend::cudarc::driver::CudaSlice<f64>,
+    candle_core::cuda_backend::cudarc::driver::CudaSlice<f64>,
+)> {
+    use super::cuda::{self, PushKernelArg};
+    let (c32, c64, rows64) = (cuda::int(op, c)?, c as i64, rows as i64);
+    let mean = cuda::column_sums(dev, x, rows, c, 1)?;
+    let k = cuda::Kernel::new(dev, "scale_f64")?;
+    let inv_n = 1.0 / rows as f64;
+    let mut b = k.builder();
+    b.arg(&mean).arg(&inv_n).arg(&c64);
+    cuda::launch(b, cuda::elementwise(c))?;
+    let inv = cuda::zeros::<f64>(dev, c)?;
+    let k = cuda::Kernel::new(dev, "col_sq_dev")?;
+    let mut b = k.builder();
+    b.arg(x).arg(&mean).arg(&inv).arg(&rows64).arg(&c32);
+    cuda::launch(b, cuda::column_reduction(rows, c, 1))?;
+    let k = cuda::Kernel::new(dev, "bn_inv_std")?;
+    let n_f = rows as f64;
+    let mut b = k.builder();
+    b.arg(&inv).arg(&n_f).arg(&eps).arg(&c32);
+    cuda::launch(b, cuda::elementwise(c))?;
+    Ok((mean, inv))
+}
+
 /// y = act(γ·(x − mean)·inv_std + β) on the GPU, from device-side f64 statistics.
 #[cfg(feature = "cuda")]
 fn cuda_apply(
@@ -315,31 +350,14 @@ impl CustomOp3 for BnTrain {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda::{self, PushKernelArg};
+        use super::cuda;
         use candle_core::backend::BackendStorage;
         let dev = s1.device();
         let c = l2.shape().elem_count();
         let n = l1.shape().elem_count();
         let rows = n / c.max(1);
         let x = cuda::f32_view(self.name(), s1, l1)?;
-        // Two passes as on the CPU: the mean, then the centered sum of squares.
-        let mean = cuda::column_sums(dev, &x, rows, c, 1)?;
-        let (c32, c64, rows64) = (cuda::int(self.name(), c)?, c as i64, rows as i64);
-        let k = cuda::Kernel::new(dev, "scale_f64")?;
-        let inv_n = 1.0 / rows as f64;
-        let mut b = k.builder();
-        b.arg(&mean).arg(&inv_n).arg(&c64);
-        cuda::launch(b, cuda::elementwise(c))?;
-        let inv = cuda::zeros::<f64>(dev, c)?;
-        let k = cuda::Kernel::new(dev, "col_sq_dev")?;
-        let mut b = k.builder();
-        b.arg(&x).arg(&mean).arg(&inv).arg(&rows64).arg(&c32);
-        cuda::launch(b, cuda::column_reduction(rows, c, 1))?;
-        let k = cuda::Kernel::new(dev, "bn_inv_std")?;
-        let (n_f, eps) = (rows as f64, self.eps);
-        let mut b = k.builder();
-        b.arg(&inv).arg(&n_f).arg(&eps).arg(&c32);
-        cuda::launch(b, cuda::elementwise(c))?;
+        let (mean, inv) = cuda_moments(self.name(), dev, &x, rows, c, self.eps)?;
         let y = cuda_apply(
             self.name(),
             self.act,

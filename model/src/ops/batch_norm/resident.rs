@@ -99,29 +99,13 @@ impl CustomOp1 for Moments {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use crate::ops::cuda::{self, PushKernelArg};
+        use crate::ops::cuda;
         use candle_core::backend::BackendStorage;
         let dev = s.device();
         let c = self.c;
         let rows = l.shape().elem_count() / c.max(1);
         let x = cuda::f32_view(self.name(), s, l)?;
-        let (c32, c64, rows64) = (cuda::int(self.name(), c)?, c as i64, rows as i64);
-        let mean = cuda::column_sums(dev, &x, rows, c, 1)?;
-        let k = cuda::Kernel::new(dev, "scale_f64")?;
-        let inv_n = 1.0 / rows as f64;
-        let mut b = k.builder();
-        b.arg(&mean).arg(&inv_n).arg(&c64);
-        cuda::launch(b, cuda::elementwise(c))?;
-        let inv = cuda::zeros::<f64>(dev, c)?;
-        let k = cuda::Kernel::new(dev, "col_sq_dev")?;
-        let mut b = k.builder();
-        b.arg(&x).arg(&mean).arg(&inv).arg(&rows64).arg(&c32);
-        cuda::launch(b, cuda::column_reduction(rows, c, 1))?;
-        let k = cuda::Kernel::new(dev, "bn_inv_std")?;
-        let (n_f, eps) = (rows as f64, self.eps);
-        let mut b = k.builder();
-        b.arg(&inv).arg(&n_f).arg(&eps).arg(&c32);
-        cuda::launch(b, cuda::elementwise(c))?;
+        let (mean, inv) = cuda_moments(self.name(), dev, &x, rows, c, self.eps)?;
         let mut out = cuda::alloc::<f64>(dev, 2 * c)?;
         let stream = dev.cuda_stream();
         use candle_core::cuda_backend::WrapErr;
