@@ -1,7 +1,7 @@
 //! `effdet-pipeline` owns everything between files on disk and training batches:
 //! TFRecord framing ([`tfrecord`]), `tf.train.Example` messages ([`example`]), COCO
 //! annotations and conversion ([`coco`]), record sources ([`source`]), Example → sample
-//! parsing ([`sample`]), image decoding ([`decode`]), D0 augmentation ([`augment`]), anchor
+//! parsing ([`sample`]), header-only JPEG probing ([`jpeg_header`]), image decoding ([`decode`]), D0 augmentation ([`augment`]), anchor
 //! geometry ([`anchors`]) and training target assignment ([`labeler`]), and the
 //! multi-threaded batch loader ([`loader`]).
 //!
@@ -12,6 +12,7 @@ pub mod augment;
 pub mod coco;
 pub mod decode;
 pub mod example;
+pub mod jpeg_header;
 pub mod labeler;
 pub mod loader;
 pub mod sample;
