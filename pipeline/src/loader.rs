@@ -10,6 +10,12 @@
 //!
 //! Layouts: images `[B, 3, H, W]` (f32 or f16); targets level-major, each level contiguous as
 //! `[B, H_l, W_l, A]` for classes and `[B, H_l, W_l, 4A]` for boxes, `A` anchors per cell.
+//!
+//! Deferred decode ([`LoaderConfig::defer_jpeg_decode`], for a GPU decode stage): workers read
+//! only the JPEG header, sample the geometry from its size, label the anchors and leave the
+//! JPEG encoded in [`Batch::encoded`] with its [`ScaleParams`]; JPEGs the GPU decoder cannot
+//! take (see [`crate::jpeg_header::gpu_unsupported_reason`]) and other formats are decoded and
+//! rendered by the worker as usual. Labels are therefore identical in both modes.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -29,6 +35,7 @@ use crate::augment::{
 };
 use crate::decode::{DecodedImage, ImageDecoder};
 use crate::example::Example;
+use crate::jpeg_header;
 use crate::labeler::{Labeler, Targets};
 use crate::sample::Sample;
 use crate::source::{mix_seed, EpochReader, SourceConfig, SourceRecord};
@@ -67,6 +74,8 @@ pub struct LoaderConfig {
     pub cycle_length: usize,
     /// Only read, decode and resize (the pipeline's own ceiling); no labels.
     pub decode_only: bool,
+    /// Leave GPU-decodable JPEGs encoded for a GPU decode stage (see the module docs).
+    pub defer_jpeg_decode: bool,
 }
 
 impl LoaderConfig {
@@ -90,6 +99,7 @@ impl LoaderConfig {
             shuffle_buffer: if train { 64 } else { 0 },
             cycle_length: if train { 4 } else { 1 },
             decode_only: false,
+            defer_jpeg_decode: false,
         }
     }
 
@@ -165,6 +175,9 @@ pub struct Batch {
     /// Images whose original size was larger than the output etc. are all the same shape:
     /// `[batch_size, 3, H, W]`; unused slots of a short batch are zero.
     pub buffers: Option<BatchBuffers>,
+    /// Per slot (`batch_size` entries): the JPEG a GPU decode stage must still decode and
+    /// render into that slot's image, or `None` when the host images already hold it.
+    pub encoded: Vec<Option<EncodedImage>>,
     recycle: Option<Sender<BatchBuffers>>,
 }
 
@@ -190,6 +203,40 @@ impl Batch {
         let (start, len) = self.level_span(l, 4);
         &self.buffers().box_targets[start..start + len]
     }
+    /// Slots whose images a GPU stage must still produce.
+    pub fn deferred_slots(&self) -> impl Iterator<Item = (usize, &EncodedImage)> {
+        self.encoded
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| e.as_ref().map(|e| (i, e)))
+    }
+
+    /// Makes sample `slot` contribute nothing to the loss, for an image that could not be
+    /// produced after its labels were made: every anchor ignored (−2), box targets and
+    /// positives zero, no ground truth. The caller zeroes its pixels.
+    pub fn ignore_slot(&mut self, slot: usize) {
+        assert!(slot < self.batch_size, "slot {slot} out of range");
+        let (bs, a) = (self.batch_size, self.anchors_per_cell);
+        let levels = self.levels.clone();
+        let b = self
+            .buffers
+            .as_mut()
+            .expect("batch buffers present until drop");
+        if !b.cls_targets.is_empty() {
+            for lv in &levels {
+                let n = lv.height * lv.width * a;
+                let from = lv.anchor_offset * bs + slot * n;
+                b.cls_targets[from..from + n].fill(-2);
+                b.box_targets[from * 4..(from + n) * 4].fill(0.0);
+            }
+        }
+        b.num_positives[slot] = 0.0;
+        let max_inst = b.gt_classes.len() / bs;
+        b.gt_boxes[slot * max_inst * 4..(slot + 1) * max_inst * 4].fill(-1.0);
+        b.gt_classes[slot * max_inst..(slot + 1) * max_inst].fill(-1.0);
+        self.encoded[slot] = None;
+    }
+
     fn level_span(&self, l: usize, per_anchor: usize) -> (usize, usize) {
         let lv = &self.levels[l];
         let start = lv.anchor_offset * self.batch_size * per_anchor;
@@ -218,6 +265,10 @@ pub struct StageTimes {
     pub images: AtomicU64,
     pub skipped_images: AtomicU64,
     pub skipped_records: AtomicU64,
+    /// Deferred-decode mode: images left encoded for the GPU, and images the workers decoded
+    /// because the GPU decoder cannot take them.
+    pub deferred_images: AtomicU64,
+    pub cpu_fallback_images: AtomicU64,
 }
 
 impl StageTimes {
@@ -236,6 +287,8 @@ impl StageTimes {
             "augment": s(&self.augment_ns),
             "label": s(&self.label_ns),
             "batch": s(&self.batch_ns),
+            "deferred_images": self.deferred_images.load(Ordering::Relaxed),
+            "cpu_fallback_images": self.cpu_fallback_images.load(Ordering::Relaxed),
         })
     }
 }
@@ -249,9 +302,21 @@ pub struct SkippedSample {
     pub reason: String,
 }
 
+/// A JPEG left for a GPU decode stage, with the geometry its labels were computed for.
+#[derive(Debug, Clone)]
+pub struct EncodedImage {
+    pub jpeg: Bytes,
+    /// Size from the JPEG frame header.
+    pub height: u32,
+    pub width: u32,
+    pub params: ScaleParams,
+}
+
 /// One worker's output for one sample.
 struct SampleBuf {
     image: Vec<f32>,
+    /// Set instead of `image` in deferred-decode mode.
+    encoded: Option<EncodedImage>,
     targets: Targets,
     source_id: i64,
     image_scale: f32,
@@ -327,6 +392,7 @@ impl Loader {
             pool_tx
                 .send(SampleBuf {
                     image: vec![0.0; image_len],
+                    encoded: None,
                     targets: if cfg.decode_only {
                         Targets::default()
                     } else {
@@ -566,16 +632,35 @@ impl Worker {
             Err(reason) => return skip(buf, reason, None),
         };
         let t = StageTimes::add(&self.stats.parse_ns, t);
-        if let Err(e) = self.decoder.decode_into(&sample.image, &mut self.decoded) {
-            return skip(
-                buf,
-                format!("cannot decode image: {e}"),
-                Some(sample.source_id),
-            );
-        }
-        let t = StageTimes::add(&self.stats.decode_ns, t);
         let cfg = &self.cfg;
-        let (h, w) = (self.decoded.height, self.decoded.width);
+        buf.encoded = None;
+        // Deferred mode: only the header is read when the GPU decoder can take the JPEG.
+        let header = if cfg.defer_jpeg_decode {
+            jpeg_header::probe(&sample.image)
+                .ok()
+                .filter(|info| jpeg_header::gpu_unsupported_reason(info).is_none())
+        } else {
+            None
+        };
+        let (h, w) = match &header {
+            Some(info) => (info.height, info.width),
+            None => {
+                if let Err(e) = self.decoder.decode_into(&sample.image, &mut self.decoded) {
+                    return skip(
+                        buf,
+                        format!("cannot decode image: {e}"),
+                        Some(sample.source_id),
+                    );
+                }
+                if cfg.defer_jpeg_decode {
+                    self.stats
+                        .cpu_fallback_images
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                (self.decoded.height, self.decoded.width)
+            }
+        };
+        let t = StageTimes::add(&self.stats.decode_ns, t);
         let params = match cfg.mode {
             Mode::Train => {
                 let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(&[
@@ -588,7 +673,15 @@ impl Worker {
             }
             Mode::Eval => ScaleParams::eval(h, w, &cfg.augment),
         };
-        if let Err(e) = render_image(
+        if header.is_some() {
+            self.stats.deferred_images.fetch_add(1, Ordering::Relaxed);
+            buf.encoded = Some(EncodedImage {
+                jpeg: Bytes::clone(&sample.image),
+                height: h,
+                width: w,
+                params,
+            });
+        } else if let Err(e) = render_image(
             &self.decoded,
             &params,
             &cfg.augment,
@@ -698,10 +791,10 @@ impl Assembler {
                 let key = next;
                 next.1 += 1;
                 let buf = match result {
-                    WorkResult::Done(buf) => {
+                    WorkResult::Done(mut buf) => {
                         self.stats.images.fetch_add(1, Ordering::Relaxed);
                         let t = Instant::now();
-                        let full = self.add(key, &buf);
+                        let full = self.add(key, &mut buf);
                         StageTimes::add(&self.stats.batch_ns, t);
                         if let Some(full) = full {
                             if batches.send(Ok(full)).is_err() {
@@ -785,7 +878,7 @@ impl Assembler {
     }
 
     /// Copies one sample into the current batch; returns the batch when it is full.
-    fn add(&mut self, key: (u64, u64), s: &SampleBuf) -> Option<Batch> {
+    fn add(&mut self, key: (u64, u64), s: &mut SampleBuf) -> Option<Batch> {
         if self.current.is_none() {
             let buffers = self
                 .recycle_rx
@@ -803,6 +896,7 @@ impl Assembler {
                 anchors_per_cell: self.anchors_per_cell,
                 levels: self.levels.clone(),
                 buffers: Some(buffers),
+                encoded: vec![None; self.cfg.batch_size],
                 recycle: Some(self.recycle_tx.clone()),
             });
         }
@@ -815,7 +909,10 @@ impl Assembler {
         let decode_only = self.cfg.decode_only;
         let bufs = batch.buffers.as_mut().expect("buffers");
         let img = &s.image;
+        batch.encoded[slot] = s.encoded.take();
+        // A deferred image's slot is written by the GPU stage.
         match &mut bufs.images {
+            _ if batch.encoded[slot].is_some() => {}
             ImageData::F32(v) => v[slot * img.len()..(slot + 1) * img.len()].copy_from_slice(img),
             ImageData::F16(v) => {
                 for (d, &x) in v[slot * img.len()..(slot + 1) * img.len()]

@@ -227,3 +227,122 @@ fn corrupt_jpeg_in_a_shard_is_skipped_and_counted() {
     assert_eq!(log[0].offset, 0);
     assert!(log[0].reason.contains("decode"), "{}", log[0].reason);
 }
+
+/// Deferred decode: JPEGs stay encoded with the geometry the CPU path would use (rendering
+/// them with it gives the CPU loader's exact images), other formats are rendered by the
+/// workers, and every target is identical to the CPU loader's.
+#[test]
+fn deferred_decode_defers_jpegs_and_keeps_every_target() {
+    use effdet_pipeline::augment::{render_image, AugmentConfig, ImageWorkspace};
+    use effdet_pipeline::decode::{DecodedImage, ImageDecoder};
+    use std::sync::atomic::Ordering::Relaxed;
+
+    let dir = tempfile::tempdir().unwrap();
+    let files = make_shards(dir.path(), 7, 1);
+    // One PNG record among the JPEGs: the GPU decoder does not take it.
+    let mixed = dir.path().join("mixed.tfrecord");
+    let mut w = AtomicRecordWriter::create(&mixed).unwrap();
+    let mut png = std::io::Cursor::new(Vec::new());
+    image::RgbImage::from_fn(90, 50, |x, y| image::Rgb([x as u8 * 2, y as u8 * 4, 77]))
+        .write_to(&mut png, image::ImageFormat::Png)
+        .unwrap();
+    let mut f = BTreeMap::new();
+    f.insert(
+        "image/encoded".to_string(),
+        Feature::bytes([Bytes::from(png.into_inner())]),
+    );
+    f.insert(
+        "image/source_id".to_string(),
+        Feature::bytes([Bytes::from_static(b"4242")]),
+    );
+    w.write(&Example::from_features(f).encode_to_vec()).unwrap();
+    for rec in effdet_pipeline::tfrecord::RecordReader::open(&files[0]).unwrap() {
+        w.write(&rec.unwrap().payload).unwrap();
+    }
+    w.finish().unwrap();
+
+    let cpu_cfg = config(Mode::Train, 2);
+    let mut def_cfg = cpu_cfg.clone();
+    def_cfg.defer_jpeg_decode = true;
+    let start = |cfg: LoaderConfig| {
+        Loader::start(cfg, vec![mixed.clone()], labeler(128), Arc::new(CpuDecoder)).unwrap()
+    };
+    let (cpu, def) = (start(cpu_cfg), start(def_cfg));
+    let stats = def.stats.clone();
+    let aug = AugmentConfig::d0(128);
+    let mut ws = ImageWorkspace::default();
+    let mut decoded = DecodedImage::default();
+    let mut plane = vec![0.0f32; 3 * 128 * 128];
+    let (mut deferred, mut rendered) = (0, 0);
+    for (a, b) in cpu.zip(def).take(4) {
+        let (a, b) = (a.unwrap(), b.unwrap());
+        let (x, y) = (a.buffers(), b.buffers());
+        assert_eq!(x.cls_targets, y.cls_targets);
+        assert_eq!(x.box_targets, y.box_targets);
+        assert_eq!(x.num_positives, y.num_positives);
+        assert_eq!(x.source_ids, y.source_ids);
+        assert_eq!(x.image_scales, y.image_scales);
+        assert_eq!(x.gt_boxes, y.gt_boxes);
+        let (xi, yi) = (x.images.to_f32(), y.images.to_f32());
+        let n = 3 * 128 * 128;
+        assert_eq!(b.encoded.len(), b.batch_size);
+        for slot in 0..b.len {
+            let want = &xi[slot * n..(slot + 1) * n];
+            match &b.encoded[slot] {
+                Some(e) => {
+                    deferred += 1;
+                    CpuDecoder.decode_into(&e.jpeg, &mut decoded).unwrap();
+                    assert_eq!((decoded.height, decoded.width), (e.height, e.width));
+                    render_image(&decoded, &e.params, &aug, &mut ws, &mut plane).unwrap();
+                    assert_eq!(
+                        plane, want,
+                        "slot {slot}: geometry differs from the CPU path"
+                    );
+                }
+                None => {
+                    rendered += 1;
+                    assert_eq!(y.source_ids[slot], 4242, "only the PNG is rendered");
+                    assert_eq!(&yi[slot * n..(slot + 1) * n], want);
+                }
+            }
+        }
+        assert_eq!(
+            b.deferred_slots().count(),
+            b.encoded.iter().flatten().count()
+        );
+    }
+    // 8 records per epoch, 16 samples: the PNG comes twice.
+    assert_eq!((deferred, rendered), (14, 2));
+    assert!(stats.cpu_fallback_images.load(Relaxed) >= 2);
+    assert!(stats.deferred_images.load(Relaxed) >= 14);
+}
+
+/// A slot blanked after labelling contributes nothing: all anchors ignored, no positives.
+#[test]
+fn ignore_slot_neutralizes_one_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = make_shards(dir.path(), 8, 1);
+    let mut cfg = config(Mode::Train, 1);
+    cfg.defer_jpeg_decode = true;
+    let mut loader = Loader::start(cfg, files, labeler(128), Arc::new(CpuDecoder)).unwrap();
+    let mut b = loader.next_batch().unwrap().unwrap();
+    let before = b.buffers().cls_targets.clone();
+    assert!(b.buffers().num_positives[1] > 0.0);
+    b.ignore_slot(1);
+    assert!(b.encoded[1].is_none() && b.encoded[0].is_some());
+    let per_image = b.num_anchors();
+    for l in 0..b.levels.len() {
+        let (lv, a) = (&b.levels[l], b.anchors_per_cell);
+        let n = lv.height * lv.width * a;
+        let cls = b.cls_targets(l);
+        assert!(cls[n..2 * n].iter().all(|&c| c == -2));
+        assert!(b.box_targets(l)[4 * n..8 * n].iter().all(|&v| v == 0.0));
+        // Other slots untouched.
+        let start = lv.anchor_offset * b.batch_size;
+        assert_eq!(cls[..n], before[start..start + n]);
+    }
+    let bufs = b.buffers();
+    assert_eq!(bufs.num_positives[1], 0.0);
+    assert!(bufs.gt_classes[100..200].iter().all(|&c| c == -1.0));
+    assert_eq!(bufs.cls_targets.len(), per_image * b.batch_size);
+}

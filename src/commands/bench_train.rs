@@ -53,6 +53,8 @@ pub struct Args {
     /// Time the model alone on one batch reused every step (no data wait).
     #[arg(long)]
     pub reuse_batch: bool,
+    #[command(flatten)]
+    pub feed: super::data::FeedArgs,
     /// Constant learning rate of the timed steps.
     #[arg(long, default_value_t = 0.01)]
     pub lr: f64,
@@ -78,6 +80,9 @@ pub struct Report {
     pub gpu_mem_mb: Option<f64>,
     /// Peak of the stream-ordered pool during the timed steps (the in-step high-water mark).
     pub gpu_peak_mb: Option<f64>,
+    /// How batches reached the device (`--feed`), and the nvJPEG stage's decoder counts.
+    pub feed_mode: super::step::FeedMode,
+    pub gpu_decode: Option<serde_json::Value>,
     pub peak_rss_mb: f64,
     pub skipped_steps: u64,
     pub loss_first: f64,
@@ -95,12 +100,20 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
 pub fn device(d: DeviceArg) -> anyhow::Result<Device> {
     Ok(match d {
         DeviceArg::Cpu => Device::Cpu,
-        DeviceArg::Cuda => Device::new_cuda(0).map_err(|e| {
-            anyhow::anyhow!(
-                "--device cuda: {e} (build with --features cuda: tools/device/build.sh)"
-            )
-        })?,
+        DeviceArg::Cuda => cuda_device()?,
     })
+}
+
+/// The first CUDA GPU, with cudarc's automatic cross-stream event tracking off (see
+/// `cuda_feed`): candle uses one stream, so the events it would create per allocation are
+/// pure overhead, and the feed's copy stream synchronizes by hand.
+pub fn cuda_device() -> anyhow::Result<Device> {
+    let dev = Device::new_cuda(0).map_err(|e| {
+        anyhow::anyhow!("--device cuda: {e} (build with --features cuda: tools/device/build.sh)")
+    })?;
+    #[cfg(feature = "cuda")]
+    super::cuda_feed::disable_event_tracking(dev.as_cuda_device()?);
+    Ok(dev)
 }
 
 /// Peak bytes (MiB) in use in the device's default memory pool (the one candle's stream-ordered
@@ -171,8 +184,9 @@ pub fn bench(a: &Args) -> anyhow::Result<Report> {
     lcfg.augment.jitter_min = cfg.input.jitter_min as f32;
     lcfg.augment.jitter_max = cfg.input.jitter_max as f32;
     lcfg.augment.hflip = cfg.input.input_rand_hflip;
-    // Batches reach the device through the background uploader, two ahead (as in `train`).
-    let feeder = DeviceFeeder::start(start_loader(lcfg, a.data.files()?)?, dev.clone(), 2);
+    // Batches reach the device through the background feed, two ahead (as in `train`).
+    let feed = a.feed.apply(&mut lcfg, 2);
+    let feeder = DeviceFeeder::start(start_loader(lcfg, a.data.files()?)?, dev.clone(), feed)?;
     let next = || -> anyhow::Result<BatchTensors> {
         Ok(feeder
             .next_batch()
@@ -246,6 +260,8 @@ pub fn bench(a: &Args) -> anyhow::Result<Report> {
         data_wait_share: wait / secs,
         gpu_mem_mb: peak_mem,
         gpu_peak_mb,
+        feed_mode: a.feed.feed,
+        gpu_decode: feeder.gpu_decode_counts(),
         peak_rss_mb: peak_rss_mb(),
         loss_first,
         loss_last,

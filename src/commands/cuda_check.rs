@@ -36,6 +36,8 @@ struct Check {
     gradients: f64,
     /// The variable with the largest gradient error (model check).
     worst: Option<String>,
+    /// Largest accepted error (the tolerance, unless the check sets its own).
+    limit: Option<f64>,
     pass: bool,
 }
 
@@ -108,6 +110,7 @@ fn check_op(name: &str, gpu: &Device, inputs: &[Tensor], f: &OpFn) -> anyhow::Re
         output,
         gradients,
         worst: None,
+        limit: None,
         pass: false,
     })
 }
@@ -232,6 +235,7 @@ fn op_checks(gpu: &Device) -> anyhow::Result<Vec<Check>> {
             output: rel_err(&run(gpu)?, &run(&Device::Cpu)?)?,
             gradients: 0.0,
             worst: None,
+            limit: None,
             pass: false,
         });
     }
@@ -320,19 +324,167 @@ fn model_check(a: &Args, gpu: &Device) -> anyhow::Result<Check> {
         output,
         gradients: worst,
         worst: worst_name,
+        limit: None,
         pass: false,
     })
 }
 
+/// The copy-stream feed (pinned buffers, own stream, hand-made events) against the simple feed:
+/// three batches must arrive identical.
+fn feed_check(a: &Args, gpu: &Device) -> anyhow::Result<Check> {
+    use super::step::{DeviceFeeder, FeedMode, FeedOptions};
+    let mut got = Vec::new();
+    for mode in [FeedMode::Simple, FeedMode::CopyStream] {
+        let lcfg = a.data.loader_config(Mode::Train, a.batch_size);
+        let feeder = DeviceFeeder::start(
+            start_loader(lcfg, a.data.files()?)?,
+            gpu.clone(),
+            FeedOptions {
+                mode,
+                ..FeedOptions::new(2)
+            },
+        )?;
+        let mut batches = Vec::new();
+        for _ in 0..3 {
+            let b = feeder
+                .next_batch()
+                .ok_or_else(|| anyhow::anyhow!("the input pipeline ended"))??;
+            batches.push(b.tensors);
+        }
+        got.push(batches);
+    }
+    let (mut images, mut targets) = (0f64, 0f64);
+    for (s, c) in got[0].iter().zip(&got[1]) {
+        images = images.max(rel_err(&c.images, &s.images)?);
+        for (x, y) in c.cls.iter().zip(&s.cls).chain(c.boxes.iter().zip(&s.boxes)) {
+            targets = targets.max(rel_err(x, y)?);
+        }
+        targets = targets.max(rel_err(&c.num_positives, &s.num_positives)?);
+    }
+    Ok(Check {
+        name: "copy-stream feed = simple feed (3 batches; output: images, gradients: targets)"
+            .into(),
+        output: images,
+        gradients: targets,
+        worst: None,
+        limit: Some(0.0),
+        pass: false,
+    })
+}
+
+/// The nvJPEG stage: (1) with every image decoded on the CPU, the render kernel must equal
+/// `render_reference` exactly; (2) decoded by nvJPEG, targets must equal the CPU loader's
+/// bit for bit and images agree to decoder differences (IDCT and chroma upsampling).
+#[cfg(feature = "nvjpeg")]
+fn nvjpeg_checks(a: &Args, gpu: &Device) -> anyhow::Result<Vec<Check>> {
+    use effdet_pipeline::augment::AugmentConfig;
+    use effdet_pipeline::decode::{CpuDecoder, DecodedImage, ImageDecoder};
+    use effdet_pipeline::deferred::{render_reference, DecodePlan};
+    use effdet_pipeline::nvjpeg::stage::NvjpegStage;
+
+    let stream = gpu.as_cuda_device()?.cuda_stream();
+    let size = a.data.image_size;
+    let image_len = 3 * (size * size) as usize;
+    let mut cpu_cfg = a.data.loader_config(Mode::Train, a.batch_size);
+    cpu_cfg.image_dtype = effdet_pipeline::loader::ImageDtype::F32;
+    let mut gpu_cfg = cpu_cfg.clone();
+    gpu_cfg.defer_jpeg_decode = true;
+    let mut cpu_loader = start_loader(cpu_cfg, a.data.files()?)?;
+    let mut gpu_loader = start_loader(gpu_cfg, a.data.files()?)?;
+    let aug = AugmentConfig {
+        image_size: (size, size),
+        ..AugmentConfig::d0(size)
+    };
+    let mut checks = Vec::new();
+    for force_cpu in [true, false] {
+        let mut stage = NvjpegStage::new(stream.clone(), aug.clone())?;
+        stage.force_cpu_decode = force_cpu;
+        let (mut image_err, mut target_err, mut deferred) = (0f64, 0f64, 0usize);
+        for _ in 0..2 {
+            let cpu_b = cpu_loader
+                .next_batch()
+                .ok_or_else(|| anyhow::anyhow!("the input pipeline ended"))??;
+            let mut gpu_b = gpu_loader
+                .next_batch()
+                .ok_or_else(|| anyhow::anyhow!("the input pipeline ended"))??;
+            // The reference images: CPU path, or the render kernel's arithmetic on CPU-decoded
+            // pixels.
+            let mut want = cpu_b.buffers().images.to_f32();
+            let plan = DecodePlan::new(gpu_b.deferred_slots());
+            deferred += plan.jobs.len();
+            if force_cpu {
+                let mut img = DecodedImage::default();
+                for job in &plan.jobs {
+                    let slot = job.slot as usize;
+                    let jpeg = &gpu_b.encoded[slot].as_ref().expect("deferred").jpeg;
+                    CpuDecoder
+                        .decode_into(jpeg, &mut img)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    render_reference(
+                        &img,
+                        job,
+                        &aug,
+                        &mut want[slot * image_len..(slot + 1) * image_len],
+                    );
+                }
+            }
+            let mut out = stream.alloc_zeros::<f32>(gpu_b.batch_size * image_len)?;
+            stage.produce(&mut gpu_b, &mut out)?;
+            let got = stream.clone_dtoh(&out)?;
+            let t = |v: Vec<f32>| Tensor::from_vec(v, image_len * gpu_b.batch_size, &Device::Cpu);
+            image_err = image_err.max(rel_err(&t(got)?, &t(want)?)?);
+            let f = |v: &[i32]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+            let (cg, cc) = (&gpu_b.buffers().cls_targets, &cpu_b.buffers().cls_targets);
+            let n = cg.len();
+            target_err = target_err.max(rel_err(
+                &Tensor::from_vec(f(cg), n, &Device::Cpu)?,
+                &Tensor::from_vec(f(cc), n, &Device::Cpu)?,
+            )?);
+            let (bg, bc) = (&gpu_b.buffers().box_targets, &cpu_b.buffers().box_targets);
+            target_err = target_err.max(rel_err(
+                &Tensor::from_slice(bg, bg.len(), &Device::Cpu)?,
+                &Tensor::from_slice(bc, bc.len(), &Device::Cpu)?,
+            )?);
+        }
+        let c = stage.counts;
+        checks.push(Check {
+            name: if force_cpu {
+                format!("render kernel = render_reference ({deferred} images, CPU-decoded)")
+            } else {
+                format!(
+                    "nvJPEG {} vs CPU path ({deferred} images: hardware {}, cuda {}, single {}, \
+                     cpu {}, blank {}; output: images, gradients: targets)",
+                    stage.version(),
+                    c.hardware,
+                    c.cuda_batched,
+                    c.cuda_single,
+                    c.cpu,
+                    c.blank
+                )
+            },
+            output: image_err,
+            gradients: target_err,
+            worst: stage.hardware_unavailable.clone(),
+            // Exact arithmetic on equal pixels; different JPEG decoders give a few levels.
+            limit: Some(if force_cpu { 1e-6 } else { 0.05 }),
+            pass: false,
+        });
+    }
+    Ok(checks)
+}
+
 pub fn run(a: Args) -> anyhow::Result<i32> {
-    let gpu = Device::new_cuda(0).map_err(|e| {
-        anyhow::anyhow!("cuda-check needs a CUDA build and a GPU: {e} (tools/device/build.sh)")
-    })?;
+    let gpu = super::bench_train::cuda_device()
+        .map_err(|e| anyhow::anyhow!("cuda-check needs a CUDA build and a GPU: {e}"))?;
     candle_core::cuda::set_gemm_reduced_precision_f32(false);
     let mut checks = op_checks(&gpu)?;
     checks.push(model_check(&a, &gpu)?);
+    checks.push(feed_check(&a, &gpu)?);
+    #[cfg(feature = "nvjpeg")]
+    checks.extend(nvjpeg_checks(&a, &gpu)?);
     for c in checks.iter_mut() {
-        c.pass = c.output <= a.tolerance && c.gradients <= a.tolerance;
+        let limit = c.limit.unwrap_or(a.tolerance);
+        c.pass = c.output <= limit && c.gradients <= limit;
     }
     let pass = checks.iter().all(|c| c.pass);
     let report = Report {

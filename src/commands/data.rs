@@ -144,3 +144,40 @@ pub fn cpu_seconds() -> f64 {
         })
         .unwrap_or(0.0)
 }
+
+/// How training batches reach the device (`train`, `bench-train`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct FeedArgs {
+    /// Batch feed: `auto` is the copy stream on CUDA and the simple feed on the CPU.
+    #[arg(long, value_enum, default_value_t = super::step::FeedMode::Auto)]
+    pub feed: super::step::FeedMode,
+    /// Decode JPEGs on the GPU with nvJPEG (CUDA binary built with the nvjpeg feature): the
+    /// loader's workers only read JPEG headers, sample the augmentation and make the labels.
+    #[arg(long)]
+    pub gpu_decode: bool,
+}
+
+impl Default for FeedArgs {
+    fn default() -> FeedArgs {
+        FeedArgs {
+            feed: super::step::FeedMode::Auto,
+            gpu_decode: false,
+        }
+    }
+}
+
+impl FeedArgs {
+    /// Feed options with `depth` batches ahead; adjusts the loader for GPU decoding.
+    pub fn apply(&self, lcfg: &mut LoaderConfig, depth: usize) -> super::step::FeedOptions {
+        if self.gpu_decode {
+            lcfg.defer_jpeg_decode = true;
+            // The GPU renders f32; host-rendered fallbacks then need no conversion.
+            lcfg.image_dtype = ImageDtype::F32;
+        }
+        super::step::FeedOptions {
+            depth,
+            mode: self.feed,
+            gpu_decode: self.gpu_decode,
+        }
+    }
+}

@@ -5,6 +5,8 @@ pub mod bench_pipeline;
 pub mod bench_train;
 pub mod coco_eval;
 pub mod cuda_check;
+#[cfg(feature = "cuda")]
+pub mod cuda_feed;
 pub mod data;
 pub mod dump_batch;
 pub mod eval;

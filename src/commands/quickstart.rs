@@ -178,6 +178,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         config: "efficientdet-d0".into(),
         precision: effdet_model::Precision::F32,
         device: super::bench_train::DeviceArg::Cpu,
+        feed: Default::default(),
         data,
         out: run_dir.clone(),
         resume: false,

@@ -192,16 +192,64 @@ pub struct FedBatch {
     pub len: usize,
 }
 
-/// Uploads loader batches to the device on a background thread, `depth` batches ahead, so the
-/// host-side conversion and copy of the next batch overlap the current step. Order is the
-/// loader's; an error ends the stream after being delivered.
-pub struct DeviceFeeder {
-    rx: Receiver<anyhow::Result<FedBatch>>,
+/// How batches reach the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FeedMode {
+    /// The copy stream on CUDA devices, the simple feed elsewhere.
+    Auto,
+    /// A background thread converts and uploads batches on the model's own stream.
+    Simple,
+    /// CUDA: pinned staging buffers and a separate copy stream (see `cuda_feed`).
+    CopyStream,
+}
+
+/// Feed settings.
+#[derive(Clone, Copy, Debug)]
+pub struct FeedOptions {
+    /// Batches prepared ahead of the consumer.
+    pub depth: usize,
+    pub mode: FeedMode,
+    /// Decode JPEGs on the GPU with nvJPEG (copy-stream feed; the loader must defer decoding).
+    pub gpu_decode: bool,
+}
+
+impl FeedOptions {
+    pub fn new(depth: usize) -> FeedOptions {
+        FeedOptions {
+            depth,
+            mode: FeedMode::Auto,
+            gpu_decode: false,
+        }
+    }
+}
+
+/// Brings loader batches to the device `depth` batches ahead, so the host-side conversion and
+/// copy of the next batch overlap the current step. Order is the loader's; an error ends the
+/// stream after being delivered.
+pub enum DeviceFeeder {
+    /// A thread converts and uploads on the model's stream.
+    Simple(Receiver<anyhow::Result<FedBatch>>),
+    #[cfg(feature = "cuda")]
+    CopyStream(super::cuda_feed::CudaFeeder),
 }
 
 impl DeviceFeeder {
-    pub fn start(mut loader: Loader, dev: Device, depth: usize) -> DeviceFeeder {
-        let (tx, rx) = sync_channel(depth.max(1));
+    pub fn start(loader: Loader, dev: Device, opts: FeedOptions) -> anyhow::Result<DeviceFeeder> {
+        let copy_stream = match opts.mode {
+            FeedMode::Auto => dev.is_cuda(),
+            FeedMode::Simple => false,
+            FeedMode::CopyStream => true,
+        };
+        anyhow::ensure!(
+            copy_stream || !opts.gpu_decode,
+            "GPU decoding runs on the copy-stream feed"
+        );
+        if copy_stream {
+            return Self::start_copy_stream(loader, &dev, opts);
+        }
+        let (tx, rx) = sync_channel(opts.depth.max(1));
+        let mut loader = loader;
         std::thread::spawn(move || {
             while let Some(b) = loader.next_batch() {
                 let item = b.and_then(|b| {
@@ -219,12 +267,50 @@ impl DeviceFeeder {
                 }
             }
         });
-        DeviceFeeder { rx }
+        Ok(DeviceFeeder::Simple(rx))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn start_copy_stream(
+        loader: Loader,
+        dev: &Device,
+        opts: FeedOptions,
+    ) -> anyhow::Result<DeviceFeeder> {
+        let cuda = dev
+            .as_cuda_device()
+            .map_err(|_| anyhow::anyhow!("the copy-stream feed needs a CUDA device"))?;
+        let copts = super::cuda_feed::CudaFeedOptions {
+            depth: opts.depth,
+            gpu_decode: opts.gpu_decode,
+        };
+        Ok(DeviceFeeder::CopyStream(
+            super::cuda_feed::CudaFeeder::start(loader, cuda.clone(), copts)?,
+        ))
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn start_copy_stream(_: Loader, _: &Device, _: FeedOptions) -> anyhow::Result<DeviceFeeder> {
+        anyhow::bail!("the copy-stream feed needs a binary built with --features cuda")
     }
 
     /// The next batch; None when the loader has ended.
     pub fn next_batch(&self) -> Option<anyhow::Result<FedBatch>> {
-        self.rx.recv().ok()
+        match self {
+            DeviceFeeder::Simple(rx) => rx.recv().ok(),
+            #[cfg(feature = "cuda")]
+            DeviceFeeder::CopyStream(f) => f.next_batch(),
+        }
+    }
+
+    /// nvJPEG stage counters, when the GPU decodes.
+    pub fn gpu_decode_counts(&self) -> Option<serde_json::Value> {
+        match self {
+            #[cfg(feature = "nvjpeg")]
+            DeviceFeeder::CopyStream(f) => {
+                serde_json::to_value(*f.stage_counts.lock().expect("stage counts")).ok()
+            }
+            _ => None,
+        }
     }
 }
 
@@ -234,6 +320,50 @@ mod tests {
     use crate::commands::data::{start_loader, DataArgs, DtypeArg};
     use crate::commands::train::tests as t;
     use effdet_pipeline::augment::Mode;
+
+    /// Feed selection: GPU decoding only on the copy stream, the copy stream only on CUDA
+    /// builds; `--gpu-decode` makes the loader defer JPEGs and keep f32 images.
+    #[test]
+    fn feed_options_are_validated_and_gpu_decode_defers_jpegs() -> anyhow::Result<()> {
+        use crate::commands::data::FeedArgs;
+        let dir = tempfile::tempdir()?;
+        let data = t::shards(dir.path(), 4)?;
+        let d = DataArgs::for_paths(vec![data.to_string_lossy().into_owned()], 64);
+        let loader = || start_loader(d.loader_config(Mode::Train, 2), d.files().unwrap());
+        let simple_gpu = FeedOptions {
+            mode: FeedMode::Simple,
+            gpu_decode: true,
+            ..FeedOptions::new(2)
+        };
+        let err = DeviceFeeder::start(loader()?, Device::Cpu, simple_gpu)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("copy-stream"), "{err}");
+        let copy = FeedOptions {
+            mode: FeedMode::CopyStream,
+            ..FeedOptions::new(2)
+        };
+        assert!(DeviceFeeder::start(loader()?, Device::Cpu, copy).is_err());
+        // auto on the CPU is the simple feed.
+        let f = DeviceFeeder::start(loader()?, Device::Cpu, FeedOptions::new(2))?;
+        assert!(matches!(f, DeviceFeeder::Simple(_)));
+        assert!(f.gpu_decode_counts().is_none());
+
+        let mut lcfg = d.loader_config(Mode::Train, 2);
+        lcfg.image_dtype = effdet_pipeline::loader::ImageDtype::F16;
+        let args = FeedArgs {
+            gpu_decode: true,
+            ..FeedArgs::default()
+        };
+        let opts = args.apply(&mut lcfg, 3);
+        assert!(lcfg.defer_jpeg_decode && opts.gpu_decode);
+        assert_eq!(lcfg.image_dtype, effdet_pipeline::loader::ImageDtype::F32);
+        assert_eq!((opts.depth, opts.mode), (3, FeedMode::Auto));
+        let mut plain = d.loader_config(Mode::Train, 2);
+        FeedArgs::default().apply(&mut plain, 2);
+        assert!(!plain.defer_jpeg_decode);
+        Ok(())
+    }
 
     /// f16 batches reach the device as the same images (to f16 rounding) and identical targets,
     /// through the background feeder as well as directly.
@@ -247,7 +377,7 @@ mod tests {
             d.image_dtype = dtype;
             let loader = start_loader(d.loader_config(Mode::Train, 2), d.files()?)?;
             if feeder {
-                let f = DeviceFeeder::start(loader, Device::Cpu, 2);
+                let f = DeviceFeeder::start(loader, Device::Cpu, FeedOptions::new(2))?;
                 (0..3)
                     .map(|_| Ok(f.next_batch().expect("batch")?.tensors))
                     .collect()

@@ -68,6 +68,8 @@ pub struct Args {
     /// Run on the CPU or the first CUDA GPU (CUDA builds).
     #[arg(long, value_enum, default_value_t = super::bench_train::DeviceArg::Cpu)]
     pub device: super::bench_train::DeviceArg,
+    #[command(flatten)]
+    pub feed: super::data::FeedArgs,
 }
 
 /// Loads a config file or built-in name and applies `section.key=value` overrides.
@@ -258,7 +260,8 @@ pub fn train(a: &Args) -> anyhow::Result<TrainSummary> {
     lcfg.augment.hflip = cfg.input.input_rand_hflip;
     lcfg.start_epoch = next_epoch;
     lcfg.skip_samples = next_seq;
-    let feeder = DeviceFeeder::start(start_loader(lcfg, files)?, dev.clone(), 2);
+    let feed = a.feed.apply(&mut lcfg, 2);
+    let feeder = DeviceFeeder::start(start_loader(lcfg, files)?, dev.clone(), feed)?;
     let mut events = EventWriter::create(&a.out)?;
 
     let end = schedule.total_steps.min(
@@ -489,6 +492,7 @@ pub(crate) mod tests {
             data: d,
             precision: effdet_model::Precision::F32,
             device: crate::commands::bench_train::DeviceArg::Cpu,
+            feed: Default::default(),
             out: out.to_path_buf(),
             resume: false,
             steps: Some(steps),

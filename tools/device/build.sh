@@ -7,11 +7,11 @@
 # driver library takes its place. Everything lands under target/cuda (ignored); the stripped
 # binary goes to target/device/effdet, the folder the device call carries.
 #
-# Usage: tools/device/build.sh [--features cudnn|cuda]   (default: cudnn)
+# Usage: tools/device/build.sh [--features LIST]   (default: cudnn,nvjpeg)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
-FEATURES=cudnn
+FEATURES=cudnn,nvjpeg
 if [[ "${1:-}" == "--features" ]]; then FEATURES=$2; fi
 
 CU=$ROOT/target/cuda
@@ -71,4 +71,10 @@ cargo build --release --features "$FEATURES" --bin effdet
 mkdir -p "$ROOT/target/device"
 strip -o "$ROOT/target/device/effdet" "$CARGO_TARGET_DIR/release/effdet"
 ls -la "$ROOT/target/device/effdet"
+# nvJPEG travels with the binary (PyTorch's CUDA wheels do not ship it); it is self-contained
+# (CUDA runtime linked in), ~3 MB compressed. check.sh unpacks it onto LD_LIBRARY_PATH.
+if [[ $FEATURES == *nvjpeg* ]]; then
+  mkdir -p "$ROOT/target/device/lib"
+  xz -T2 -6 -c "$CUDA/lib/libnvjpeg.so.13" > "$ROOT/target/device/lib/libnvjpeg.so.13.xz"
+fi
 echo "built target/device/effdet (features: $FEATURES)"

@@ -2,10 +2,13 @@
 # The GPU device check, run on the lent machine from the repo root with target/device carried
 # (the CUDA effdet binary from tools/device/build.sh, coco_tiny shards in target/device/data)
 # and .whl carried for the PyTorch baseline (tools/device/fetch_wheels.sh).
-#   (a) cuda-check: every own op and the whole D0 loss + gradients, GPU against CPU (fp32);
+#   (a) cuda-check: every own op and the whole D0 loss + gradients, GPU against CPU (fp32), the
+#       copy-stream feed against the simple feed, the nvJPEG render kernel against its CPU
+#       reference and nvJPEG batches against CPU-decoded ones;
 #   (b) bench-train on one reused batch: 512², batch 16/32/64, fp32 (TF32) and mixed precision;
-#   (c) bench-train fed by the real pipeline (all CPU cores) with its data-wait share;
-#   (d) the input pipeline alone on all cores;
+#   (c) bench-train fed by the real pipeline (all CPU cores) with its data-wait share: the simple
+#       feed, the copy-stream feed, and the copy-stream feed with nvJPEG decoding;
+#   (d) the input pipeline alone on all cores, CPU decode and nvJPEG decode;
 #   (e) PyTorch effdet tf_efficientdet_d0 training step, same batch sizes, AMP and fp32.
 # Writes summary.json and results.tgz (every JSON line and log) under $OUT and prints a table
 # last. Each step has a timeout so the whole script ends well inside 10 minutes.
@@ -38,6 +41,13 @@ chmod +x "$BIN"
 NV=$(python3 -c "import nvidia; print(list(nvidia.__path__)[0])" 2>/dev/null)
 LIBS=$(find "$NV" -maxdepth 3 -type d -name lib 2>/dev/null | tr '\n' ':')
 export LD_LIBRARY_PATH="${LIBS}${LD_LIBRARY_PATH:-}"
+# nvJPEG (loaded at run time by the nvjpeg feature) comes with the binary.
+if [[ -f $DEV/lib/libnvjpeg.so.13.xz ]]; then
+  mkdir -p /tmp/effdet_lib
+  python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" \
+    "$DEV/lib/libnvjpeg.so.13.xz" /tmp/effdet_lib/libnvjpeg.so.13
+  export LD_LIBRARY_PATH="/tmp/effdet_lib:$LD_LIBRARY_PATH"
+fi
 if ! ldd "$BIN" | tee "$OUT/ldd.txt" | grep -q "not found"; then log "all libraries found"; else
   log "missing libraries:"; grep "not found" "$OUT/ldd.txt"; fi
 
@@ -63,15 +73,21 @@ for pb in $RUNS; do
     --batch-size "$b" --steps "$STEPS" --warmup 3 --precision "$p" --reuse-batch
 done
 
-# (c) fed by the pipeline on all cores.
+# (c) fed by the pipeline on all cores: simple feed, copy stream, copy stream + nvJPEG.
 p=${FED%%:*}; b=${FED##*:}
 dt=f32; [[ $p != fp32 ]] && dt=f16   # mixed precision: images travel as f16
-run "train_pipeline_${p}_b${b}" "${RT:-120}" "$BIN" bench-train --device cuda --data "$DATA" --image-size 512 \
-  --batch-size "$b" --steps "$STEPS" --warmup 3 --precision "$p" --threads "$(nproc)" --image-dtype "$dt"
+for feed in ${FEEDS:-simple copy-stream nvjpeg}; do
+  extra=(--feed "$feed"); [[ $feed == nvjpeg ]] && extra=(--feed copy-stream --gpu-decode)
+  run "train_pipeline_${feed}_${p}_b${b}" "${RT:-120}" "$BIN" bench-train --device cuda --data "$DATA" \
+    --image-size 512 --batch-size "$b" --steps "$STEPS" --warmup 3 --precision "$p" --threads "$(nproc)" \
+    --image-dtype "$dt" "${extra[@]}"
+done
 
-# (d) the pipeline alone.
+# (d) the pipeline alone: CPU decode, then nvJPEG decode + GPU render (workers only label).
 run pipeline_b32 60 "$BIN" bench-pipeline --data "$DATA" --mode train --batch-size 32 --image-size 512 \
   --batches 40 --threads "$(nproc)"
+run pipeline_nvjpeg_b32 60 "$BIN" bench-pipeline --data "$DATA" --mode train --batch-size 32 --image-size 512 \
+  --batches 40 --threads "$(nproc)" --gpu-decode
 
 # (e) PyTorch effdet, same shapes, random inputs.
 if ls .whl/*.whl > /dev/null 2>&1; then
@@ -102,12 +118,12 @@ for f in sorted(glob.glob(os.path.join(out, "*.json"))):
     except Exception as e:
         summary[name] = {"error": f"unreadable: {e}"}
 json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1)
-print("\n%-26s %10s %9s %9s %8s %9s" % ("run", "img/s", "step ms", "wait ms", "wait %", "mem MiB"))
+print("\n%-36s %10s %9s %9s %8s %9s" % ("run", "img/s", "step ms", "wait ms", "wait %", "mem MiB"))
 for k, v in summary.items():
     if not isinstance(v, dict) or "images_per_sec" not in v:
         continue
     mem = v.get("gpu_peak_mb") or v.get("gpu_mem_mb")
-    print("%-26s %10.1f %9.1f %9s %8s %9s" % (
+    print("%-36s %10.1f %9.1f %9s %8s %9s" % (
         k, v["images_per_sec"], v.get("step_ms", float("nan")),
         "%.1f" % v["data_wait_ms"] if "data_wait_ms" in v else "-",
         "%.1f" % (100 * v["data_wait_share"]) if "data_wait_share" in v else "-",
@@ -117,6 +133,11 @@ if isinstance(c, dict) and "checks" in c:
     print("\ncuda-check pass=%s (tolerance %g)" % (c["pass"], c["tolerance"]))
     for ch in c["checks"]:
         print("  %-45s out %.2e grad %.2e %s" % (ch["name"], ch["output"], ch["gradients"], "ok" if ch["pass"] else "FAIL " + str(ch.get("worst"))))
+g = summary.get("pipeline_nvjpeg_b32")
+if isinstance(g, dict) and isinstance(g.get("gpu_decode"), dict):
+    d = g["gpu_decode"]
+    print("\nnvJPEG %s: stage %.0f img/s, decoders %s, hardware note: %s" % (
+        d.get("nvjpeg_version"), d.get("gpu_stage_images_per_sec", 0), d.get("counts"), d.get("hardware_unavailable")))
 PY
 cp "$OUT/summary.json" "$FINAL/summary.json"
 tar czf "$FINAL/results.tgz" -C "$OUT" .
