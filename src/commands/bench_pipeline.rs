@@ -28,6 +28,10 @@ pub struct Args {
     /// feature): workers only read headers (and make labels); each batch is synchronized.
     #[arg(long)]
     gpu_decode: bool,
+    /// Workers read only JPEG headers and make the labels, leaving pixels to a GPU stage that
+    /// is not run: the CPU side's ceiling when nvJPEG decodes.
+    #[arg(long, conflicts_with = "gpu_decode")]
+    header_only: bool,
 }
 
 /// The GPU decode stage as bench-pipeline drives it: one batch at a time on the device's stream.
@@ -106,6 +110,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     let files = a.data.files()?;
     let mut cfg = a.data.loader_config(a.mode.into(), a.batch_size);
     cfg.decode_only = a.decode_only;
+    cfg.defer_jpeg_decode = a.header_only;
     let mut gpu = if a.gpu_decode {
         cfg.defer_jpeg_decode = true;
         cfg.image_dtype = effdet_pipeline::loader::ImageDtype::F32;
@@ -156,6 +161,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             "mode": format!("{:?}", a.mode).to_lowercase(),
             "decode_only": a.decode_only,
             "gpu_decode": gpu.as_ref().map(|g| g.report(images)),
+            "header_only": a.header_only,
             "image_size": a.data.image_size,
             "batch_size": a.batch_size,
             "batches": a.batches,

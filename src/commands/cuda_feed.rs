@@ -210,8 +210,13 @@ impl CudaFeeder {
         let box_all = self.copy_out(&f.slot.boxes.device, f.slot.boxes.device.len())?;
         let num_positives = self.copy_out(&f.slot.num_positives.device, bs)?;
         f.slot.consumed = Some(main.record_event(None)?);
-        // The slot goes back even if the feeder has stopped (then it is dropped here).
-        let _ = self.free.send(f.slot);
+        if let Err(std::sync::mpsc::SendError(slot)) = self.free.send(f.slot) {
+            // The feeder has stopped: the slot's buffers are freed here, on the copy stream, so
+            // the main stream must be past its copies out of them first.
+            if let Some(consumed) = &slot.consumed {
+                consumed.synchronize()?;
+            }
+        }
         let a = f.anchors_per_cell;
         let (mut cls, mut boxes) = (Vec::new(), Vec::new());
         for &(lh, lw, offset) in &f.levels {
