@@ -56,6 +56,11 @@ pub(crate) fn elementwise(n: usize) -> LaunchConfig {
     config(super::launch::elementwise(n))
 }
 
+/// Row-walking launch: `rows` rows (grid y, grid-stride past the limit) of `row_len` elements.
+pub(crate) fn rows(rows: usize, row_len: usize) -> LaunchConfig {
+    config(super::launch::rows(rows, row_len))
+}
+
 /// Column reductions over `rows` rows of `c` channels, `groups` times.
 pub(crate) fn column_reduction(rows: usize, c: usize, groups: usize) -> LaunchConfig {
     config(super::launch::column_reduction(rows, c, groups))

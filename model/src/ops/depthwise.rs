@@ -23,6 +23,28 @@ pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, stride: usize) -> Result<Te
         .apply_op2(&weight.contiguous()?, DepthwiseConv { k: kh, stride })
 }
 
+/// Rows a row-walking kernel spans: output rows for the forward, input rows for the input
+/// gradient.
+type RowCount = fn(&Geom) -> usize;
+
+/// The CUDA kernel for `base` at kernel size `k` and stride `s`: the unrolled specialization for
+/// D0's shapes (row-walking for the forward and the input gradient, with the rows it spans), or
+/// the generic kernel.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn specialized(base: &str, k: usize, s: usize) -> (String, Option<RowCount>) {
+    let d0 = matches!(k, 3 | 5);
+    match base {
+        "dw_fwd" if d0 && matches!(s, 1 | 2) => {
+            (format!("{base}_k{k}s{s}"), Some(|g: &Geom| g.b * g.oh))
+        }
+        "dw_grad_input" if d0 && matches!(s, 1 | 2) => {
+            (format!("{base}_k{k}s{s}"), Some(|g: &Geom| g.b * g.h))
+        }
+        "dw_grad_weight" if d0 => (format!("{base}_k{k}"), None),
+        _ => (base.to_string(), None),
+    }
+}
+
 /// Geometry shared by the forward and the two backward kernels.
 #[derive(Clone, Copy, Debug)]
 struct Geom {
@@ -93,14 +115,20 @@ impl Geom {
         let a = cuda::f32_view(op, s1, l1)?;
         let w = cuda::f32_view(op, s2, l2)?;
         let out = cuda::alloc::<f32>(dev, n)?;
-        let k = cuda::Kernel::new(dev, kernel)?;
+        let (name, rows) = specialized(kernel, self.k, self.s);
+        let k = cuda::Kernel::new(dev, &name)?;
         let ints = self.int_args(op)?;
         let mut b = k.builder();
         b.arg(&a).arg(&w).arg(&out);
         for v in &ints {
             b.arg(v);
         }
-        cuda::launch(b, cuda::elementwise(n))?;
+        let shape = match rows {
+            // Output rows (forward) or input rows (input gradient) of W·C elements each.
+            Some(rows) => cuda::rows(rows(self), n / rows(self)),
+            None => cuda::elementwise(n),
+        };
+        cuda::launch(b, shape)?;
         Ok(cuda::wrap(dev, out))
     }
 
@@ -378,14 +406,17 @@ impl CustomOp2 for DepthwiseGradWeight {
         let grad = cuda::f32_view(self.name(), s2, l2)?;
         let taps = g.k * g.k;
         let acc = cuda::zeros::<f64>(dev, taps * g.c)?;
-        let k = cuda::Kernel::new(dev, "dw_grad_weight")?;
+        let (name, _) = specialized("dw_grad_weight", g.k, g.s);
+        let k = cuda::Kernel::new(dev, &name)?;
         let a = g.int_args(self.name())?;
         let mut b = k.builder();
         b.arg(&x).arg(&grad).arg(&acc);
         for v in &a {
             b.arg(v);
         }
-        cuda::launch(b, cuda::tap_reduction(g.b * g.oh, g.c, taps))?;
+        // The specializations keep every tap in one thread: grid y is 1.
+        let grid_taps = if name == "dw_grad_weight" { taps } else { 1 };
+        cuda::launch(b, cuda::tap_reduction(g.b * g.oh, g.c, grid_taps))?;
         let out = cuda::f64_to_f32(dev, &acc, taps * g.c, 1.0)?;
         Ok((cuda::wrap(dev, out), Shape::from((g.k, g.k, g.c))))
     }
@@ -418,6 +449,55 @@ mod tests {
     use super::*;
     use crate::ops::fd::{check_gradients, rand_tensor};
     use candle_core::{DType, Device};
+
+    /// D0's shapes get the unrolled kernels (with the rows they walk); others the generic ones.
+    #[test]
+    fn kernel_choice_specializes_d0_shapes_only() {
+        let g = Geom::new(2, 9, 7, 4, 5, 2);
+        let (name, rows) = specialized("dw_fwd", 5, 2);
+        assert_eq!(
+            (name.as_str(), rows.map(|f| f(&g))),
+            ("dw_fwd_k5s2", Some(2 * 5))
+        );
+        let (name, rows) = specialized("dw_grad_input", 3, 1);
+        assert_eq!(
+            (name.as_str(), rows.map(|f| f(&g))),
+            ("dw_grad_input_k3s1", Some(2 * 9))
+        );
+        assert_eq!(specialized("dw_grad_weight", 3, 2).0, "dw_grad_weight_k3");
+        for (base, k, s) in [
+            ("dw_fwd", 7, 1),
+            ("dw_grad_input", 3, 3),
+            ("dw_grad_weight", 1, 1),
+        ] {
+            let (name, rows) = specialized(base, k, s);
+            assert_eq!(name, base);
+            assert!(rows.is_none());
+        }
+        // Every specialized name is a kernel in kernels.cu.
+        let src = include_str!("kernels.cu");
+        for k in [3, 5] {
+            for s in [1, 2] {
+                for base in ["dw_fwd", "dw_grad_input", "dw_grad_weight"] {
+                    let (name, _) = specialized(base, k, s);
+                    let (stem, suffix) = match name.rsplit_once("_k") {
+                        Some((stem, suffix)) => (stem, suffix),
+                        None => panic!("{name} is not specialized"),
+                    };
+                    let macro_use = if base == "dw_grad_weight" {
+                        format!("DW_GRAD_WEIGHT({k})")
+                    } else {
+                        format!("DW_ROWS({k}, {s})")
+                    };
+                    assert!(
+                        src.contains(&macro_use),
+                        "{name}: no {macro_use} in kernels.cu"
+                    );
+                    assert!(src.contains(&format!("{stem}_k##K")), "{stem}_k{suffix}");
+                }
+            }
+        }
+    }
 
     /// Direct reference: zero-pad like TF "same", then slide the kernel.
     fn reference(x: &[f64], wt: &[f64], g: Geom) -> Vec<f64> {

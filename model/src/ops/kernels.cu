@@ -119,6 +119,156 @@ extern "C" __global__ void dw_grad_weight(const float* __restrict__ x, const flo
     if (threadIdx.y == 0 && c < C) atomicAdd(&gw[(i64)tap * C + c], total);
 }
 
+// Specializations for D0's depthwise shapes (k 3 or 5, stride 1 or 2): the taps unroll, the
+// stride tests become shifts, and threads walk rows — grid y over output (or input) rows, grid x
+// over one row's positions × channels — so the (b, y) split happens once per row instead of
+// per element. Same sums in the same tap order as the generic kernels above.
+
+template <int K, int S>
+__device__ __forceinline__ void dw_fwd_rows(const float* __restrict__ x,
+                                            const float* __restrict__ w,
+                                            float* __restrict__ y, int B, int H, int W, int C,
+                                            int OH, int OW, int PT, int PL) {
+    const u32 row_len = (u32)OW * (u32)C;
+    const u32 rows = (u32)B * (u32)OH;
+    for (u32 row = blockIdx.y; row < rows; row += gridDim.y) {
+        const int oy = (int)(row % (u32)OH), b = (int)(row / (u32)OH);
+        const int iy0 = oy * S - PT;
+        float* yr = y + (i64)row * row_len;
+        for (u32 j = blockIdx.x * blockDim.x + threadIdx.x; j < row_len;
+             j += gridDim.x * blockDim.x) {
+            const int c = (int)(j % (u32)C), ox = (int)(j / (u32)C);
+            const int ix0 = ox * S - PL;
+            float acc = 0.0f;
+#pragma unroll
+            for (int ky = 0; ky < K; ++ky) {
+                const int iy = iy0 + ky;
+                if ((unsigned)iy >= (unsigned)H) continue;
+                const float* xr = x + ((i64)b * H + iy) * W * C + c;
+#pragma unroll
+                for (int kx = 0; kx < K; ++kx) {
+                    const int ix = ix0 + kx;
+                    if ((unsigned)ix >= (unsigned)W) continue;
+                    acc += xr[(i64)ix * C] * w[(ky * K + kx) * C + c];
+                }
+            }
+            yr[j] = acc;
+        }
+    }
+}
+
+template <int K, int S>
+__device__ __forceinline__ void dw_grad_input_rows(const float* __restrict__ g,
+                                                   const float* __restrict__ w,
+                                                   float* __restrict__ gx, int B, int H, int W,
+                                                   int C, int OH, int OW, int PT, int PL) {
+    const u32 row_len = (u32)W * (u32)C;
+    const u32 rows = (u32)B * (u32)H;
+    for (u32 row = blockIdx.y; row < rows; row += gridDim.y) {
+        const int iy = (int)(row % (u32)H), b = (int)(row / (u32)H);
+        float* gr = gx + (i64)row * row_len;
+        for (u32 j = blockIdx.x * blockDim.x + threadIdx.x; j < row_len;
+             j += gridDim.x * blockDim.x) {
+            const int c = (int)(j % (u32)C), ix = (int)(j / (u32)C);
+            float acc = 0.0f;
+#pragma unroll
+            for (int ky = 0; ky < K; ++ky) {
+                const int oyn = iy + PT - ky;
+                if (oyn < 0 || (S == 2 && (oyn & 1))) continue;
+                const int oy = S == 2 ? oyn >> 1 : oyn;
+                if (oy >= OH) continue;
+                const float* grow = g + ((i64)b * OH + oy) * OW * C + c;
+#pragma unroll
+                for (int kx = 0; kx < K; ++kx) {
+                    const int oxn = ix + PL - kx;
+                    if (oxn < 0 || (S == 2 && (oxn & 1))) continue;
+                    const int ox = S == 2 ? oxn >> 1 : oxn;
+                    if (ox >= OW) continue;
+                    acc += grow[(i64)ox * C] * w[(ky * K + kx) * C + c];
+                }
+            }
+            gr[j] = acc;
+        }
+    }
+}
+
+// Kernel gradient with every tap in registers: each thread owns one channel and a set of output
+// rows, reads each gradient value once and the K×K input values it meets (cached), instead of
+// one launch-wide pass per tap. grid (ceil(C/32), 1, chunks), block (32, RED_Y); gw (f64,
+// zeroed) [K, K, C].
+template <int K>
+__device__ __forceinline__ void dw_grad_weight_taps(const float* __restrict__ x,
+                                                    const float* __restrict__ g,
+                                                    double* __restrict__ gw, int B, int H, int W,
+                                                    int C, int S, int OH, int OW, int PT,
+                                                    int PL) {
+    __shared__ double sh[RED_Y][33];
+    const int c = blockIdx.x * 32 + threadIdx.x;
+    const int rows = B * OH;
+    double acc[K * K];
+#pragma unroll
+    for (int t = 0; t < K * K; ++t) acc[t] = 0.0;
+    if (c < C) {
+        for (int row = blockIdx.z * RED_Y + threadIdx.y; row < rows; row += gridDim.z * RED_Y) {
+            const int oy = row % OH, b = row / OH;
+            const float* gr = g + (i64)row * OW * C + c;
+            const float* xb = x + (i64)b * H * W * C + c;
+            float part[K * K];
+#pragma unroll
+            for (int t = 0; t < K * K; ++t) part[t] = 0.0f;
+            for (int ox = 0; ox < OW; ++ox) {
+                const float gv = gr[(i64)ox * C];
+#pragma unroll
+                for (int ky = 0; ky < K; ++ky) {
+                    const int iy = oy * S + ky - PT;
+                    if ((unsigned)iy >= (unsigned)H) continue;
+                    const float* xr = xb + (i64)iy * W * C;
+#pragma unroll
+                    for (int kx = 0; kx < K; ++kx) {
+                        const int ix = ox * S + kx - PL;
+                        if ((unsigned)ix >= (unsigned)W) continue;
+                        part[ky * K + kx] += xr[(i64)ix * C] * gv;
+                    }
+                }
+            }
+#pragma unroll
+            for (int t = 0; t < K * K; ++t) acc[t] += (double)part[t];
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < K * K; ++t) {
+        const double total = block_col_sum(acc[t], sh);
+        if (threadIdx.y == 0 && c < C) atomicAdd(&gw[(i64)t * C + c], total);
+    }
+}
+
+#define DW_ROWS(K, S)                                                                            \
+    extern "C" __global__ void dw_fwd_k##K##s##S(const float* __restrict__ x,                   \
+                                                  const float* __restrict__ w,                   \
+                                                  float* __restrict__ y, int B, int H, int W,    \
+                                                  int C, int K_, int S_, int OH, int OW, int PT, \
+                                                  int PL) {                                      \
+        dw_fwd_rows<K, S>(x, w, y, B, H, W, C, OH, OW, PT, PL);                                  \
+    }                                                                                            \
+    extern "C" __global__ void dw_grad_input_k##K##s##S(                                         \
+        const float* __restrict__ g, const float* __restrict__ w, float* __restrict__ gx, int B, \
+        int H, int W, int C, int K_, int S_, int OH, int OW, int PT, int PL) {                   \
+        dw_grad_input_rows<K, S>(g, w, gx, B, H, W, C, OH, OW, PT, PL);                          \
+    }
+DW_ROWS(3, 1)
+DW_ROWS(3, 2)
+DW_ROWS(5, 1)
+DW_ROWS(5, 2)
+
+#define DW_GRAD_WEIGHT(K)                                                                        \
+    extern "C" __global__ void dw_grad_weight_k##K(                                              \
+        const float* __restrict__ x, const float* __restrict__ g, double* __restrict__ gw,       \
+        int B, int H, int W, int C, int K_, int S, int OH, int OW, int PT, int PL) {             \
+        dw_grad_weight_taps<K>(x, g, gw, B, H, W, C, S, OH, OW, PT, PL);                         \
+    }
+DW_GRAD_WEIGHT(3)
+DW_GRAD_WEIGHT(5)
+
 // ---------------------------------------------------------------- "same" max-pool
 
 extern "C" __global__ void maxpool_fwd(const float* __restrict__ x, float* __restrict__ y, int B,

@@ -21,6 +21,14 @@ pub(crate) fn elementwise(n: usize) -> Shape3 {
     ((blocks, 1, 1), (THREADS, 1, 1))
 }
 
+/// Row-walking kernels: grid y over `rows` rows (the kernel strides past CUDA's 65535), grid x
+/// over one row's `row_len` elements, one per thread up to 2^16 blocks.
+pub(crate) fn rows(rows: usize, row_len: usize) -> Shape3 {
+    let x = row_len.div_ceil(THREADS as usize).clamp(1, 1 << 16) as u32;
+    let y = rows.clamp(1, GRID_YZ_MAX) as u32;
+    ((x, y, 1), (THREADS, 1, 1))
+}
+
 /// Column reductions over `rows` rows of `c` channels, `groups` times (grid z): enough row
 /// chunks to fill the GPU while each thread still sums ≥ 32 rows.
 pub(crate) fn column_reduction(rows: usize, c: usize, groups: usize) -> Shape3 {
@@ -71,6 +79,18 @@ mod tests {
         // × 96 channels (the second block's expansion): capped, the grid-stride loop does the rest.
         assert_eq!(elementwise(64 * 256 * 256 * 96).0 .0, 1 << 20);
         within_limits(elementwise(usize::MAX / 2));
+    }
+
+    #[test]
+    fn row_launches_cover_each_row_and_respect_limits() {
+        // D0's first depthwise at 512², batch 64: 64·256 output rows of 256·32 values.
+        let s = rows(64 * 256, 256 * 32);
+        assert_eq!(s, ((32, 16384, 1), (THREADS, 1, 1)));
+        within_limits(s);
+        // More rows than grid y allows: capped (the kernel strides); tiny rows: one block.
+        assert_eq!(rows(1 << 20, 3).0, (1, GRID_YZ_MAX as u32, 1));
+        assert_eq!(rows(0, 0).0, (1, 1, 1));
+        within_limits(rows(usize::MAX / 4, usize::MAX / 4));
     }
 
     #[test]

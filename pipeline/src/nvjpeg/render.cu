@@ -17,7 +17,7 @@ __device__ __forceinline__ void tap(unsigned int o, float scale, unsigned int si
     *hi = (unsigned int)max(0, min(f + 1, last));
 }
 
-__device__ __forceinline__ float lerp(float a, float b, float t) {
+__device__ __forceinline__ float lerp_rn(float a, float b, float t) {
     return __fadd_rn(a, __fmul_rn(__fsub_rn(b, a), t));
 }
 
@@ -56,9 +56,9 @@ extern "C" __global__ void effdet_render_batch(
             const float stdd[3] = {std_r, std_g, std_b};
 #pragma unroll
             for (int c = 0; c < 3; ++c) {
-                float top = lerp((float)r0[x0 * 3 + c], (float)r0[x1 * 3 + c], fx);
-                float bottom = lerp((float)r1[x0 * 3 + c], (float)r1[x1 * 3 + c], fx);
-                v[c] = __fdiv_rn(__fsub_rn(lerp(top, bottom, fy), mean[c]), stdd[c]);
+                float top = lerp_rn((float)r0[x0 * 3 + c], (float)r0[x1 * 3 + c], fx);
+                float bottom = lerp_rn((float)r1[x0 * 3 + c], (float)r1[x1 * 3 + c], fx);
+                v[c] = __fdiv_rn(__fsub_rn(lerp_rn(top, bottom, fy), mean[c]), stdd[c]);
             }
         }
         o[i] = v[0];

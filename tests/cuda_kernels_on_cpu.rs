@@ -1,0 +1,428 @@
+//! The CUDA kernel sources, compiled as host C++ (g++ with `tests/cuda_on_cpu/shim.h`) and run
+//! on the CPU, so machines without a GPU test the kernels' index arithmetic, bounds and tap
+//! order: the unrolled depthwise specializations against the generic kernels (which a GPU run
+//! checked against the CPU ops), the generic forward against `depthwise_conv2d`, and the nvJPEG
+//! stage's render kernel against `deferred::render_reference`, bit for bit. Grids are chosen
+//! small so every grid-stride loop wraps.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::OnceLock;
+
+use candle_core::{Device, Tensor};
+use effdet_pipeline::augment::{AugmentConfig, ScaleParams, MEAN_RGB, STDDEV_RGB};
+use effdet_pipeline::decode::DecodedImage;
+use effdet_pipeline::deferred::{render_reference, RenderJob};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+type Grid = (u32, u32, u32, u32, u32, u32);
+
+/// Builds the kernels into a shared library; None (test skipped) without g++ unless CI=true.
+fn build(dir: &Path) -> Option<libloading::Library> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = dir.join("libeffdet_kernels_cpu.so");
+    let status = Command::new("g++")
+        .args(["-std=c++20", "-O1", "-shared", "-fPIC", "-ffp-contract=off"])
+        .args(["-Wno-unknown-pragmas", "-Wno-unused-parameter"])
+        .arg("-include")
+        .arg(root.join("tests/cuda_on_cpu/shim.h"))
+        .args(["-x", "c++"])
+        .arg(root.join("model/src/ops/kernels.cu"))
+        .arg(root.join("pipeline/src/nvjpeg/render.cu"))
+        .arg(root.join("tests/cuda_on_cpu/runners.cpp"))
+        .arg("-o")
+        .arg(&out)
+        .arg("-lpthread")
+        .status();
+    match status {
+        Ok(s) if s.success() => {}
+        Ok(s) => panic!("g++ failed on the CUDA sources ({s})"),
+        Err(e) => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "g++ is needed to test the CUDA kernels on the CPU: {e}"
+            );
+            eprintln!("skipped: no g++ ({e})");
+            return None;
+        }
+    }
+    // SAFETY: our own test library; its initializers only set up globals.
+    Some(unsafe { libloading::Library::new(&out) }.expect("load the CPU-compiled kernels"))
+}
+
+type DwF32 = unsafe extern "C" fn(
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    *const f32,
+    *const f32,
+    *mut f32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+);
+type DwF64 = unsafe extern "C" fn(
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    *const f32,
+    *const f32,
+    *mut f64,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+);
+
+#[derive(Clone, Copy, Debug)]
+struct Geom {
+    b: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+    k: usize,
+    s: usize,
+    oh: usize,
+    ow: usize,
+    pt: usize,
+    pl: usize,
+}
+
+impl Geom {
+    fn new(b: usize, h: usize, w: usize, c: usize, k: usize, s: usize) -> Geom {
+        let (oh, pt, _) = effdet_model::ops::same_padding(h, k, s);
+        let (ow, pl, _) = effdet_model::ops::same_padding(w, k, s);
+        Geom {
+            b,
+            h,
+            w,
+            c,
+            k,
+            s,
+            oh,
+            ow,
+            pt,
+            pl,
+        }
+    }
+    fn ints(&self) -> [i32; 10] {
+        [
+            self.b, self.h, self.w, self.c, self.k, self.s, self.oh, self.ow, self.pt, self.pl,
+        ]
+        .map(|v| v as i32)
+    }
+}
+
+fn call_f32(
+    lib: &libloading::Library,
+    name: &str,
+    g: Grid,
+    a: &[f32],
+    b: &[f32],
+    out: &mut [f32],
+    geo: &Geom,
+) {
+    let i = geo.ints();
+    // SAFETY: the runner's signature is DwF32; buffers are sized for the geometry.
+    unsafe {
+        let f = lib
+            .get::<DwF32>(format!("run_{name}\0").as_bytes())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        f(
+            g.0,
+            g.1,
+            g.2,
+            g.3,
+            g.4,
+            g.5,
+            a.as_ptr(),
+            b.as_ptr(),
+            out.as_mut_ptr(),
+            i[0],
+            i[1],
+            i[2],
+            i[3],
+            i[4],
+            i[5],
+            i[6],
+            i[7],
+            i[8],
+            i[9],
+        );
+    }
+}
+
+fn call_f64(
+    lib: &libloading::Library,
+    name: &str,
+    g: Grid,
+    a: &[f32],
+    b: &[f32],
+    out: &mut [f64],
+    geo: &Geom,
+) {
+    let i = geo.ints();
+    // SAFETY: as in call_f32, with an f64 output.
+    unsafe {
+        let f = lib
+            .get::<DwF64>(format!("run_{name}\0").as_bytes())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        f(
+            g.0,
+            g.1,
+            g.2,
+            g.3,
+            g.4,
+            g.5,
+            a.as_ptr(),
+            b.as_ptr(),
+            out.as_mut_ptr(),
+            i[0],
+            i[1],
+            i[2],
+            i[3],
+            i[4],
+            i[5],
+            i[6],
+            i[7],
+            i[8],
+            i[9],
+        );
+    }
+}
+
+fn random(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
+}
+
+/// The library, built once for all tests of this file.
+fn library() -> Option<&'static libloading::Library> {
+    static LIB: OnceLock<Option<(tempfile::TempDir, libloading::Library)>> = OnceLock::new();
+    LIB.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let lib = build(dir.path())?;
+        Some((dir, lib))
+    })
+    .as_ref()
+    .map(|(_, lib)| lib)
+}
+
+#[test]
+fn depthwise_specializations_equal_the_generic_kernels() {
+    let Some(lib) = library() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    // 40 channels: one full and one partial 32-channel block.
+    for (k, s) in [(3, 1), (3, 2), (5, 1), (5, 2)] {
+        // (8, 9) and (10, 7) pad top and left differently at stride 2.
+        for (h, w) in [(9, 11), (8, 9), (10, 7), (1, 3)] {
+            let g = Geom::new(2, h, w, 40, k, s);
+            let x = random(&mut rng, g.b * g.h * g.w * g.c);
+            let wt = random(&mut rng, k * k * g.c);
+            let gy = random(&mut rng, g.b * g.oh * g.ow * g.c);
+            let n_out = g.b * g.oh * g.ow * g.c;
+            let n_in = g.b * g.h * g.w * g.c;
+            let ctx = format!("k{k} s{s} {h}x{w}");
+
+            let (mut want, mut got) = (vec![0.0; n_out], vec![f32::NAN; n_out]);
+            call_f32(lib, "dw_fwd", (3, 1, 1, 64, 1, 1), &x, &wt, &mut want, &g);
+            call_f32(
+                &lib,
+                &format!("dw_fwd_k{k}s{s}"),
+                (2, 3, 1, 16, 1, 1),
+                &x,
+                &wt,
+                &mut got,
+                &g,
+            );
+            assert_eq!(got, want, "forward {ctx}");
+
+            let (mut want, mut got) = (vec![0.0; n_in], vec![f32::NAN; n_in]);
+            call_f32(
+                &lib,
+                "dw_grad_input",
+                (3, 1, 1, 64, 1, 1),
+                &gy,
+                &wt,
+                &mut want,
+                &g,
+            );
+            let name = format!("dw_grad_input_k{k}s{s}");
+            call_f32(lib, &name, (2, 3, 1, 16, 1, 1), &gy, &wt, &mut got, &g);
+            assert_eq!(got, want, "input gradient {ctx}");
+
+            let taps = k * k;
+            let (mut want, mut got) = (vec![0.0f64; taps * g.c], vec![0.0f64; taps * g.c]);
+            call_f64(
+                &lib,
+                "dw_grad_weight",
+                (2, taps as u32, 2, 32, 8, 1),
+                &x,
+                &gy,
+                &mut want,
+                &g,
+            );
+            call_f64(
+                &lib,
+                &format!("dw_grad_weight_k{k}"),
+                (2, 1, 3, 32, 8, 1),
+                &x,
+                &gy,
+                &mut got,
+                &g,
+            );
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-12 * b.abs().max(1.0),
+                    "kernel gradient {ctx} [{i}]: {a} vs {b}"
+                );
+            }
+            assert!(want.iter().any(|&v| v != 0.0));
+        }
+    }
+}
+
+/// The harness itself: the generic forward kernel equals the model's CPU op.
+#[test]
+fn generic_depthwise_kernel_equals_the_cpu_op() {
+    let Some(lib) = library() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    for (k, s) in [(3, 1), (5, 2)] {
+        let g = Geom::new(2, 7, 10, 6, k, s);
+        let x = random(&mut rng, g.b * g.h * g.w * g.c);
+        let wt = random(&mut rng, k * k * g.c);
+        let mut got = vec![0.0; g.b * g.oh * g.ow * g.c];
+        call_f32(lib, "dw_fwd", (1, 1, 1, 32, 1, 1), &x, &wt, &mut got, &g);
+        let xt = Tensor::from_vec(x, (g.b, g.h, g.w, g.c), &Device::Cpu).unwrap();
+        let wt = Tensor::from_vec(wt, (k, k, g.c), &Device::Cpu).unwrap();
+        let want: Vec<f32> = effdet_model::ops::depthwise_conv2d(&xt, &wt, s)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (a, b) in got.iter().zip(&want) {
+            assert!((a - b).abs() <= 1e-5, "k{k} s{s}: {a} vs {b}");
+        }
+    }
+}
+
+type Render = unsafe extern "C" fn(
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    *const u8,
+    *const u32,
+    *mut f32,
+    u32,
+    u32,
+    *const f32,
+);
+
+#[test]
+fn render_kernel_equals_its_cpu_reference_bit_for_bit() {
+    let Some(lib) = library() else { return };
+    let cfg = AugmentConfig::d0(48);
+    let plane = 48 * 48;
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    // Three images back to back in one arena (odd sizes, so rows are unaligned), rendered into
+    // slots 2, 0 and 3 of a 4-slot batch, plus a blank job in slot 1.
+    let sizes = [(37u32, 53u32), (100, 30), (20, 20)];
+    let mut arena = Vec::new();
+    let mut images = Vec::new();
+    let mut jobs = Vec::new();
+    for (i, &(h, w)) in sizes.iter().enumerate() {
+        let rgb: Vec<u8> = (0..h * w * 3).map(|_| rng.gen()).collect();
+        let offset = arena.len() as u64;
+        arena.extend_from_slice(&rgb);
+        arena.resize(arena.len().div_ceil(256) * 256, 0xAB);
+        let p = if i == 1 {
+            ScaleParams::eval(h, w, &cfg)
+        } else {
+            ScaleParams::train(&mut rng, h, w, &cfg)
+        };
+        let p = ScaleParams { flip: i != 1, ..p };
+        let slot = [2, 0, 3][i];
+        jobs.push(RenderJob {
+            slot,
+            src_offset: offset,
+            src_height: h,
+            src_width: w,
+            scaled_height: p.scaled_height,
+            scaled_width: p.scaled_width,
+            offset_y: p.offset_y,
+            offset_x: p.offset_x,
+            flip: p.flip,
+        });
+        images.push(DecodedImage {
+            width: w,
+            height: h,
+            rgb,
+        });
+    }
+    jobs.push(RenderJob::blank(1));
+    let words: Vec<u32> = jobs.iter().flat_map(|j| j.words()).collect();
+    let norm = [
+        MEAN_RGB[0],
+        MEAN_RGB[1],
+        MEAN_RGB[2],
+        STDDEV_RGB[0],
+        STDDEV_RGB[1],
+        STDDEV_RGB[2],
+    ];
+    let mut out = vec![f32::NAN; 4 * 3 * plane];
+    // SAFETY: the runner's signature is Render; 4 slots of 3 planes, jobs within the arena.
+    unsafe {
+        let f = lib
+            .get::<Render>(b"run_effdet_render_batch\0")
+            .expect("render runner");
+        f(
+            3,
+            jobs.len() as u32,
+            1,
+            64,
+            1,
+            1,
+            arena.as_ptr(),
+            words.as_ptr(),
+            out.as_mut_ptr(),
+            48,
+            48,
+            norm.as_ptr(),
+        );
+    }
+    let mut want = vec![0.0f32; 3 * plane];
+    for (job, img) in jobs.iter().zip(images.iter().map(Some).chain([None])) {
+        let blank = DecodedImage::default();
+        render_reference(img.unwrap_or(&blank), job, &cfg, &mut want);
+        let slot = job.slot as usize;
+        let got = &out[slot * 3 * plane..(slot + 1) * 3 * plane];
+        let same = got
+            .iter()
+            .zip(&want)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "slot {slot} ({job:?}) differs from render_reference");
+    }
+}

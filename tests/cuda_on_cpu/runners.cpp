@@ -1,0 +1,85 @@
+// Launchers for the CPU-compiled kernels (see shim.h): `run_<kernel>(grid, block, args…)`
+// runs every block in turn; kernels that synchronize get one std::thread per block thread,
+// the others run their threads one after another. Test-only.
+#include "shim.h"
+
+#include <mutex>
+#include <thread>
+#include <vector>
+
+thread_local dim3 threadIdx;
+thread_local dim3 blockIdx;
+dim3 blockDim, gridDim;
+std::barrier<>* g_block_barrier = nullptr;
+// gridDim, blockDim and the barrier are process-wide: one launch at a time (a global, not a
+// static inside the template, which would be one mutex per kernel).
+static std::mutex g_one_launch;
+
+template <class F>
+static void launch(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                   bool threaded, F f) {
+    std::lock_guard<std::mutex> guard(g_one_launch);
+    gridDim = {gx, gy, gz};
+    blockDim = {bx, by, bz};
+    const unsigned n = bx * by * bz;
+    std::barrier<> bar(n);
+    g_block_barrier = &bar;
+    for (unsigned z = 0; z < gz; ++z)
+        for (unsigned y = 0; y < gy; ++y)
+            for (unsigned x = 0; x < gx; ++x) {
+                const dim3 b{x, y, z};
+                auto body = [&](unsigned t) {
+                    blockIdx = b;
+                    threadIdx = {t % bx, (t / bx) % by, t / (bx * by)};
+                    f();
+                };
+                if (threaded) {
+                    std::vector<std::thread> ts;
+                    for (unsigned t = 0; t < n; ++t) ts.emplace_back(body, t);
+                    for (auto& t : ts) t.join();
+                } else {
+                    for (unsigned t = 0; t < n; ++t) body(t);
+                }
+            }
+    g_block_barrier = nullptr;
+}
+
+#define GRID unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz
+#define DW_ARGS int B, int H, int W, int C, int K, int S, int OH, int OW, int PT, int PL
+#define DW_PASS B, H, W, C, K, S, OH, OW, PT, PL
+
+#define DW_F32(name)                                                                            \
+    extern "C" void name(const float*, const float*, float*, DW_ARGS);                          \
+    extern "C" void run_##name(GRID, const float* a, const float* b, float* out, DW_ARGS) {     \
+        launch(gx, gy, gz, bx, by, bz, false, [&] { name(a, b, out, DW_PASS); });               \
+    }
+#define DW_F64(name)                                                                            \
+    extern "C" void name(const float*, const float*, double*, DW_ARGS);                         \
+    extern "C" void run_##name(GRID, const float* a, const float* b, double* out, DW_ARGS) {    \
+        launch(gx, gy, gz, bx, by, bz, true, [&] { name(a, b, out, DW_PASS); });                \
+    }
+
+DW_F32(dw_fwd)
+DW_F32(dw_grad_input)
+DW_F64(dw_grad_weight)
+DW_F32(dw_fwd_k3s1)
+DW_F32(dw_fwd_k3s2)
+DW_F32(dw_fwd_k5s1)
+DW_F32(dw_fwd_k5s2)
+DW_F32(dw_grad_input_k3s1)
+DW_F32(dw_grad_input_k3s2)
+DW_F32(dw_grad_input_k5s1)
+DW_F32(dw_grad_input_k5s2)
+DW_F64(dw_grad_weight_k3)
+DW_F64(dw_grad_weight_k5)
+
+extern "C" void effdet_render_batch(const unsigned char*, const unsigned int*, float*, unsigned int,
+                                    unsigned int, float, float, float, float, float, float);
+extern "C" void run_effdet_render_batch(GRID, const unsigned char* arena, const unsigned int* jobs,
+                                        float* out, unsigned int out_h, unsigned int out_w,
+                                        const float* norm) {
+    launch(gx, gy, gz, bx, by, bz, false, [&] {
+        effdet_render_batch(arena, jobs, out, out_h, out_w, norm[0], norm[1], norm[2], norm[3],
+                            norm[4], norm[5]);
+    });
+}
