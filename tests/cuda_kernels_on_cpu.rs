@@ -246,7 +246,7 @@ fn depthwise_specializations_equal_the_generic_kernels() {
             let (mut want, mut got) = (vec![0.0; n_out], vec![f32::NAN; n_out]);
             call_f32(lib, "dw_fwd", (3, 1, 1, 64, 1, 1), &x, &wt, &mut want, &g);
             call_f32(
-                &lib,
+                lib,
                 &format!("dw_fwd_k{k}s{s}"),
                 (2, 3, 1, 16, 1, 1),
                 &x,
@@ -258,7 +258,7 @@ fn depthwise_specializations_equal_the_generic_kernels() {
 
             let (mut want, mut got) = (vec![0.0; n_in], vec![f32::NAN; n_in]);
             call_f32(
-                &lib,
+                lib,
                 "dw_grad_input",
                 (3, 1, 1, 64, 1, 1),
                 &gy,
@@ -273,7 +273,7 @@ fn depthwise_specializations_equal_the_generic_kernels() {
             let taps = k * k;
             let (mut want, mut got) = (vec![0.0f64; taps * g.c], vec![0.0f64; taps * g.c]);
             call_f64(
-                &lib,
+                lib,
                 "dw_grad_weight",
                 (2, taps as u32, 2, 32, 8, 1),
                 &x,
@@ -282,7 +282,7 @@ fn depthwise_specializations_equal_the_generic_kernels() {
                 &g,
             );
             call_f64(
-                &lib,
+                lib,
                 &format!("dw_grad_weight_k{k}"),
                 (2, 1, 3, 32, 8, 1),
                 &x,
