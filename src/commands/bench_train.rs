@@ -111,8 +111,11 @@ pub fn cuda_device() -> anyhow::Result<Device> {
     let dev = Device::new_cuda(0).map_err(|e| {
         anyhow::anyhow!("--device cuda: {e} (build with --features cuda: tools/device/build.sh)")
     })?;
+    // EFFDET_CUDA_EVENT_TRACKING=1 keeps cudarc's automatic tracking (slower; for diagnosis).
     #[cfg(feature = "cuda")]
-    super::cuda_feed::disable_event_tracking(dev.as_cuda_device()?);
+    if std::env::var("EFFDET_CUDA_EVENT_TRACKING").as_deref() != Ok("1") {
+        super::cuda_feed::disable_event_tracking(dev.as_cuda_device()?);
+    }
     Ok(dev)
 }
 
