@@ -1,0 +1,107 @@
+//! The GPU-only flags on a CPU build: `--gpu-decode`, `--header-only` and `--feed` either work
+//! (header-only: the CPU share of GPU decoding) or fail with a message that says what to build.
+
+mod common;
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn shards(dir: &std::path::Path) -> String {
+    use effdet_pipeline::coco::convert::{convert, ConvertOptions};
+    use effdet_pipeline::coco::synth::{generate, SynthOptions};
+    let synth = generate(
+        &dir.join("coco"),
+        &SynthOptions {
+            images: 6,
+            seed: 3,
+            min_side: 64,
+            max_side: 128,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    convert(
+        &ConvertOptions {
+            image_dir: synth.image_dir,
+            object_annotations_file: Some(synth.annotations),
+            caption_annotations_file: None,
+            image_info_file: None,
+            output_file_prefix: dir.join("shards/train").to_string_lossy().into_owned(),
+            num_shards: 1,
+            include_masks: false,
+            num_threads: 1,
+        },
+        &|_, _| {},
+    )
+    .unwrap();
+    dir.join("shards").to_string_lossy().into_owned()
+}
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(common::effdet_bin())
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn gpu_flags_explain_themselves_on_a_cpu_build() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = shards(dir.path());
+    let base = ["--data", &data, "--image-size", "64", "--batch-size", "2"];
+
+    // The CPU share of GPU decoding runs anywhere and reports its deferred images.
+    let mut args = vec![
+        "bench-pipeline",
+        "--batches",
+        "3",
+        "--warmup",
+        "1",
+        "--header-only",
+    ];
+    args.extend(base);
+    let (ok, out, err) = run(&args);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["header_only"], true);
+    assert!(v["stage_seconds"]["deferred_images"].as_u64().unwrap() >= 6);
+
+    let mut args = vec!["bench-pipeline", "--batches", "1", "--gpu-decode"];
+    args.extend(base);
+    let (ok, _, err) = run(&args);
+    assert!(!ok);
+    assert!(err.contains("nvjpeg") || err.contains("CUDA"), "{err}");
+
+    let mut args = vec![
+        "bench-train",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--gpu-decode",
+    ];
+    args.extend(base);
+    let (ok, _, err) = run(&args);
+    assert!(!ok);
+    assert!(err.contains("copy-stream"), "{err}");
+
+    let mut args = vec![
+        "bench-train",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--feed",
+        "copy-stream",
+    ];
+    args.extend(base);
+    let (ok, _, err) = run(&args);
+    assert!(!ok);
+    assert!(err.contains("--features cuda"), "{err}");
+}
