@@ -426,3 +426,351 @@ fn render_kernel_equals_its_cpu_reference_bit_for_bit() {
         assert!(same, "slot {slot} ({job:?}) differs from render_reference");
     }
 }
+
+/// Largest |a − b| over max(1, |b|).
+fn worst(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() / y.abs().max(1.0))
+        .fold(0.0, f32::max)
+}
+
+fn vec_of(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// The CPU op's output and input gradients for Σ op(inputs)·g.
+fn cpu_grads(
+    inputs: &[Tensor],
+    g: &Tensor,
+    op: impl Fn(&[Tensor]) -> Tensor,
+) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let vars: Vec<candle_core::Var> = inputs
+        .iter()
+        .map(|t| candle_core::Var::from_tensor(t).unwrap())
+        .collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = op(&ts);
+    let loss = (&y * g).unwrap().sum_all().unwrap();
+    let grads = loss.backward().unwrap();
+    let gs = ts.iter().map(|t| vec_of(grads.get(t).unwrap())).collect();
+    (vec_of(&y), gs)
+}
+
+/// The generic depthwise backward kernels (row-walking kernel gradient, 32-bit indices) against
+/// the model's CPU backward.
+#[test]
+fn generic_depthwise_backward_equals_the_cpu_op() {
+    let Some(lib) = library() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(10);
+    for (k, s, h, w) in [(3, 1, 7, 10), (5, 2, 10, 7), (3, 2, 8, 9)] {
+        let g = Geom::new(2, h, w, 36, k, s);
+        let x = random(&mut rng, g.b * g.h * g.w * g.c);
+        let wt = random(&mut rng, k * k * g.c);
+        let gy = random(&mut rng, g.b * g.oh * g.ow * g.c);
+        let dev = Device::Cpu;
+        let (_, want) = cpu_grads(
+            &[
+                Tensor::from_vec(x.clone(), (g.b, g.h, g.w, g.c), &dev).unwrap(),
+                Tensor::from_vec(wt.clone(), (k, k, g.c), &dev).unwrap(),
+            ],
+            &Tensor::from_vec(gy.clone(), (g.b, g.oh, g.ow, g.c), &dev).unwrap(),
+            |v| effdet_model::ops::depthwise_conv2d(&v[0], &v[1], s).unwrap(),
+        );
+        let mut gx = vec![f32::NAN; x.len()];
+        call_f32(
+            lib,
+            "dw_grad_input",
+            (2, 1, 1, 64, 1, 1),
+            &gy,
+            &wt,
+            &mut gx,
+            &g,
+        );
+        assert!(worst(&gx, &want[0]) < 1e-5, "input gradient k{k} s{s}");
+        let mut gw = vec![0.0f64; k * k * g.c];
+        call_f64(
+            lib,
+            "dw_grad_weight",
+            (2, (k * k) as u32, 3, 32, 8, 1),
+            &x,
+            &gy,
+            &mut gw,
+            &g,
+        );
+        let gw: Vec<f32> = gw.iter().map(|&v| v as f32).collect();
+        assert!(worst(&gw, &want[1]) < 1e-5, "kernel gradient k{k} s{s}");
+    }
+}
+
+type Pool = unsafe extern "C" fn(
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    *const f32,
+    *mut f32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+);
+type PoolGrad = unsafe extern "C" fn(
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    *const f32,
+    *const f32,
+    *mut f32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+);
+
+#[test]
+fn max_pool_kernels_equal_the_cpu_op() {
+    let Some(lib) = library() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    for (h, w, kh, sh) in [(9, 8, 3, 2), (8, 9, 3, 2), (5, 6, 2, 2)] {
+        let (b, c) = (2usize, 5usize);
+        let (oh, pt, _) = effdet_model::ops::same_padding(h, kh, sh);
+        let (ow, pl, _) = effdet_model::ops::same_padding(w, kh, sh);
+        let x = random(&mut rng, b * h * w * c);
+        let gy = random(&mut rng, b * oh * ow * c);
+        let dev = Device::Cpu;
+        let (want_y, want_g) = cpu_grads(
+            &[Tensor::from_vec(x.clone(), (b, h, w, c), &dev).unwrap()],
+            &Tensor::from_vec(gy.clone(), (b, oh, ow, c), &dev).unwrap(),
+            |v| effdet_model::ops::max_pool2d_same(&v[0], (kh, kh), (sh, sh)).unwrap(),
+        );
+        let ints = [b, h, w, c, kh, kh, sh, sh, oh, ow, pt, pl].map(|v| v as i32);
+        let mut y = vec![f32::NAN; want_y.len()];
+        let mut gx = vec![0.0f32; x.len()];
+        // SAFETY: runner signatures as declared; buffers sized for the geometry.
+        unsafe {
+            let f = lib.get::<Pool>(b"run_maxpool_fwd\0").unwrap();
+            f(
+                2,
+                1,
+                1,
+                16,
+                1,
+                1,
+                x.as_ptr(),
+                y.as_mut_ptr(),
+                ints[0],
+                ints[1],
+                ints[2],
+                ints[3],
+                ints[4],
+                ints[5],
+                ints[6],
+                ints[7],
+                ints[8],
+                ints[9],
+                ints[10],
+                ints[11],
+            );
+            let f = lib.get::<PoolGrad>(b"run_maxpool_grad\0").unwrap();
+            f(
+                2,
+                1,
+                1,
+                16,
+                1,
+                1,
+                x.as_ptr(),
+                gy.as_ptr(),
+                gx.as_mut_ptr(),
+                ints[0],
+                ints[1],
+                ints[2],
+                ints[3],
+                ints[4],
+                ints[5],
+                ints[6],
+                ints[7],
+                ints[8],
+                ints[9],
+                ints[10],
+                ints[11],
+            );
+        }
+        assert_eq!(y, want_y, "max-pool {h}x{w} k{kh} s{sh}");
+        assert!(worst(&gx, &want_g[0]) < 1e-6, "max-pool gradient {h}x{w}");
+    }
+}
+
+#[test]
+fn elementwise_and_optimizer_kernels_equal_the_cpu_ops() {
+    let Some(lib) = library() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let dev = Device::Cpu;
+    let (b, hw, c) = (3usize, 35usize, 7usize);
+    let n = b * hw * c;
+    let x = random(&mut rng, n);
+    let gy = random(&mut rng, n);
+    let xt = Tensor::from_vec(x.clone(), (b, 5, 7, c), &dev).unwrap();
+    let gt = Tensor::from_vec(gy.clone(), (b, 5, 7, c), &dev).unwrap();
+    let grid = (3u32, 1u32, 1u32, 32u32, 1u32, 1u32);
+    type Unary = unsafe extern "C" fn(u32, u32, u32, u32, u32, u32, *const f32, *mut f32, i64);
+    type Binary =
+        unsafe extern "C" fn(u32, u32, u32, u32, u32, u32, *const f32, *const f32, *mut f32, i64);
+    type Bias = unsafe extern "C" fn(
+        u32,
+        u32,
+        u32,
+        u32,
+        u32,
+        u32,
+        *const f32,
+        *const f32,
+        *mut f32,
+        i64,
+        i32,
+    );
+    type Gate = unsafe extern "C" fn(
+        u32,
+        u32,
+        u32,
+        u32,
+        u32,
+        u32,
+        *const f32,
+        *const f32,
+        *mut f32,
+        i64,
+        i64,
+        i32,
+    );
+    type Axpby =
+        unsafe extern "C" fn(u32, u32, u32, u32, u32, u32, *mut f32, *const f32, f32, f32, i64);
+
+    let (want_y, want_g) = cpu_grads(std::slice::from_ref(&xt), &gt, |v| {
+        effdet_model::ops::swish(&v[0]).unwrap()
+    });
+    let bias = random(&mut rng, c);
+    let gate = random(&mut rng, b * c);
+    let want_bias = vec_of(
+        &effdet_model::ops::add_channel_bias(
+            &xt,
+            &Tensor::from_vec(bias.clone(), c, &dev).unwrap(),
+        )
+        .unwrap(),
+    );
+    let want_gate = vec_of(
+        &effdet_model::ops::channel_gate(
+            &xt,
+            &Tensor::from_vec(gate.clone(), (b, c), &dev).unwrap(),
+        )
+        .unwrap(),
+    );
+    let xv = Tensor::from_vec(x.clone(), n, &dev).unwrap();
+    effdet_model::ops::axpby_inplace(
+        &xv,
+        &Tensor::from_vec(gy.clone(), n, &dev).unwrap(),
+        0.9,
+        -0.05,
+    )
+    .unwrap();
+    let want_axpby = vec_of(&xv);
+
+    let (mut y, mut d, mut yb, mut yg) =
+        (vec![0f32; n], vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    let mut ax = x.clone();
+    let g = grid;
+    // SAFETY: runner signatures as declared; all buffers hold n floats (bias c, gate b·c).
+    unsafe {
+        lib.get::<Unary>(b"run_swish_fwd\0").unwrap()(
+            g.0,
+            g.1,
+            g.2,
+            g.3,
+            g.4,
+            g.5,
+            x.as_ptr(),
+            y.as_mut_ptr(),
+            n as i64,
+        );
+        lib.get::<Binary>(b"run_swish_grad\0").unwrap()(
+            g.0,
+            g.1,
+            g.2,
+            g.3,
+            g.4,
+            g.5,
+            x.as_ptr(),
+            gy.as_ptr(),
+            d.as_mut_ptr(),
+            n as i64,
+        );
+        lib.get::<Bias>(b"run_bias_add\0").unwrap()(
+            g.0,
+            g.1,
+            g.2,
+            g.3,
+            g.4,
+            g.5,
+            x.as_ptr(),
+            bias.as_ptr(),
+            yb.as_mut_ptr(),
+            n as i64,
+            c as i32,
+        );
+        lib.get::<Gate>(b"run_channel_gate\0").unwrap()(
+            g.0,
+            g.1,
+            g.2,
+            g.3,
+            g.4,
+            g.5,
+            x.as_ptr(),
+            gate.as_ptr(),
+            yg.as_mut_ptr(),
+            n as i64,
+            hw as i64,
+            c as i32,
+        );
+        lib.get::<Axpby>(b"run_axpby_f32\0").unwrap()(
+            g.0,
+            g.1,
+            g.2,
+            g.3,
+            g.4,
+            g.5,
+            ax.as_mut_ptr(),
+            gy.as_ptr(),
+            0.9,
+            -0.05,
+            n as i64,
+        );
+    }
+    assert!(worst(&y, &want_y) < 1e-6, "swish");
+    assert!(worst(&d, &want_g[0]) < 1e-5, "swish gradient");
+    assert_eq!(yb, want_bias, "bias add");
+    assert_eq!(yg, want_gate, "channel gate");
+    assert_eq!(ax, want_axpby, "axpby");
+}

@@ -83,3 +83,40 @@ extern "C" void run_effdet_render_batch(GRID, const unsigned char* arena, const 
                             norm[4], norm[5]);
     });
 }
+
+// Pooling, elementwise and optimizer kernels (their 32-bit index arithmetic changed after the
+// last GPU check).
+#define POOL_ARGS                                                                             \
+    int B, int H, int W, int C, int KH, int KW, int SH, int SW, int OH, int OW, int PT, int PL
+#define POOL_PASS B, H, W, C, KH, KW, SH, SW, OH, OW, PT, PL
+extern "C" void maxpool_fwd(const float*, float*, POOL_ARGS);
+extern "C" void maxpool_grad(const float*, const float*, float*, POOL_ARGS);
+extern "C" void run_maxpool_fwd(GRID, const float* x, float* y, POOL_ARGS) {
+    launch(gx, gy, gz, bx, by, bz, false, [&] { maxpool_fwd(x, y, POOL_PASS); });
+}
+extern "C" void run_maxpool_grad(GRID, const float* x, const float* g, float* gx_, POOL_ARGS) {
+    launch(gx, gy, gz, bx, by, bz, false, [&] { maxpool_grad(x, g, gx_, POOL_PASS); });
+}
+
+typedef long long i64;
+extern "C" void swish_fwd(const float*, float*, i64);
+extern "C" void swish_grad(const float*, const float*, float*, i64);
+extern "C" void bias_add(const float*, const float*, float*, i64, int);
+extern "C" void channel_gate(const float*, const float*, float*, i64, i64, int);
+extern "C" void axpby_f32(float*, const float*, float, float, i64);
+extern "C" void run_swish_fwd(GRID, const float* x, float* y, i64 n) {
+    launch(gx, gy, gz, bx, by, bz, false, [&] { swish_fwd(x, y, n); });
+}
+extern "C" void run_swish_grad(GRID, const float* x, const float* g, float* d, i64 n) {
+    launch(gx, gy, gz, bx, by, bz, false, [&] { swish_grad(x, g, d, n); });
+}
+extern "C" void run_bias_add(GRID, const float* x, const float* b, float* y, i64 n, int C) {
+    launch(gx, gy, gz, bx, by, bz, false, [&] { bias_add(x, b, y, n, C); });
+}
+extern "C" void run_channel_gate(GRID, const float* x, const float* g, float* y, i64 n, i64 hw,
+                                 int C) {
+    launch(gx, gy, gz, bx, by, bz, false, [&] { channel_gate(x, g, y, n, hw, C); });
+}
+extern "C" void run_axpby_f32(GRID, float* x, const float* y, float a, float b, i64 n) {
+    launch(gx, gy, gz, bx, by, bz, false, [&] { axpby_f32(x, y, a, b, n); });
+}
