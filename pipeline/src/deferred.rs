@@ -1,7 +1,8 @@
 //! The GPU decode stage's CPU-side logic, compiled and tested without a GPU: which slots of a
-//! batch go to which decoder, where each decoded image lies in one device arena, the per-image
-//! job words the render kernel reads, and [`render_reference`], the render kernel's arithmetic
-//! on the CPU (the yardstick for the device check and for comparing with the CPU path).
+//! batch go to which decoder ([`decode_batch`], the fallback ladder over a [`JpegDecoders`]),
+//! where each decoded image lies in one device arena, the per-image job words the render kernel
+//! reads, and [`render_reference`], the render kernel's arithmetic on the CPU (the yardstick for
+//! the device check and for comparing with the CPU path).
 //!
 //! The render follows automl's order on the *whole* image: flip, bilinear resize with half-pixel
 //! centres (`tf.image.resize`), crop at the offset, pad with the mean colour; normalization is
@@ -11,7 +12,7 @@
 
 use crate::augment::{AugmentConfig, ScaleParams, MEAN_RGB, STDDEV_RGB};
 use crate::decode::DecodedImage;
-use crate::loader::EncodedImage;
+use crate::loader::{Batch, EncodedImage};
 
 /// Words per job in the array the render kernel reads (see [`RenderJob::words`]).
 pub const JOB_WORDS: usize = 10;
@@ -116,6 +117,114 @@ impl DecodePlan {
     }
 }
 
+/// Images per decoder over a stage's lifetime.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct StageCounts {
+    /// Decoded by the hardware JPEG engine.
+    pub hardware: u64,
+    /// Decoded by nvJPEG's CUDA backend in batched calls.
+    pub cuda_batched: u64,
+    /// Decoded by nvJPEG one at a time after a batched call failed.
+    pub cuda_single: u64,
+    /// Decoded by the CPU decoder because nvJPEG could not.
+    pub cpu: u64,
+    /// Undecodable by anyone: rendered as the mean colour and excluded from the loss.
+    pub blank: u64,
+    /// Images the loader's workers had already rendered (uploaded as they are).
+    pub host_rendered: u64,
+}
+
+/// The rungs of the GPU stage's decode ladder; each writes a job's RGB to its arena place.
+pub trait JpegDecoders {
+    /// Whether the hardware engine takes this JPEG.
+    fn hardware_supports(&mut self, jpeg: &[u8]) -> bool;
+    /// One batched decode, on the hardware engine or nvJPEG's CUDA backend.
+    fn batched(
+        &mut self,
+        hardware: bool,
+        jpegs: &[&[u8]],
+        jobs: &[RenderJob],
+    ) -> anyhow::Result<()>;
+    /// One image with the CUDA backend.
+    fn single(&mut self, jpeg: &[u8], job: &RenderJob) -> anyhow::Result<()>;
+    /// One image decoded on the CPU and uploaded.
+    fn cpu(&mut self, jpeg: &[u8], job: &RenderJob) -> anyhow::Result<()>;
+}
+
+/// Decodes every job of `plan` down the ladder: batched on the hardware engine (the JPEGs it
+/// takes) and batched on the CUDA backend (the rest); a failed batched call is retried image by
+/// image; an image nvJPEG cannot decode goes to the CPU; one nobody decodes is blanked (its job
+/// renders the mean colour) and its slot ignored by the loss ([`Batch::ignore_slot`]). With
+/// `force_cpu` every image takes the CPU rung. Returns the jobs to render.
+pub fn decode_batch(
+    dec: &mut impl JpegDecoders,
+    batch: &mut Batch,
+    plan: &DecodePlan,
+    counts: &mut StageCounts,
+    force_cpu: bool,
+) -> Vec<RenderJob> {
+    let jpeg_of = |batch: &Batch, j: &RenderJob| {
+        batch.encoded[j.slot as usize]
+            .as_ref()
+            .expect("every planned slot is deferred")
+            .jpeg
+            .clone()
+    };
+    let mut jobs = plan.jobs.clone();
+    let mut for_cpu = Vec::new();
+    if force_cpu {
+        for_cpu.extend(0..jobs.len());
+    } else {
+        let (mut hw, mut sw) = (Vec::new(), Vec::new());
+        for (i, j) in jobs.iter().enumerate() {
+            if dec.hardware_supports(&jpeg_of(batch, j)) {
+                hw.push(i);
+            } else {
+                sw.push(i);
+            }
+        }
+        for (list, hardware) in [(hw, true), (sw, false)] {
+            if list.is_empty() {
+                continue;
+            }
+            let data: Vec<_> = list.iter().map(|&i| jpeg_of(batch, &jobs[i])).collect();
+            let refs: Vec<&[u8]> = data.iter().map(|d| &d[..]).collect();
+            let listed: Vec<RenderJob> = list.iter().map(|&i| jobs[i]).collect();
+            match dec.batched(hardware, &refs, &listed) {
+                Ok(()) if hardware => counts.hardware += list.len() as u64,
+                Ok(()) => counts.cuda_batched += list.len() as u64,
+                Err(e) => {
+                    eprintln!("warning: batched nvJPEG decode failed ({e}); decoding one by one");
+                    for (k, &i) in list.iter().enumerate() {
+                        match dec.single(refs[k], &jobs[i]) {
+                            Ok(()) => counts.cuda_single += 1,
+                            Err(_) => for_cpu.push(i),
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for i in for_cpu {
+        let slot = jobs[i].slot as usize;
+        match dec.cpu(&jpeg_of(batch, &jobs[i]), &jobs[i]) {
+            Ok(()) => counts.cpu += 1,
+            Err(e) => {
+                eprintln!(
+                    "warning: batch slot {slot} (epoch {}, sequence {}): no decoder could decode \
+                     the JPEG ({e}); the sample is blanked and ignored by the loss",
+                    batch.epoch,
+                    batch.first_sequence + slot as u64
+                );
+                counts.blank += 1;
+                jobs[i] = RenderJob::blank(slot);
+                batch.ignore_slot(slot);
+            }
+        }
+    }
+    jobs
+}
+
 /// Arena capacity to allocate for `needed` bytes when `current` is too small: 25% headroom
 /// so that a slowly growing maximum does not reallocate every batch.
 pub fn grow_capacity(current: u64, needed: u64) -> u64 {
@@ -205,6 +314,161 @@ mod tests {
             width: w,
             params,
         }
+    }
+
+    /// A scripted decoder: which JPEGs (by first byte) the hardware takes and which fail at
+    /// each rung; records what each rung was asked to do.
+    #[derive(Default)]
+    struct Script {
+        hardware: Vec<u8>,
+        fail_batched_cuda: bool,
+        fail_single: Vec<u8>,
+        fail_cpu: Vec<u8>,
+        calls: Vec<String>,
+    }
+
+    impl JpegDecoders for Script {
+        fn hardware_supports(&mut self, jpeg: &[u8]) -> bool {
+            self.hardware.contains(&jpeg[0])
+        }
+        fn batched(
+            &mut self,
+            hardware: bool,
+            jpegs: &[&[u8]],
+            jobs: &[RenderJob],
+        ) -> anyhow::Result<()> {
+            assert_eq!(jpegs.len(), jobs.len());
+            let ids: Vec<u8> = jpegs.iter().map(|j| j[0]).collect();
+            self.calls.push(format!("batched hw={hardware} {ids:?}"));
+            anyhow::ensure!(hardware || !self.fail_batched_cuda, "scripted failure");
+            Ok(())
+        }
+        fn single(&mut self, jpeg: &[u8], _: &RenderJob) -> anyhow::Result<()> {
+            self.calls.push(format!("single {}", jpeg[0]));
+            anyhow::ensure!(!self.fail_single.contains(&jpeg[0]), "scripted failure");
+            Ok(())
+        }
+        fn cpu(&mut self, jpeg: &[u8], _: &RenderJob) -> anyhow::Result<()> {
+            self.calls.push(format!("cpu {}", jpeg[0]));
+            anyhow::ensure!(!self.fail_cpu.contains(&jpeg[0]), "scripted failure");
+            Ok(())
+        }
+    }
+
+    /// A deferred-decode batch of 5 slots whose JPEG bytes start with 10 + slot (slot 4 was
+    /// rendered by a worker).
+    fn five_slot_batch() -> crate::loader::Batch {
+        use crate::loader::{Loader, LoaderConfig};
+        let dir = tempfile::tempdir().unwrap();
+        let synth = crate::coco::synth::generate(
+            &dir.path().join("coco"),
+            &crate::coco::synth::SynthOptions {
+                images: 5,
+                seed: 2,
+                min_side: 64,
+                max_side: 96,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let shards = crate::coco::convert::convert(
+            &crate::coco::convert::ConvertOptions {
+                image_dir: synth.image_dir,
+                object_annotations_file: Some(synth.annotations),
+                caption_annotations_file: None,
+                image_info_file: None,
+                output_file_prefix: dir.path().join("s/train").to_string_lossy().into_owned(),
+                num_shards: 1,
+                include_masks: false,
+                num_threads: 1,
+            },
+            &|_, _| {},
+        )
+        .unwrap()
+        .shards;
+        let mut cfg = LoaderConfig::new(crate::augment::Mode::Train, 64, 5);
+        cfg.threads = 1;
+        cfg.defer_jpeg_decode = true;
+        let anchors =
+            crate::anchors::Anchors::new(&crate::anchors::AnchorConfig::efficientdet(64, 64))
+                .unwrap();
+        let labeler = std::sync::Arc::new(crate::labeler::Labeler::new(anchors));
+        let decoder = std::sync::Arc::new(crate::decode::CpuDecoder);
+        let mut loader = Loader::start(cfg, shards, labeler, decoder).unwrap();
+        let mut batch = loader.next_batch().unwrap().unwrap();
+        for slot in 0..5 {
+            if let Some(e) = batch.encoded[slot].as_mut() {
+                let mut bytes = e.jpeg.to_vec();
+                bytes[0] = 10 + slot as u8;
+                e.jpeg = Bytes::from(bytes);
+            }
+        }
+        batch.encoded[4] = None;
+        batch
+    }
+
+    #[test]
+    fn decode_ladder_takes_each_image_down_only_as_far_as_needed() {
+        let mut batch = five_slot_batch();
+        let plan = DecodePlan::new(batch.deferred_slots());
+        assert_eq!(plan.jobs.len(), 4);
+        // Hardware takes 10 and 12; the CUDA batch (11, 13) fails; 11 decodes alone, 13 does
+        // not, goes to the CPU, which fails too: slot 3 is blanked and ignored.
+        let mut dec = Script {
+            hardware: vec![10, 12],
+            fail_batched_cuda: true,
+            fail_single: vec![13],
+            fail_cpu: vec![13],
+            ..Default::default()
+        };
+        let mut counts = StageCounts::default();
+        let jobs = decode_batch(&mut dec, &mut batch, &plan, &mut counts, false);
+        assert_eq!(
+            dec.calls,
+            [
+                "batched hw=true [10, 12]",
+                "batched hw=false [11, 13]",
+                "single 11",
+                "single 13",
+                "cpu 13"
+            ]
+        );
+        let want = StageCounts {
+            hardware: 2,
+            cuda_single: 1,
+            blank: 1,
+            ..Default::default()
+        };
+        assert_eq!(counts, want);
+        assert_eq!(jobs[..3], plan.jobs[..3]);
+        assert_eq!(jobs[3], RenderJob::blank(3));
+        assert!(batch.encoded[3].is_none());
+        assert_eq!(batch.buffers().num_positives[3], 0.0);
+        let l0 = batch.cls_targets(0);
+        let n = l0.len() / 5;
+        assert!(l0[3 * n..4 * n].iter().all(|&c| c == -2));
+        assert!(l0[..n].iter().all(|&c| c != -2));
+    }
+
+    #[test]
+    fn decode_ladder_uses_batches_when_they_work_and_the_cpu_when_forced() {
+        let mut batch = five_slot_batch();
+        let plan = DecodePlan::new(batch.deferred_slots());
+        let mut dec = Script::default();
+        let mut counts = StageCounts::default();
+        let jobs = decode_batch(&mut dec, &mut batch, &plan, &mut counts, false);
+        assert_eq!(dec.calls, ["batched hw=false [10, 11, 12, 13]"]);
+        assert_eq!((counts.cuda_batched, counts.cpu, counts.blank), (4, 0, 0));
+        assert_eq!(jobs, plan.jobs);
+
+        let mut dec = Script {
+            hardware: vec![10, 11, 12, 13],
+            ..Default::default()
+        };
+        let jobs = decode_batch(&mut dec, &mut batch, &plan, &mut counts, true);
+        assert_eq!(dec.calls, ["cpu 10", "cpu 11", "cpu 12", "cpu 13"]);
+        assert_eq!(counts.cpu, 4);
+        assert_eq!(jobs, plan.jobs);
     }
 
     #[test]

@@ -10,27 +10,11 @@ use cudarc::nvrtc::Ptx;
 use super::ffi::{self, Api, Image};
 use crate::augment::{AugmentConfig, MEAN_RGB, STDDEV_RGB};
 use crate::decode::{CpuDecoder, DecodedImage, ImageDecoder};
-use crate::deferred::{grow_capacity, DecodePlan, RenderJob};
+pub use crate::deferred::StageCounts;
+use crate::deferred::{decode_batch, grow_capacity, DecodePlan, JpegDecoders, RenderJob};
 use crate::loader::{Batch, ImageData};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/effdet_render.ptx"));
-
-/// Images per decoder in the stage's lifetime.
-#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
-pub struct StageCounts {
-    /// Decoded by the hardware JPEG engine.
-    pub hardware: u64,
-    /// Decoded by nvJPEG's CUDA backend in batched calls.
-    pub cuda_batched: u64,
-    /// Decoded by nvJPEG one at a time after a batched call failed.
-    pub cuda_single: u64,
-    /// Decoded by the CPU decoder because nvJPEG could not.
-    pub cpu: u64,
-    /// Undecodable by anyone: rendered as the mean colour and excluded from the loss.
-    pub blank: u64,
-    /// Images the loader's workers had already rendered (uploaded as they are).
-    pub host_rendered: u64,
-}
 
 /// One nvJPEG handle with its decode state.
 struct Decoder {
@@ -174,27 +158,10 @@ impl NvjpegStage {
             return Ok(());
         }
         self.ensure_arena(plan.arena_bytes)?;
-        let mut jobs = plan.jobs.clone();
-        let failed = self.decode_all(batch, &jobs)?;
-        for i in failed {
-            let slot = jobs[i].slot as usize;
-            let jpeg = batch.encoded[slot]
-                .as_ref()
-                .expect("deferred slot")
-                .jpeg
-                .clone();
-            if let Err(e) = self.decode_on_cpu(&jpeg, &jobs[i]) {
-                eprintln!(
-                    "warning: batch slot {slot} (epoch {}, sequence {}): no decoder could \
-                     decode the JPEG ({e}); the sample is blanked and ignored by the loss",
-                    batch.epoch,
-                    batch.first_sequence + slot as u64
-                );
-                self.counts.blank += 1;
-                jobs[i] = RenderJob::blank(slot);
-                batch.ignore_slot(slot);
-            }
-        }
+        let mut counts = self.counts;
+        let force_cpu = self.force_cpu_decode;
+        let jobs = decode_batch(self, batch, &plan, &mut counts, force_cpu);
+        self.counts = counts;
         self.launch_render(&jobs, out, h, w)
     }
 
@@ -238,162 +205,10 @@ impl NvjpegStage {
         Ok(())
     }
 
-    /// Batched decodes (hardware, then CUDA backend); returns the indices of `jobs` that
-    /// neither a batched nor a single-image nvJPEG decode could do.
-    fn decode_all(&mut self, batch: &Batch, jobs: &[RenderJob]) -> anyhow::Result<Vec<usize>> {
-        let jpeg = |j: &RenderJob| -> &[u8] {
-            &batch.encoded[j.slot as usize]
-                .as_ref()
-                .expect("deferred slot")
-                .jpeg
-        };
-        if self.force_cpu_decode {
-            return Ok((0..jobs.len()).collect());
-        }
-        let (mut hw, mut sw) = (Vec::new(), Vec::new());
-        for (i, j) in jobs.iter().enumerate() {
-            if self.hardware_supports(jpeg(j)) {
-                hw.push(i);
-            } else {
-                sw.push(i);
-            }
-        }
-        let mut failed = Vec::new();
-        for (list, on_hardware) in [(hw, true), (sw, false)] {
-            if list.is_empty() {
-                continue;
-            }
-            let data: Vec<&[u8]> = list.iter().map(|&i| jpeg(&jobs[i])).collect();
-            let dests: Vec<Image> = list.iter().map(|&i| self.destination(&jobs[i])).collect();
-            match self.batched(on_hardware, &data, &dests) {
-                Ok(()) => {
-                    let n = list.len() as u64;
-                    if on_hardware {
-                        self.counts.hardware += n;
-                    } else {
-                        self.counts.cuda_batched += n;
-                    }
-                }
-                Err(e) => {
-                    eprintln!("warning: batched nvJPEG decode failed ({e}); decoding one by one");
-                    for (k, &i) in list.iter().enumerate() {
-                        match self.single(data[k], dests[k]) {
-                            Ok(()) => self.counts.cuda_single += 1,
-                            Err(_) => failed.push(i),
-                        }
-                    }
-                }
-            }
-        }
-        Ok(failed)
-    }
-
-    fn hardware_supports(&self, jpeg: &[u8]) -> bool {
-        let (Some(hw), Some(parsed)) = (&self.hardware, self.parsed) else {
-            return false;
-        };
-        let mut unsupported: c_int = 1;
-        // SAFETY: the parser and handle are live; `jpeg` outlives the calls.
-        unsafe {
-            (self.api.stream_parse_header)(hw.handle, jpeg.as_ptr(), jpeg.len(), parsed)
-                == ffi::STATUS_SUCCESS
-                && (self.api.batched_supported)(hw.handle, parsed, &mut unsupported)
-                    == ffi::STATUS_SUCCESS
-                && unsupported == 0
-        }
-    }
-
     fn destination(&self, job: &RenderJob) -> Image {
         let arena = self.arena.as_ref().expect("arena allocated");
         let (base, _sync) = arena.device_ptr(&self.stream);
         Image::rgbi(base + job.src_offset, job.src_width as usize * 3)
-    }
-
-    fn batched(
-        &mut self,
-        on_hardware: bool,
-        data: &[&[u8]],
-        dests: &[Image],
-    ) -> anyhow::Result<()> {
-        let api = self.api.clone();
-        let dec = if on_hardware {
-            self.hardware.as_mut().expect("hardware decoder")
-        } else {
-            &mut self.cuda
-        };
-        if dec.batch != Some(data.len()) {
-            // SAFETY: live handle and state.
-            ffi::check("nvjpegDecodeBatchedInitialize", unsafe {
-                (api.batched_initialize)(
-                    dec.handle,
-                    dec.state,
-                    data.len() as c_int,
-                    1,
-                    ffi::OUTPUT_RGBI,
-                )
-            })?;
-            dec.batch = Some(data.len());
-        }
-        let ptrs: Vec<*const u8> = data.iter().map(|d| d.as_ptr()).collect();
-        let lens: Vec<usize> = data.iter().map(|d| d.len()).collect();
-        let mut dests = dests.to_vec();
-        // SAFETY: arrays of `data.len()` inputs and destinations; each destination points at
-        // an arena region sized for its image's RGB; the stream is the arena's.
-        let status = unsafe {
-            (api.batched)(
-                dec.handle,
-                dec.state,
-                ptrs.as_ptr(),
-                lens.as_ptr(),
-                dests.as_mut_ptr(),
-                self.stream.cu_stream() as ffi::Stream,
-            )
-        };
-        if status != ffi::STATUS_SUCCESS {
-            // A failed batch must be re-initialized before the next one.
-            dec.batch = None;
-        }
-        ffi::check("nvjpegDecodeBatched", status)
-    }
-
-    fn single(&mut self, jpeg: &[u8], dest: Image) -> anyhow::Result<()> {
-        let mut dest = dest;
-        // The single-image call shares the state with batched decoding: re-initialize after.
-        self.cuda.batch = None;
-        // SAFETY: as in `batched`, for one image.
-        ffi::check("nvjpegDecode", unsafe {
-            (self.api.decode)(
-                self.cuda.handle,
-                self.cuda.state,
-                jpeg.as_ptr(),
-                jpeg.len(),
-                ffi::OUTPUT_RGBI,
-                &mut dest,
-                self.stream.cu_stream() as ffi::Stream,
-            )
-        })
-    }
-
-    fn decode_on_cpu(&mut self, jpeg: &[u8], job: &RenderJob) -> anyhow::Result<()> {
-        self.cpu
-            .decode_into(jpeg, &mut self.decoded)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        anyhow::ensure!(
-            (self.decoded.height, self.decoded.width) == (job.src_height, job.src_width),
-            "decoded {}x{} but the header said {}x{}",
-            self.decoded.height,
-            self.decoded.width,
-            job.src_height,
-            job.src_width
-        );
-        let start = job.src_offset as usize;
-        let arena = self.arena.as_mut().expect("arena allocated");
-        self.stream.memcpy_htod(
-            &self.decoded.rgb,
-            &mut arena.slice_mut(start..start + self.decoded.rgb.len()),
-        )?;
-        self.counts.cpu += 1;
-        Ok(())
     }
 
     fn launch_render(
@@ -429,6 +244,110 @@ impl NvjpegStage {
         // SAFETY: the kernel reads `jobs.len()` jobs of JOB_WORDS words, each within the arena
         // (offsets and sizes from the same plan) and writes slot < batch_size planes of `out`.
         unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+}
+
+impl JpegDecoders for NvjpegStage {
+    fn hardware_supports(&mut self, jpeg: &[u8]) -> bool {
+        let (Some(hw), Some(parsed)) = (&self.hardware, self.parsed) else {
+            return false;
+        };
+        let mut unsupported: c_int = 1;
+        // SAFETY: the parser and handle are live; `jpeg` outlives the calls.
+        unsafe {
+            (self.api.stream_parse_header)(hw.handle, jpeg.as_ptr(), jpeg.len(), parsed)
+                == ffi::STATUS_SUCCESS
+                && (self.api.batched_supported)(hw.handle, parsed, &mut unsupported)
+                    == ffi::STATUS_SUCCESS
+                && unsupported == 0
+        }
+    }
+
+    fn batched(
+        &mut self,
+        on_hardware: bool,
+        data: &[&[u8]],
+        jobs: &[RenderJob],
+    ) -> anyhow::Result<()> {
+        let dests: Vec<Image> = jobs.iter().map(|j| self.destination(j)).collect();
+        let api = self.api.clone();
+        let dec = if on_hardware {
+            self.hardware.as_mut().expect("hardware decoder")
+        } else {
+            &mut self.cuda
+        };
+        if dec.batch != Some(data.len()) {
+            // SAFETY: live handle and state.
+            ffi::check("nvjpegDecodeBatchedInitialize", unsafe {
+                (api.batched_initialize)(
+                    dec.handle,
+                    dec.state,
+                    data.len() as c_int,
+                    1,
+                    ffi::OUTPUT_RGBI,
+                )
+            })?;
+            dec.batch = Some(data.len());
+        }
+        let ptrs: Vec<*const u8> = data.iter().map(|d| d.as_ptr()).collect();
+        let lens: Vec<usize> = data.iter().map(|d| d.len()).collect();
+        let mut dests = dests;
+        // SAFETY: arrays of `data.len()` inputs and destinations; each destination points at
+        // an arena region sized for its image's RGB; the stream is the arena's.
+        let status = unsafe {
+            (api.batched)(
+                dec.handle,
+                dec.state,
+                ptrs.as_ptr(),
+                lens.as_ptr(),
+                dests.as_mut_ptr(),
+                self.stream.cu_stream() as ffi::Stream,
+            )
+        };
+        if status != ffi::STATUS_SUCCESS {
+            // A failed batch must be re-initialized before the next one.
+            dec.batch = None;
+        }
+        ffi::check("nvjpegDecodeBatched", status)
+    }
+
+    fn single(&mut self, jpeg: &[u8], job: &RenderJob) -> anyhow::Result<()> {
+        let mut dest = self.destination(job);
+        // The single-image call shares the state with batched decoding: re-initialize after.
+        self.cuda.batch = None;
+        // SAFETY: as in `batched`, for one image.
+        ffi::check("nvjpegDecode", unsafe {
+            (self.api.decode)(
+                self.cuda.handle,
+                self.cuda.state,
+                jpeg.as_ptr(),
+                jpeg.len(),
+                ffi::OUTPUT_RGBI,
+                &mut dest,
+                self.stream.cu_stream() as ffi::Stream,
+            )
+        })
+    }
+
+    fn cpu(&mut self, jpeg: &[u8], job: &RenderJob) -> anyhow::Result<()> {
+        self.cpu
+            .decode_into(jpeg, &mut self.decoded)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        anyhow::ensure!(
+            (self.decoded.height, self.decoded.width) == (job.src_height, job.src_width),
+            "decoded {}x{} but the header said {}x{}",
+            self.decoded.height,
+            self.decoded.width,
+            job.src_height,
+            job.src_width
+        );
+        let start = job.src_offset as usize;
+        let arena = self.arena.as_mut().expect("arena allocated");
+        self.stream.memcpy_htod(
+            &self.decoded.rgb,
+            &mut arena.slice_mut(start..start + self.decoded.rgb.len()),
+        )?;
         Ok(())
     }
 }
