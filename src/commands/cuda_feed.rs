@@ -17,7 +17,9 @@
 //! ```
 //!
 //! The tensors handed to the model are ordinary allocations of the main stream, so candle's
-//! memory handling is unchanged.
+//! memory handling is unchanged. "Main stream" is candle's: the per-thread default stream of
+//! the thread that runs the model, which is why the consumer side (`next_batch`) must run on
+//! that thread.
 
 use std::sync::mpsc::{sync_channel, Receiver, Sender, SyncSender};
 use std::sync::Arc;

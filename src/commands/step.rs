@@ -253,8 +253,15 @@ impl DeviceFeeder {
         std::thread::spawn(move || {
             while let Some(b) = loader.next_batch() {
                 let item = b.and_then(|b| {
+                    let tensors = BatchTensors::from_batch(&b, &dev)?;
+                    // candle's CUDA device works on the per-thread default stream, so this
+                    // thread's uploads are on a stream of its own: finish them before the
+                    // consumer's stream reads the tensors.
+                    if dev.is_cuda() {
+                        dev.synchronize()?;
+                    }
                     Ok(FedBatch {
-                        tensors: BatchTensors::from_batch(&b, &dev)?,
+                        tensors,
                         epoch: b.epoch,
                         first_sequence: b.first_sequence,
                         len: b.len,
