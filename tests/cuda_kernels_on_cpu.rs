@@ -774,3 +774,262 @@ fn elementwise_and_optimizer_kernels_equal_the_cpu_ops() {
     assert_eq!(yg, want_gate, "channel gate");
     assert_eq!(ax, want_axpby, "axpby");
 }
+
+/// Calls runner `name` with a grid and the kernel's own arguments.
+macro_rules! run {
+    ($lib:expr, $name:literal, $grid:expr, ($($t:ty),*), $($arg:expr),*) => {{
+        let g: Grid = $grid;
+        // SAFETY: the runner in runners.cpp has exactly this signature; the caller sizes the
+        // buffers for the arguments.
+        unsafe {
+            let f = $lib
+                .get::<unsafe extern "C" fn(u32, u32, u32, u32, u32, u32, $($t),*)>(
+                    concat!("run_", $name, "\0").as_bytes(),
+                )
+                .expect($name);
+            f(g.0, g.1, g.2, g.3, g.4, g.5, $($arg),*);
+        }
+    }};
+}
+
+fn close(a: &[f64], b: &[f64], tol: f64, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (x - y).abs() <= tol * y.abs().max(1.0),
+            "{what}[{i}]: {x} vs {y}"
+        );
+    }
+}
+
+/// Column sums, squared deviations and the batch-norm kernels against their formulas in f64
+/// (their index arithmetic changed after the last GPU check; `bn_scale_shift_params` is new).
+#[test]
+fn reduction_and_batch_norm_kernels_equal_their_formulas() {
+    let Some(lib) = library() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(13);
+    let (groups, rows, c) = (2usize, 37usize, 40usize);
+    let x = random(&mut rng, groups * rows * c);
+    let g = random(&mut rng, rows * c);
+    let reduce = (2u32, 2u32, groups as u32, 32u32, 8u32, 1u32);
+    let elementwise = (2u32, 1u32, 1u32, 64u32, 1u32, 1u32);
+
+    // Per-group column sums.
+    let mut sums = vec![0.0f64; groups * c];
+    run!(
+        lib,
+        "col_sum",
+        reduce,
+        (*const f32, *mut f64, i64, i32),
+        x.as_ptr(),
+        sums.as_mut_ptr(),
+        rows as i64,
+        c as i32
+    );
+    let want: Vec<f64> = (0..groups * c)
+        .map(|zc| {
+            let (z, ch) = (zc / c, zc % c);
+            (0..rows).map(|r| x[(z * rows + r) * c + ch] as f64).sum()
+        })
+        .collect();
+    close(&sums, &want, 1e-12, "col_sum");
+
+    // Moments of group 0 → inverse std → folded scale/shift, both ways.
+    let n = rows as f64;
+    let mean: Vec<f64> = sums[..c].iter().map(|s| s / n).collect();
+    let mut sq = vec![0.0f64; c];
+    let one = (2u32, 2u32, 1u32, 32u32, 8u32, 1u32);
+    run!(
+        lib,
+        "col_sq_dev",
+        one,
+        (*const f32, *const f64, *mut f64, i64, i32),
+        x.as_ptr(),
+        mean.as_ptr(),
+        sq.as_mut_ptr(),
+        rows as i64,
+        c as i32
+    );
+    let want_sq: Vec<f64> = (0..c)
+        .map(|ch| {
+            (0..rows)
+                .map(|r| (x[r * c + ch] as f64 - mean[ch]).powi(2))
+                .sum()
+        })
+        .collect();
+    close(&sq, &want_sq, 1e-12, "col_sq_dev");
+    let eps = 1e-3;
+    run!(
+        lib,
+        "bn_inv_std",
+        elementwise,
+        (*mut f64, f64, f64, i32),
+        sq.as_mut_ptr(),
+        n,
+        eps,
+        c as i32
+    );
+    let inv: Vec<f64> = want_sq.iter().map(|s| 1.0 / (s / n + eps).sqrt()).collect();
+    close(&sq, &inv, 1e-12, "bn_inv_std");
+    let gamma = random(&mut rng, c);
+    let beta = random(&mut rng, c);
+    let (mut scale, mut shift) = (vec![0f32; c], vec![0f32; c]);
+    run!(
+        lib,
+        "bn_scale_shift",
+        elementwise,
+        (
+            *const f32,
+            *const f32,
+            *const f64,
+            *const f64,
+            *mut f32,
+            *mut f32,
+            i32
+        ),
+        gamma.as_ptr(),
+        beta.as_ptr(),
+        mean.as_ptr(),
+        inv.as_ptr(),
+        scale.as_mut_ptr(),
+        shift.as_mut_ptr(),
+        c as i32
+    );
+    let want_scale: Vec<f32> = (0..c).map(|i| (gamma[i] as f64 * inv[i]) as f32).collect();
+    let want_shift: Vec<f32> = (0..c)
+        .map(|i| (beta[i] as f64 - gamma[i] as f64 * inv[i] * mean[i]) as f32)
+        .collect();
+    assert_eq!(
+        (&scale, &shift),
+        (&want_scale, &want_shift),
+        "bn_scale_shift"
+    );
+    let params: Vec<f64> = mean
+        .iter()
+        .chain(&inv)
+        .copied()
+        .chain(gamma.iter().map(|&v| v as f64))
+        .chain(beta.iter().map(|&v| v as f64))
+        .collect();
+    let (mut scale2, mut shift2) = (vec![0f32; c], vec![0f32; c]);
+    run!(
+        lib,
+        "bn_scale_shift_params",
+        elementwise,
+        (*const f64, *mut f32, *mut f32, i32),
+        params.as_ptr(),
+        scale2.as_mut_ptr(),
+        shift2.as_mut_ptr(),
+        c as i32
+    );
+    assert_eq!(
+        (&scale2, &shift2),
+        (&scale, &shift),
+        "bn_scale_shift_params"
+    );
+
+    // Apply, without and with swish.
+    let m = rows * c;
+    for act in [0, 1] {
+        let mut y = vec![0f32; m];
+        run!(
+            lib,
+            "bn_apply",
+            elementwise,
+            (*const f32, *const f32, *const f32, *mut f32, i64, i32, i32),
+            x.as_ptr(),
+            scale.as_ptr(),
+            shift.as_ptr(),
+            y.as_mut_ptr(),
+            m as i64,
+            c as i32,
+            act
+        );
+        for (i, &v) in y.iter().enumerate() {
+            let z = x[i] * scale[i % c] + shift[i % c];
+            let want = if act == 1 { z / (1.0 + (-z).exp()) } else { z };
+            assert!(
+                (v - want).abs() <= 1e-6 * want.abs().max(1.0),
+                "bn_apply act {act} [{i}]"
+            );
+        }
+    }
+
+    // Backward: Σ g_z, Σ g_z·x̂ and dx = k·g_z − off − x̂·slope.
+    let chan: Vec<f32> = mean
+        .iter()
+        .map(|&v| v as f32)
+        .chain(inv.iter().map(|&v| v as f32))
+        .chain(gamma.iter().copied())
+        .chain(beta.iter().copied())
+        .collect();
+    let coef = random(&mut rng, 3 * c);
+    for act in [0, 1] {
+        let xhat_gz = |i: usize| -> (f32, f32) {
+            let ch = i % c;
+            let xh = (x[i] - chan[ch]) * chan[c + ch];
+            let gz = if act == 1 {
+                let z = chan[2 * c + ch] * xh + chan[3 * c + ch];
+                let s = 1.0 / (1.0 + (-z).exp());
+                g[i] * s * (1.0 + z * (1.0 - s))
+            } else {
+                g[i]
+            };
+            (xh, gz)
+        };
+        let mut red = vec![0.0f64; 2 * c];
+        run!(
+            lib,
+            "bn_grad_reduce",
+            one,
+            (*const f32, *const f32, *const f32, *mut f64, i64, i32, i32),
+            x.as_ptr(),
+            g.as_ptr(),
+            chan.as_ptr(),
+            red.as_mut_ptr(),
+            rows as i64,
+            c as i32,
+            act
+        );
+        let mut want = vec![0.0f64; 2 * c];
+        for i in 0..m {
+            let (xh, gz) = xhat_gz(i);
+            want[i % c] += gz as f64;
+            want[c + i % c] += (gz * xh) as f64;
+        }
+        close(&red, &want, 1e-5, "bn_grad_reduce");
+        let mut dx = vec![0f32; m];
+        run!(
+            lib,
+            "bn_grad_input",
+            elementwise,
+            (
+                *const f32,
+                *const f32,
+                *const f32,
+                *const f32,
+                *mut f32,
+                i64,
+                i32,
+                i32
+            ),
+            x.as_ptr(),
+            g.as_ptr(),
+            chan.as_ptr(),
+            coef.as_ptr(),
+            dx.as_mut_ptr(),
+            m as i64,
+            c as i32,
+            act
+        );
+        for (i, &v) in dx.iter().enumerate() {
+            let (xh, gz) = xhat_gz(i);
+            let ch = i % c;
+            let want = coef[ch] * gz - coef[c + ch] - xh * coef[2 * c + ch];
+            assert!(
+                (v - want).abs() <= 1e-5 * want.abs().max(1.0),
+                "bn_grad_input act {act} [{i}]"
+            );
+        }
+    }
+}

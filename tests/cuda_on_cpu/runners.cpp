@@ -120,3 +120,47 @@ extern "C" void run_channel_gate(GRID, const float* x, const float* g, float* y,
 extern "C" void run_axpby_f32(GRID, float* x, const float* y, float a, float b, i64 n) {
     launch(gx, gy, gz, bx, by, bz, false, [&] { axpby_f32(x, y, a, b, n); });
 }
+
+// Column reductions and batch norm.
+extern "C" void col_sum(const float*, double*, i64, int);
+extern "C" void col_sq_dev(const float*, const double*, double*, i64, int);
+extern "C" void bn_inv_std(double*, double, double, int);
+extern "C" void bn_scale_shift(const float*, const float*, const double*, const double*, float*,
+                               float*, int);
+extern "C" void bn_scale_shift_params(const double*, float*, float*, int);
+extern "C" void bn_apply(const float*, const float*, const float*, float*, i64, int, int);
+extern "C" void bn_grad_reduce(const float*, const float*, const float*, double*, i64, int, int);
+extern "C" void bn_grad_input(const float*, const float*, const float*, const float*, float*, i64,
+                              int, int);
+extern "C" void run_col_sum(GRID, const float* x, double* out, i64 rows, int C) {
+    launch(gx, gy, gz, bx, by, bz, true, [&] { col_sum(x, out, rows, C); });
+}
+extern "C" void run_col_sq_dev(GRID, const float* x, const double* mean, double* out, i64 rows,
+                               int C) {
+    launch(gx, gy, gz, bx, by, bz, true, [&] { col_sq_dev(x, mean, out, rows, C); });
+}
+extern "C" void run_bn_inv_std(GRID, double* sq, double n, double eps, int C) {
+    launch(gx, gy, gz, bx, by, bz, false, [&] { bn_inv_std(sq, n, eps, C); });
+}
+extern "C" void run_bn_scale_shift(GRID, const float* gamma, const float* beta, const double* mean,
+                                   const double* inv, float* scale, float* shift, int C) {
+    launch(gx, gy, gz, bx, by, bz, false,
+           [&] { bn_scale_shift(gamma, beta, mean, inv, scale, shift, C); });
+}
+extern "C" void run_bn_scale_shift_params(GRID, const double* p, float* scale, float* shift,
+                                          int C) {
+    launch(gx, gy, gz, bx, by, bz, false, [&] { bn_scale_shift_params(p, scale, shift, C); });
+}
+extern "C" void run_bn_apply(GRID, const float* x, const float* scale, const float* shift,
+                             float* y, i64 n, int C, int act) {
+    launch(gx, gy, gz, bx, by, bz, false, [&] { bn_apply(x, scale, shift, y, n, C, act); });
+}
+extern "C" void run_bn_grad_reduce(GRID, const float* x, const float* g, const float* chan,
+                                   double* out, i64 rows, int C, int act) {
+    launch(gx, gy, gz, bx, by, bz, true, [&] { bn_grad_reduce(x, g, chan, out, rows, C, act); });
+}
+extern "C" void run_bn_grad_input(GRID, const float* x, const float* g, const float* chan,
+                                  const float* coef, float* dx, i64 n, int C, int act) {
+    launch(gx, gy, gz, bx, by, bz, false,
+           [&] { bn_grad_input(x, g, chan, coef, dx, n, C, act); });
+}
