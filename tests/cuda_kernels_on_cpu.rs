@@ -1033,3 +1033,194 @@ fn reduction_and_batch_norm_kernels_equal_their_formulas() {
         }
     }
 }
+
+/// The fused focal-loss kernels (i32 and i64 class ids) against the model's CPU op: the sum,
+/// its gradient, and the invalid-id flag.
+#[test]
+fn focal_loss_kernels_equal_the_cpu_op() {
+    use effdet_model::ops::{focal_loss_sum, FocalParams};
+    let Some(lib) = library() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(14);
+    let (anchors, k) = (45usize, 7usize);
+    let n = anchors * k;
+    let x: Vec<f32> = random(&mut rng, n).iter().map(|v| v * 4.0).collect();
+    let ids: Vec<i64> = (0..anchors)
+        .map(|i| (i as i64 * 5) % (k as i64 + 2) - 2)
+        .collect();
+    let p = FocalParams {
+        alpha: 0.25,
+        gamma: 1.5,
+        label_smoothing: 0.1,
+    };
+    let dev = Device::Cpu;
+    // 5 locations × 9 anchors: logits [5, 9·K], ids [5, 9], as the heads lay them out.
+    let xv = candle_core::Var::from_tensor(&Tensor::from_vec(x.clone(), (5, 9 * k), &dev).unwrap())
+        .unwrap();
+    let loss = focal_loss_sum(
+        xv.as_tensor(),
+        &Tensor::from_vec(ids.clone(), (5, 9), &dev).unwrap(),
+        p,
+    )
+    .unwrap();
+    let want_loss = loss
+        .to_dtype(candle_core::DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let want_grad = vec_of(loss.backward().unwrap().get(xv.as_tensor()).unwrap());
+    let ids32: Vec<i32> = ids.iter().map(|&v| v as i32).collect();
+    let (a, g, s) = (p.alpha, p.gamma, p.label_smoothing);
+    let loss_grid = (2u32, 1u32, 1u32, 256u32, 1u32, 1u32);
+    let grad_grid = (2u32, 1u32, 1u32, 64u32, 1u32, 1u32);
+    let one = [1.0f64];
+    for wide in [false, true] {
+        let (mut sum, mut bad, mut d) = ([0.0f64], [0i32], vec![f32::NAN; n]);
+        if wide {
+            run!(
+                lib,
+                "focal_loss_i64",
+                loss_grid,
+                (
+                    *const f32,
+                    *const i64,
+                    *mut f64,
+                    *mut i32,
+                    i64,
+                    i32,
+                    f64,
+                    f64,
+                    f64
+                ),
+                x.as_ptr(),
+                ids.as_ptr(),
+                sum.as_mut_ptr(),
+                bad.as_mut_ptr(),
+                n as i64,
+                k as i32,
+                a,
+                g,
+                s
+            );
+            run!(
+                lib,
+                "focal_grad_i64",
+                grad_grid,
+                (
+                    *const f32,
+                    *const i64,
+                    *const f64,
+                    *mut f32,
+                    *mut i32,
+                    i64,
+                    i32,
+                    f64,
+                    f64,
+                    f64
+                ),
+                x.as_ptr(),
+                ids.as_ptr(),
+                one.as_ptr(),
+                d.as_mut_ptr(),
+                bad.as_mut_ptr(),
+                n as i64,
+                k as i32,
+                a,
+                g,
+                s
+            );
+        } else {
+            run!(
+                lib,
+                "focal_loss_i32",
+                loss_grid,
+                (
+                    *const f32,
+                    *const i32,
+                    *mut f64,
+                    *mut i32,
+                    i64,
+                    i32,
+                    f64,
+                    f64,
+                    f64
+                ),
+                x.as_ptr(),
+                ids32.as_ptr(),
+                sum.as_mut_ptr(),
+                bad.as_mut_ptr(),
+                n as i64,
+                k as i32,
+                a,
+                g,
+                s
+            );
+            run!(
+                lib,
+                "focal_grad_i32",
+                grad_grid,
+                (
+                    *const f32,
+                    *const i32,
+                    *const f64,
+                    *mut f32,
+                    *mut i32,
+                    i64,
+                    i32,
+                    f64,
+                    f64,
+                    f64
+                ),
+                x.as_ptr(),
+                ids32.as_ptr(),
+                one.as_ptr(),
+                d.as_mut_ptr(),
+                bad.as_mut_ptr(),
+                n as i64,
+                k as i32,
+                a,
+                g,
+                s
+            );
+        }
+        assert_eq!(bad[0], 0);
+        assert!(
+            (sum[0] - want_loss).abs() <= 1e-5 * want_loss.abs(),
+            "loss {} vs {want_loss}",
+            sum[0]
+        );
+        assert!(
+            worst(&d, &want_grad) < 1e-5,
+            "focal gradient (i64 ids: {wide})"
+        );
+    }
+    // An id outside −2..K raises the flag.
+    let mut bad_ids = ids32.clone();
+    bad_ids[3] = k as i32;
+    let (mut sum, mut bad) = ([0.0f64], [0i32]);
+    run!(
+        lib,
+        "focal_loss_i32",
+        loss_grid,
+        (
+            *const f32,
+            *const i32,
+            *mut f64,
+            *mut i32,
+            i64,
+            i32,
+            f64,
+            f64,
+            f64
+        ),
+        x.as_ptr(),
+        bad_ids.as_ptr(),
+        sum.as_mut_ptr(),
+        bad.as_mut_ptr(),
+        n as i64,
+        k as i32,
+        a,
+        g,
+        s
+    );
+    assert_eq!(bad[0], 1);
+}

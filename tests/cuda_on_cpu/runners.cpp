@@ -164,3 +164,24 @@ extern "C" void run_bn_grad_input(GRID, const float* x, const float* g, const fl
     launch(gx, gy, gz, bx, by, bz, false,
            [&] { bn_grad_input(x, g, chan, coef, dx, n, C, act); });
 }
+
+// Focal loss (class ids as i32 or i64).
+#define FOCAL_RUNNERS(ID_T, SUFFIX)                                                             \
+    extern "C" void focal_loss_##SUFFIX(const float*, const ID_T*, double*, int*, i64, int,     \
+                                        double, double, double);                                \
+    extern "C" void focal_grad_##SUFFIX(const float*, const ID_T*, const double*, float*, int*, \
+                                        i64, int, double, double, double);                      \
+    extern "C" void run_focal_loss_##SUFFIX(GRID, const float* x, const ID_T* ids, double* out, \
+                                            int* bad, i64 n, int K, double a, double g,          \
+                                            double s) {                                          \
+        launch(gx, gy, gz, bx, by, bz, true,                                                     \
+               [&] { focal_loss_##SUFFIX(x, ids, out, bad, n, K, a, g, s); });                   \
+    }                                                                                            \
+    extern "C" void run_focal_grad_##SUFFIX(GRID, const float* x, const ID_T* ids,              \
+                                            const double* scale, float* d, int* bad, i64 n,     \
+                                            int K, double a, double g, double s) {               \
+        launch(gx, gy, gz, bx, by, bz, false,                                                    \
+               [&] { focal_grad_##SUFFIX(x, ids, scale, d, bad, n, K, a, g, s); });              \
+    }
+FOCAL_RUNNERS(int, i32)
+FOCAL_RUNNERS(i64, i64)
