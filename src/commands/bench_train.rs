@@ -82,6 +82,8 @@ pub struct Report {
     pub gpu_peak_mb: Option<f64>,
     /// How batches reached the device (`--feed`), and the nvJPEG stage's decoder counts.
     pub feed_mode: super::step::FeedMode,
+    /// Mean host wall time per timed step of each phase (see `PhaseTimes`), milliseconds.
+    pub phases_ms: super::step::PhaseTimes,
     pub gpu_decode: Option<serde_json::Value>,
     pub peak_rss_mb: f64,
     pub skipped_steps: u64,
@@ -202,6 +204,7 @@ pub fn bench(a: &Args) -> anyhow::Result<Report> {
     let (mut loss_first, mut loss_last) = (f64::NAN, f64::NAN);
     let mut peak_mem: Option<f64> = None;
     let mut skipped_steps = 0;
+    let mut phases = super::step::PhaseTimes::default();
     let mut t_timed = Instant::now();
     for i in 0..a.warmup + a.steps {
         if i == a.warmup {
@@ -230,6 +233,7 @@ pub fn bench(a: &Args) -> anyhow::Result<Report> {
             }
             loss_last = s.loss;
             skipped_steps += s.skipped as u64;
+            phases.add(&s.phases);
         }
         let (_, mem) = device_info(&dev);
         peak_mem = match (peak_mem, mem) {
@@ -264,6 +268,7 @@ pub fn bench(a: &Args) -> anyhow::Result<Report> {
         gpu_mem_mb: peak_mem,
         gpu_peak_mb,
         feed_mode: a.feed.feed,
+        phases_ms: phases.scaled(1e3 / a.steps as f64),
         gpu_decode: feeder.gpu_decode_counts(),
         peak_rss_mb: peak_rss_mb(),
         loss_first,

@@ -10,6 +10,7 @@ use effdet_model::optim::{clip_gradients, Ema, Sgd};
 use effdet_model::{DynamicLossScaler, EfficientDet, ModelVars, Precision};
 use effdet_pipeline::loader::{Batch, ImageData, Loader};
 use std::sync::mpsc::{sync_channel, Receiver};
+use std::time::Instant;
 
 /// Model, optimizer state and EMA of one training run.
 pub struct Trainer {
@@ -35,6 +36,43 @@ pub struct StepStats {
     pub skipped: bool,
     /// Loss scale used for this step (1 without scaling).
     pub loss_scale: f64,
+    /// Host wall time of the step's phases, split at its device reads (no extra syncs).
+    pub phases: PhaseTimes,
+}
+
+/// Where a step's host wall time goes, in seconds. Each `*_queued` is the time to enqueue the
+/// phase's work; the phase itself ends at the next device read (loss scalars, gradient norms),
+/// so `queued ≈ total` means the host (launch overhead) is the limit and `queued ≪ total`
+/// means the device is. `update` is enqueue-only: its device time shows in the caller's sync.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct PhaseTimes {
+    pub forward_queued: f64,
+    pub forward: f64,
+    pub backward_queued: f64,
+    pub backward: f64,
+    pub update_queued: f64,
+}
+
+impl PhaseTimes {
+    /// Element-wise sum (for averaging over steps).
+    pub fn add(&mut self, o: &PhaseTimes) {
+        self.forward_queued += o.forward_queued;
+        self.forward += o.forward;
+        self.backward_queued += o.backward_queued;
+        self.backward += o.backward;
+        self.update_queued += o.update_queued;
+    }
+
+    /// Every field scaled by `k` (e.g. 1000 / steps for mean milliseconds).
+    pub fn scaled(&self, k: f64) -> PhaseTimes {
+        PhaseTimes {
+            forward_queued: self.forward_queued * k,
+            forward: self.forward * k,
+            backward_queued: self.backward_queued * k,
+            backward: self.backward * k,
+            update_queued: self.update_queued * k,
+        }
+    }
 }
 
 /// A batch's tensors on a device: images `[B, 3, H, W]`, per-level class and box targets,
@@ -140,12 +178,15 @@ impl Trainer {
     /// One full step at learning rate `lr`; `step` is the global step before it (the EMA ramp
     /// counts `step + 1` updates). Fails on a non-finite loss.
     pub fn step(&mut self, t: &BatchTensors, lr: f64, step: u64) -> anyhow::Result<StepStats> {
+        let t0 = Instant::now();
         let parts = self.loss(t)?;
+        let t_fq = Instant::now();
         let scalars: Vec<f64> =
             Tensor::stack(&[&parts.total, &parts.cls, &parts.box_loss, &parts.reg], 0)?
                 .to_dtype(DType::F64)?
                 .to_vec1()?;
         let (loss, cls_l, box_l, reg_l) = (scalars[0], scalars[1], scalars[2], scalars[3]);
+        let t_f = Instant::now();
         anyhow::ensure!(
             loss.is_finite(),
             "non-finite loss at step {step}: total {loss}, cls {cls_l}, box {box_l}, reg {reg_l}"
@@ -156,6 +197,7 @@ impl Trainer {
         } else {
             self.gradients(&parts.total)?
         };
+        let t_bq = Instant::now();
         let present: Vec<usize> = (0..all.len()).filter(|&i| all[i].is_some()).collect();
         let mut gs: Vec<Tensor> = present.iter().filter_map(|&i| all[i].take()).collect();
         let finite = self.scaler.unscale_and_check(&mut gs)?;
@@ -168,16 +210,25 @@ impl Trainer {
             gradient_norm: f64::NAN,
             skipped: !finite,
             loss_scale,
+            phases: PhaseTimes::default(),
         };
+        let secs = |a: Instant, b: Instant| (b - a).as_secs_f64();
+        stats.phases.forward_queued = secs(t0, t_fq);
+        stats.phases.forward = secs(t0, t_f);
+        stats.phases.backward_queued = secs(t_f, t_bq);
         if !finite {
+            stats.phases.backward = secs(t_f, Instant::now());
             return Ok(stats);
         }
         stats.gradient_norm = clip_gradients(&mut gs, self.cfg.train.clip_gradients_norm)?;
+        let t_b = Instant::now();
+        stats.phases.backward = secs(t_f, t_b);
         for (i, g) in present.into_iter().zip(gs) {
             all[i] = Some(g);
         }
         self.sgd.step(&all, lr)?;
         self.ema.update(step + 1)?;
+        stats.phases.update_queued = secs(t_b, Instant::now());
         Ok(stats)
     }
 }

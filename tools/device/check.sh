@@ -129,6 +129,13 @@ for k, v in summary.items():
         "%.1f" % v["data_wait_ms"] if "data_wait_ms" in v else "-",
         "%.1f" % (100 * v["data_wait_share"]) if "data_wait_share" in v else "-",
         "%.0f" % mem if mem else "-"))
+print("\nstep phases, ms (queued / total; queued ≈ total: launch-bound)")
+for k, v in summary.items():
+    ph = v.get("phases_ms") if isinstance(v, dict) else None
+    if ph:
+        print("  %-34s fwd %7.1f / %7.1f  bwd %7.1f / %7.1f  update queued %6.1f" % (
+            k, ph["forward_queued"], ph["forward"], ph["backward_queued"], ph["backward"],
+            ph["update_queued"]))
 c = summary.get("cuda_check")
 if isinstance(c, dict) and "checks" in c:
     print("\ncuda-check pass=%s (tolerance %g)" % (c["pass"], c["tolerance"]))
