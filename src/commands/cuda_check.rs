@@ -479,9 +479,21 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     candle_core::cuda::set_gemm_reduced_precision_f32(false);
     let mut checks = op_checks(&gpu)?;
     checks.push(model_check(&a, &gpu)?);
-    checks.push(feed_check(&a, &gpu)?);
+    // The feed and nvJPEG checks report their own failure instead of ending the run.
+    let failed = |what: &str, e: anyhow::Error| Check {
+        name: format!("{what}: {e:#}"),
+        output: f64::INFINITY,
+        gradients: f64::INFINITY,
+        worst: None,
+        limit: None,
+        pass: false,
+    };
+    checks.push(feed_check(&a, &gpu).unwrap_or_else(|e| failed("copy-stream feed", e)));
     #[cfg(feature = "nvjpeg")]
-    checks.extend(nvjpeg_checks(&a, &gpu)?);
+    match nvjpeg_checks(&a, &gpu) {
+        Ok(c) => checks.extend(c),
+        Err(e) => checks.push(failed("nvJPEG stage", e)),
+    }
     for c in checks.iter_mut() {
         let limit = c.limit.unwrap_or(a.tolerance);
         c.pass = c.output <= limit && c.gradients <= limit;
