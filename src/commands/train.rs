@@ -162,6 +162,9 @@ pub struct TrainSummary {
     pub images_per_sec: f64,
     pub checkpoint: Option<PathBuf>,
     pub events: PathBuf,
+    /// With `--gpu-decode`: images per nvJPEG decoder (hardware, CUDA, CPU fallback, blank).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_decode: Option<serde_json::Value>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
@@ -355,6 +358,7 @@ pub fn train(a: &Args) -> anyhow::Result<TrainSummary> {
         }
     }
     bar.finish();
+    let gpu_decode = feeder.gpu_decode_counts();
     drop(feeder);
     if step > first_step || last_ckpt.is_none() {
         let mut meta = checkpoint_meta(step, next_epoch, next_seq);
@@ -373,6 +377,7 @@ pub fn train(a: &Args) -> anyhow::Result<TrainSummary> {
         images_per_sec: n * batch_size as f64 / secs,
         checkpoint: last_ckpt,
         events: events.path.clone(),
+        gpu_decode,
     })
 }
 
