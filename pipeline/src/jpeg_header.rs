@@ -922,29 +922,11 @@ mod tests {
         );
     }
 
-    /// `COCO_TINY_DIR`, else `<workspace root>/../shared/data/coco_tiny`; `None` (skipped) when
-    /// absent, except under CI where a missing dataset is a failure.
-    fn coco_tiny_dir() -> Option<PathBuf> {
-        let dir = match std::env::var_os("COCO_TINY_DIR") {
-            Some(d) => PathBuf::from(d),
-            None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/coco_tiny"),
-        };
-        if dir.join("train2017").is_dir() {
-            return Some(dir);
-        }
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!(
-                "coco_tiny not found at {} (set COCO_TINY_DIR)",
-                dir.display()
-            );
-        }
-        eprintln!("skipped: coco_tiny not found at {}", dir.display());
-        None
-    }
-
     #[test]
     fn coco_tiny_train_sizes_match_the_cpu_decoder() {
-        let Some(dir) = coco_tiny_dir() else { return };
+        let Some(dir) = crate::test_support::coco_tiny() else {
+            return;
+        };
         let mut paths: Vec<PathBuf> = std::fs::read_dir(dir.join("train2017"))
             .unwrap()
             .map(|e| e.unwrap().path())

@@ -21,4 +21,6 @@ pub mod loader;
 pub mod nvjpeg;
 pub mod sample;
 pub mod source;
+#[doc(hidden)]
+pub mod test_support;
 pub mod tfrecord;

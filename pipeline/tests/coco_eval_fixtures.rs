@@ -11,24 +11,6 @@ fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// coco_tiny: `COCO_TINY_DIR`, else `<workspace>/../shared/data/coco_tiny`.
-fn coco_tiny() -> Option<PathBuf> {
-    let dir = std::env::var_os("COCO_TINY_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("../shared/data/coco_tiny"));
-    if dir.join("annotations/instances_val2017.json").is_file() {
-        return Some(dir);
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!(
-            "coco_tiny not found at {} (set COCO_TINY_DIR)",
-            dir.display()
-        );
-    }
-    eprintln!("skipped: coco_tiny not found at {}", dir.display());
-    None
-}
-
 fn fixture_dir() -> PathBuf {
     workspace_root().join("tests/fixtures/coco_eval")
 }
@@ -47,7 +29,9 @@ fn check(name: &str, got: CocoStats, want: &[f64]) {
 
 #[test]
 fn matches_pycocotools_on_coco_tiny() {
-    let Some(dir) = coco_tiny() else { return };
+    let Some(dir) = effdet_pipeline::test_support::coco_tiny() else {
+        return;
+    };
     let gt: InstancesFile = load_json(&dir.join("annotations/instances_val2017.json")).unwrap();
     let expected: serde_json::Value =
         load_json(&fixture_dir().join("expected_stats.json")).unwrap();

@@ -9,31 +9,13 @@ use std::path::PathBuf;
 use effdet_pipeline::coco::{load_json, mask, InstancesFile};
 use sha2::{Digest, Sha256};
 
-/// `COCO_TINY_DIR`, else `<workspace root>/../shared/data/coco_tiny`; `None` (test skipped)
-/// when absent, except under CI where a missing dataset is a failure.
-fn coco_tiny_dir() -> Option<PathBuf> {
-    let dir = match std::env::var_os("COCO_TINY_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/coco_tiny"),
-    };
-    if dir.join("annotations").is_dir() {
-        return Some(dir);
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!(
-            "coco_tiny not found at {} (set COCO_TINY_DIR)",
-            dir.display()
-        );
-    }
-    eprintln!("skipped: coco_tiny not found at {}", dir.display());
-    None
-}
-
 type Fixture = BTreeMap<String, BTreeMap<String, (u64, String)>>;
 
 #[test]
 fn coco_tiny_masks_match_pycocotools() {
-    let Some(dir) = coco_tiny_dir() else { return };
+    let Some(dir) = effdet_pipeline::test_support::coco_tiny() else {
+        return;
+    };
     let fixture_path =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/coco_tiny_mask_counts.json");
     let fixture: Fixture = load_json(&fixture_path).unwrap();
