@@ -18,6 +18,25 @@ use rand_chacha::ChaCha8Rng;
 
 type Grid = (u32, u32, u32, u32, u32, u32);
 
+/// Calls runner `run_<name>` of the CPU-compiled library with a grid and the kernel's own
+/// arguments, typed as listed.
+macro_rules! run {
+    ($lib:expr, $name:expr, $grid:expr, ($($t:ty),*), $($arg:expr),*) => {{
+        let g: Grid = $grid;
+        let symbol = format!("run_{}\0", $name);
+        // SAFETY: the runner in runners.cpp has exactly this signature; the caller sizes the
+        // buffers for the arguments.
+        unsafe {
+            let f = $lib
+                .get::<unsafe extern "C" fn(u32, u32, u32, u32, u32, u32, $($t),*)>(
+                    symbol.as_bytes(),
+                )
+                .unwrap_or_else(|e| panic!("{}: {e}", $name));
+            f(g.0, g.1, g.2, g.3, g.4, g.5, $($arg),*);
+        }
+    }};
+}
+
 /// Builds the kernels into a shared library; None (test skipped) without g++ unless CI=true.
 fn build(dir: &Path) -> Option<libloading::Library> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -50,49 +69,6 @@ fn build(dir: &Path) -> Option<libloading::Library> {
     // SAFETY: our own test library; its initializers only set up globals.
     Some(unsafe { libloading::Library::new(&out) }.expect("load the CPU-compiled kernels"))
 }
-
-type DwF32 = unsafe extern "C" fn(
-    u32,
-    u32,
-    u32,
-    u32,
-    u32,
-    u32,
-    *const f32,
-    *const f32,
-    *mut f32,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-);
-type DwF64 = unsafe extern "C" fn(
-    u32,
-    u32,
-    u32,
-    u32,
-    u32,
-    u32,
-    *const f32,
-    *const f32,
-    *mut f64,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-);
 
 #[derive(Clone, Copy, Debug)]
 struct Geom {
@@ -133,82 +109,50 @@ impl Geom {
     }
 }
 
-fn call_f32(
+/// Runs depthwise runner `name` (f32 inputs, `T` output) on geometry `geo`.
+fn call<T>(
     lib: &libloading::Library,
     name: &str,
     g: Grid,
     a: &[f32],
     b: &[f32],
-    out: &mut [f32],
+    out: &mut [T],
     geo: &Geom,
 ) {
     let i = geo.ints();
-    // SAFETY: the runner's signature is DwF32; buffers are sized for the geometry.
-    unsafe {
-        let f = lib
-            .get::<DwF32>(format!("run_{name}\0").as_bytes())
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-        f(
-            g.0,
-            g.1,
-            g.2,
-            g.3,
-            g.4,
-            g.5,
-            a.as_ptr(),
-            b.as_ptr(),
-            out.as_mut_ptr(),
-            i[0],
-            i[1],
-            i[2],
-            i[3],
-            i[4],
-            i[5],
-            i[6],
-            i[7],
-            i[8],
-            i[9],
-        );
-    }
-}
-
-fn call_f64(
-    lib: &libloading::Library,
-    name: &str,
-    g: Grid,
-    a: &[f32],
-    b: &[f32],
-    out: &mut [f64],
-    geo: &Geom,
-) {
-    let i = geo.ints();
-    // SAFETY: as in call_f32, with an f64 output.
-    unsafe {
-        let f = lib
-            .get::<DwF64>(format!("run_{name}\0").as_bytes())
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-        f(
-            g.0,
-            g.1,
-            g.2,
-            g.3,
-            g.4,
-            g.5,
-            a.as_ptr(),
-            b.as_ptr(),
-            out.as_mut_ptr(),
-            i[0],
-            i[1],
-            i[2],
-            i[3],
-            i[4],
-            i[5],
-            i[6],
-            i[7],
-            i[8],
-            i[9],
-        );
-    }
+    run!(
+        lib,
+        name,
+        g,
+        (
+            *const f32,
+            *const f32,
+            *mut T,
+            i32,
+            i32,
+            i32,
+            i32,
+            i32,
+            i32,
+            i32,
+            i32,
+            i32,
+            i32
+        ),
+        a.as_ptr(),
+        b.as_ptr(),
+        out.as_mut_ptr(),
+        i[0],
+        i[1],
+        i[2],
+        i[3],
+        i[4],
+        i[5],
+        i[6],
+        i[7],
+        i[8],
+        i[9]
+    );
 }
 
 fn random(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
@@ -244,8 +188,8 @@ fn depthwise_specializations_equal_the_generic_kernels() {
             let ctx = format!("k{k} s{s} {h}x{w}");
 
             let (mut want, mut got) = (vec![0.0; n_out], vec![f32::NAN; n_out]);
-            call_f32(lib, "dw_fwd", (3, 1, 1, 64, 1, 1), &x, &wt, &mut want, &g);
-            call_f32(
+            call(lib, "dw_fwd", (3, 1, 1, 64, 1, 1), &x, &wt, &mut want, &g);
+            call(
                 lib,
                 &format!("dw_fwd_k{k}s{s}"),
                 (2, 3, 1, 16, 1, 1),
@@ -257,7 +201,7 @@ fn depthwise_specializations_equal_the_generic_kernels() {
             assert_eq!(got, want, "forward {ctx}");
 
             let (mut want, mut got) = (vec![0.0; n_in], vec![f32::NAN; n_in]);
-            call_f32(
+            call(
                 lib,
                 "dw_grad_input",
                 (3, 1, 1, 64, 1, 1),
@@ -267,12 +211,12 @@ fn depthwise_specializations_equal_the_generic_kernels() {
                 &g,
             );
             let name = format!("dw_grad_input_k{k}s{s}");
-            call_f32(lib, &name, (2, 3, 1, 16, 1, 1), &gy, &wt, &mut got, &g);
+            call(lib, &name, (2, 3, 1, 16, 1, 1), &gy, &wt, &mut got, &g);
             assert_eq!(got, want, "input gradient {ctx}");
 
             let taps = k * k;
             let (mut want, mut got) = (vec![0.0f64; taps * g.c], vec![0.0f64; taps * g.c]);
-            call_f64(
+            call(
                 lib,
                 "dw_grad_weight",
                 (2, taps as u32, 2, 32, 8, 1),
@@ -281,7 +225,7 @@ fn depthwise_specializations_equal_the_generic_kernels() {
                 &mut want,
                 &g,
             );
-            call_f64(
+            call(
                 lib,
                 &format!("dw_grad_weight_k{k}"),
                 (2, 1, 3, 32, 8, 1),
@@ -311,7 +255,7 @@ fn generic_depthwise_kernel_equals_the_cpu_op() {
         let x = random(&mut rng, g.b * g.h * g.w * g.c);
         let wt = random(&mut rng, k * k * g.c);
         let mut got = vec![0.0; g.b * g.oh * g.ow * g.c];
-        call_f32(lib, "dw_fwd", (1, 1, 1, 32, 1, 1), &x, &wt, &mut got, &g);
+        call(lib, "dw_fwd", (1, 1, 1, 32, 1, 1), &x, &wt, &mut got, &g);
         let xt = Tensor::from_vec(x, (g.b, g.h, g.w, g.c), &Device::Cpu).unwrap();
         let wt = Tensor::from_vec(wt, (k, k, g.c), &Device::Cpu).unwrap();
         let want: Vec<f32> = effdet_model::ops::depthwise_conv2d(&xt, &wt, s)
@@ -325,21 +269,6 @@ fn generic_depthwise_kernel_equals_the_cpu_op() {
         }
     }
 }
-
-type Render = unsafe extern "C" fn(
-    u32,
-    u32,
-    u32,
-    u32,
-    u32,
-    u32,
-    *const u8,
-    *const u32,
-    *mut f32,
-    u32,
-    u32,
-    *const f32,
-);
 
 #[test]
 fn render_kernel_equals_its_cpu_reference_bit_for_bit() {
@@ -393,26 +322,19 @@ fn render_kernel_equals_its_cpu_reference_bit_for_bit() {
         STDDEV_RGB[2],
     ];
     let mut out = vec![f32::NAN; 4 * 3 * plane];
-    // SAFETY: the runner's signature is Render; 4 slots of 3 planes, jobs within the arena.
-    unsafe {
-        let f = lib
-            .get::<Render>(b"run_effdet_render_batch\0")
-            .expect("render runner");
-        f(
-            3,
-            jobs.len() as u32,
-            1,
-            64,
-            1,
-            1,
-            arena.as_ptr(),
-            words.as_ptr(),
-            out.as_mut_ptr(),
-            48,
-            48,
-            norm.as_ptr(),
-        );
-    }
+    // 4 slots of 3 planes; every job within the arena.
+    run!(
+        lib,
+        "effdet_render_batch",
+        (3, jobs.len() as u32, 1, 64, 1, 1),
+        (*const u8, *const u32, *mut f32, u32, u32, *const f32),
+        arena.as_ptr(),
+        words.as_ptr(),
+        out.as_mut_ptr(),
+        48,
+        48,
+        norm.as_ptr()
+    );
     let mut want = vec![0.0f32; 3 * plane];
     for (job, img) in jobs.iter().zip(images.iter().map(Some).chain([None])) {
         let blank = DecodedImage::default();
@@ -479,7 +401,7 @@ fn generic_depthwise_backward_equals_the_cpu_op() {
             |v| effdet_model::ops::depthwise_conv2d(&v[0], &v[1], s).unwrap(),
         );
         let mut gx = vec![f32::NAN; x.len()];
-        call_f32(
+        call(
             lib,
             "dw_grad_input",
             (2, 1, 1, 64, 1, 1),
@@ -490,7 +412,7 @@ fn generic_depthwise_backward_equals_the_cpu_op() {
         );
         assert!(worst(&gx, &want[0]) < 1e-5, "input gradient k{k} s{s}");
         let mut gw = vec![0.0f64; k * k * g.c];
-        call_f64(
+        call(
             lib,
             "dw_grad_weight",
             (2, (k * k) as u32, 3, 32, 8, 1),
@@ -503,52 +425,6 @@ fn generic_depthwise_backward_equals_the_cpu_op() {
         assert!(worst(&gw, &want[1]) < 1e-5, "kernel gradient k{k} s{s}");
     }
 }
-
-type Pool = unsafe extern "C" fn(
-    u32,
-    u32,
-    u32,
-    u32,
-    u32,
-    u32,
-    *const f32,
-    *mut f32,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-);
-type PoolGrad = unsafe extern "C" fn(
-    u32,
-    u32,
-    u32,
-    u32,
-    u32,
-    u32,
-    *const f32,
-    *const f32,
-    *mut f32,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-);
 
 #[test]
 fn max_pool_kernels_equal_the_cpu_op() {
@@ -569,56 +445,79 @@ fn max_pool_kernels_equal_the_cpu_op() {
         let ints = [b, h, w, c, kh, kh, sh, sh, oh, ow, pt, pl].map(|v| v as i32);
         let mut y = vec![f32::NAN; want_y.len()];
         let mut gx = vec![0.0f32; x.len()];
-        // SAFETY: runner signatures as declared; buffers sized for the geometry.
-        unsafe {
-            let f = lib.get::<Pool>(b"run_maxpool_fwd\0").unwrap();
-            f(
-                2,
-                1,
-                1,
-                16,
-                1,
-                1,
-                x.as_ptr(),
-                y.as_mut_ptr(),
-                ints[0],
-                ints[1],
-                ints[2],
-                ints[3],
-                ints[4],
-                ints[5],
-                ints[6],
-                ints[7],
-                ints[8],
-                ints[9],
-                ints[10],
-                ints[11],
-            );
-            let f = lib.get::<PoolGrad>(b"run_maxpool_grad\0").unwrap();
-            f(
-                2,
-                1,
-                1,
-                16,
-                1,
-                1,
-                x.as_ptr(),
-                gy.as_ptr(),
-                gx.as_mut_ptr(),
-                ints[0],
-                ints[1],
-                ints[2],
-                ints[3],
-                ints[4],
-                ints[5],
-                ints[6],
-                ints[7],
-                ints[8],
-                ints[9],
-                ints[10],
-                ints[11],
-            );
-        }
+        let i = ints;
+        run!(
+            lib,
+            "maxpool_fwd",
+            (2, 1, 1, 16, 1, 1),
+            (
+                *const f32,
+                *mut f32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32
+            ),
+            x.as_ptr(),
+            y.as_mut_ptr(),
+            i[0],
+            i[1],
+            i[2],
+            i[3],
+            i[4],
+            i[5],
+            i[6],
+            i[7],
+            i[8],
+            i[9],
+            i[10],
+            i[11]
+        );
+        run!(
+            lib,
+            "maxpool_grad",
+            (2, 1, 1, 16, 1, 1),
+            (
+                *const f32,
+                *const f32,
+                *mut f32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32
+            ),
+            x.as_ptr(),
+            gy.as_ptr(),
+            gx.as_mut_ptr(),
+            i[0],
+            i[1],
+            i[2],
+            i[3],
+            i[4],
+            i[5],
+            i[6],
+            i[7],
+            i[8],
+            i[9],
+            i[10],
+            i[11]
+        );
         assert_eq!(y, want_y, "max-pool {h}x{w} k{kh} s{sh}");
         assert!(worst(&gx, &want_g[0]) < 1e-6, "max-pool gradient {h}x{w}");
     }
@@ -636,39 +535,6 @@ fn elementwise_and_optimizer_kernels_equal_the_cpu_ops() {
     let xt = Tensor::from_vec(x.clone(), (b, 5, 7, c), &dev).unwrap();
     let gt = Tensor::from_vec(gy.clone(), (b, 5, 7, c), &dev).unwrap();
     let grid = (3u32, 1u32, 1u32, 32u32, 1u32, 1u32);
-    type Unary = unsafe extern "C" fn(u32, u32, u32, u32, u32, u32, *const f32, *mut f32, i64);
-    type Binary =
-        unsafe extern "C" fn(u32, u32, u32, u32, u32, u32, *const f32, *const f32, *mut f32, i64);
-    type Bias = unsafe extern "C" fn(
-        u32,
-        u32,
-        u32,
-        u32,
-        u32,
-        u32,
-        *const f32,
-        *const f32,
-        *mut f32,
-        i64,
-        i32,
-    );
-    type Gate = unsafe extern "C" fn(
-        u32,
-        u32,
-        u32,
-        u32,
-        u32,
-        u32,
-        *const f32,
-        *const f32,
-        *mut f32,
-        i64,
-        i64,
-        i32,
-    );
-    type Axpby =
-        unsafe extern "C" fn(u32, u32, u32, u32, u32, u32, *mut f32, *const f32, f32, f32, i64);
-
     let (want_y, want_g) = cpu_grads(std::slice::from_ref(&xt), &gt, |v| {
         effdet_model::ops::swish(&v[0]).unwrap()
     });
@@ -701,95 +567,66 @@ fn elementwise_and_optimizer_kernels_equal_the_cpu_ops() {
     let (mut y, mut d, mut yb, mut yg) =
         (vec![0f32; n], vec![0f32; n], vec![0f32; n], vec![0f32; n]);
     let mut ax = x.clone();
-    let g = grid;
-    // SAFETY: runner signatures as declared; all buffers hold n floats (bias c, gate b·c).
-    unsafe {
-        lib.get::<Unary>(b"run_swish_fwd\0").unwrap()(
-            g.0,
-            g.1,
-            g.2,
-            g.3,
-            g.4,
-            g.5,
-            x.as_ptr(),
-            y.as_mut_ptr(),
-            n as i64,
-        );
-        lib.get::<Binary>(b"run_swish_grad\0").unwrap()(
-            g.0,
-            g.1,
-            g.2,
-            g.3,
-            g.4,
-            g.5,
-            x.as_ptr(),
-            gy.as_ptr(),
-            d.as_mut_ptr(),
-            n as i64,
-        );
-        lib.get::<Bias>(b"run_bias_add\0").unwrap()(
-            g.0,
-            g.1,
-            g.2,
-            g.3,
-            g.4,
-            g.5,
-            x.as_ptr(),
-            bias.as_ptr(),
-            yb.as_mut_ptr(),
-            n as i64,
-            c as i32,
-        );
-        lib.get::<Gate>(b"run_channel_gate\0").unwrap()(
-            g.0,
-            g.1,
-            g.2,
-            g.3,
-            g.4,
-            g.5,
-            x.as_ptr(),
-            gate.as_ptr(),
-            yg.as_mut_ptr(),
-            n as i64,
-            hw as i64,
-            c as i32,
-        );
-        lib.get::<Axpby>(b"run_axpby_f32\0").unwrap()(
-            g.0,
-            g.1,
-            g.2,
-            g.3,
-            g.4,
-            g.5,
-            ax.as_mut_ptr(),
-            gy.as_ptr(),
-            0.9,
-            -0.05,
-            n as i64,
-        );
-    }
+    // All buffers hold n floats (bias c, gate b·c).
+    let (nn, g) = (n as i64, grid);
+    run!(
+        lib,
+        "swish_fwd",
+        g,
+        (*const f32, *mut f32, i64),
+        x.as_ptr(),
+        y.as_mut_ptr(),
+        nn
+    );
+    run!(
+        lib,
+        "swish_grad",
+        g,
+        (*const f32, *const f32, *mut f32, i64),
+        x.as_ptr(),
+        gy.as_ptr(),
+        d.as_mut_ptr(),
+        nn
+    );
+    run!(
+        lib,
+        "bias_add",
+        g,
+        (*const f32, *const f32, *mut f32, i64, i32),
+        x.as_ptr(),
+        bias.as_ptr(),
+        yb.as_mut_ptr(),
+        nn,
+        c as i32
+    );
+    run!(
+        lib,
+        "channel_gate",
+        g,
+        (*const f32, *const f32, *mut f32, i64, i64, i32),
+        x.as_ptr(),
+        gate.as_ptr(),
+        yg.as_mut_ptr(),
+        nn,
+        hw as i64,
+        c as i32
+    );
+    run!(
+        lib,
+        "axpby_f32",
+        g,
+        (*mut f32, *const f32, f32, f32, i64),
+        ax.as_mut_ptr(),
+        gy.as_ptr(),
+        0.9,
+        -0.05,
+        nn
+    );
     assert!(worst(&y, &want_y) < 1e-6, "swish");
     assert!(worst(&d, &want_g[0]) < 1e-5, "swish gradient");
     assert_eq!(yb, want_bias, "bias add");
     assert_eq!(yg, want_gate, "channel gate");
     assert_eq!(ax, want_axpby, "axpby");
-}
-
-/// Calls runner `name` with a grid and the kernel's own arguments.
-macro_rules! run {
-    ($lib:expr, $name:literal, $grid:expr, ($($t:ty),*), $($arg:expr),*) => {{
-        let g: Grid = $grid;
-        // SAFETY: the runner in runners.cpp has exactly this signature; the caller sizes the
-        // buffers for the arguments.
-        unsafe {
-            let f = $lib
-                .get::<unsafe extern "C" fn(u32, u32, u32, u32, u32, u32, $($t),*)>(
-                    concat!("run_", $name, "\0").as_bytes(),
-                )
-                .expect($name);
-            f(g.0, g.1, g.2, g.3, g.4, g.5, $($arg),*);
-        }
-    }};
 }
 
 fn close(a: &[f64], b: &[f64], tol: f64, what: &str) {
@@ -1034,6 +871,74 @@ fn reduction_and_batch_norm_kernels_equal_their_formulas() {
     }
 }
 
+/// Runs `focal_loss_<suffix>` and `focal_grad_<suffix>` (gradient scale 1): the loss sum, the
+/// invalid-id flag and the gradient.
+fn focal_run<I>(
+    lib: &libloading::Library,
+    suffix: &str,
+    x: &[f32],
+    ids: &[I],
+    k: usize,
+    (alpha, gamma, smoothing): (f64, f64, f64),
+) -> (f64, i32, Vec<f32>) {
+    let n = x.len();
+    let (mut sum, mut bad, mut d) = ([0.0f64], [0i32], vec![f32::NAN; n]);
+    let one = [1.0f64];
+    run!(
+        lib,
+        format!("focal_loss_{suffix}"),
+        (2, 1, 1, 256, 1, 1),
+        (
+            *const f32,
+            *const I,
+            *mut f64,
+            *mut i32,
+            i64,
+            i32,
+            f64,
+            f64,
+            f64
+        ),
+        x.as_ptr(),
+        ids.as_ptr(),
+        sum.as_mut_ptr(),
+        bad.as_mut_ptr(),
+        n as i64,
+        k as i32,
+        alpha,
+        gamma,
+        smoothing
+    );
+    run!(
+        lib,
+        format!("focal_grad_{suffix}"),
+        (2, 1, 1, 64, 1, 1),
+        (
+            *const f32,
+            *const I,
+            *const f64,
+            *mut f32,
+            *mut i32,
+            i64,
+            i32,
+            f64,
+            f64,
+            f64
+        ),
+        x.as_ptr(),
+        ids.as_ptr(),
+        one.as_ptr(),
+        d.as_mut_ptr(),
+        bad.as_mut_ptr(),
+        n as i64,
+        k as i32,
+        alpha,
+        gamma,
+        smoothing
+    );
+    (sum[0], bad[0], d)
+}
+
 /// The fused focal-loss kernels (i32 and i64 class ids) against the model's CPU op: the sum,
 /// its gradient, and the invalid-id flag.
 #[test]
@@ -1042,8 +947,10 @@ fn focal_loss_kernels_equal_the_cpu_op() {
     let Some(lib) = library() else { return };
     let mut rng = ChaCha8Rng::seed_from_u64(14);
     let (anchors, k) = (45usize, 7usize);
-    let n = anchors * k;
-    let x: Vec<f32> = random(&mut rng, n).iter().map(|v| v * 4.0).collect();
+    let x: Vec<f32> = random(&mut rng, anchors * k)
+        .iter()
+        .map(|v| v * 4.0)
+        .collect();
     let ids: Vec<i64> = (0..anchors)
         .map(|i| (i as i64 * 5) % (k as i64 + 2) - 2)
         .collect();
@@ -1056,12 +963,8 @@ fn focal_loss_kernels_equal_the_cpu_op() {
     // 5 locations × 9 anchors: logits [5, 9·K], ids [5, 9], as the heads lay them out.
     let xv = candle_core::Var::from_tensor(&Tensor::from_vec(x.clone(), (5, 9 * k), &dev).unwrap())
         .unwrap();
-    let loss = focal_loss_sum(
-        xv.as_tensor(),
-        &Tensor::from_vec(ids.clone(), (5, 9), &dev).unwrap(),
-        p,
-    )
-    .unwrap();
+    let ids_t = Tensor::from_vec(ids.clone(), (5, 9), &dev).unwrap();
+    let loss = focal_loss_sum(xv.as_tensor(), &ids_t, p).unwrap();
     let want_loss = loss
         .to_dtype(candle_core::DType::F64)
         .unwrap()
@@ -1069,158 +972,20 @@ fn focal_loss_kernels_equal_the_cpu_op() {
         .unwrap();
     let want_grad = vec_of(loss.backward().unwrap().get(xv.as_tensor()).unwrap());
     let ids32: Vec<i32> = ids.iter().map(|&v| v as i32).collect();
-    let (a, g, s) = (p.alpha, p.gamma, p.label_smoothing);
-    let loss_grid = (2u32, 1u32, 1u32, 256u32, 1u32, 1u32);
-    let grad_grid = (2u32, 1u32, 1u32, 64u32, 1u32, 1u32);
-    let one = [1.0f64];
-    for wide in [false, true] {
-        let (mut sum, mut bad, mut d) = ([0.0f64], [0i32], vec![f32::NAN; n]);
-        if wide {
-            run!(
-                lib,
-                "focal_loss_i64",
-                loss_grid,
-                (
-                    *const f32,
-                    *const i64,
-                    *mut f64,
-                    *mut i32,
-                    i64,
-                    i32,
-                    f64,
-                    f64,
-                    f64
-                ),
-                x.as_ptr(),
-                ids.as_ptr(),
-                sum.as_mut_ptr(),
-                bad.as_mut_ptr(),
-                n as i64,
-                k as i32,
-                a,
-                g,
-                s
-            );
-            run!(
-                lib,
-                "focal_grad_i64",
-                grad_grid,
-                (
-                    *const f32,
-                    *const i64,
-                    *const f64,
-                    *mut f32,
-                    *mut i32,
-                    i64,
-                    i32,
-                    f64,
-                    f64,
-                    f64
-                ),
-                x.as_ptr(),
-                ids.as_ptr(),
-                one.as_ptr(),
-                d.as_mut_ptr(),
-                bad.as_mut_ptr(),
-                n as i64,
-                k as i32,
-                a,
-                g,
-                s
-            );
-        } else {
-            run!(
-                lib,
-                "focal_loss_i32",
-                loss_grid,
-                (
-                    *const f32,
-                    *const i32,
-                    *mut f64,
-                    *mut i32,
-                    i64,
-                    i32,
-                    f64,
-                    f64,
-                    f64
-                ),
-                x.as_ptr(),
-                ids32.as_ptr(),
-                sum.as_mut_ptr(),
-                bad.as_mut_ptr(),
-                n as i64,
-                k as i32,
-                a,
-                g,
-                s
-            );
-            run!(
-                lib,
-                "focal_grad_i32",
-                grad_grid,
-                (
-                    *const f32,
-                    *const i32,
-                    *const f64,
-                    *mut f32,
-                    *mut i32,
-                    i64,
-                    i32,
-                    f64,
-                    f64,
-                    f64
-                ),
-                x.as_ptr(),
-                ids32.as_ptr(),
-                one.as_ptr(),
-                d.as_mut_ptr(),
-                bad.as_mut_ptr(),
-                n as i64,
-                k as i32,
-                a,
-                g,
-                s
-            );
-        }
-        assert_eq!(bad[0], 0);
+    let params = (p.alpha, p.gamma, p.label_smoothing);
+    for (sum, bad, d) in [
+        focal_run(lib, "i32", &x, &ids32, k, params),
+        focal_run(lib, "i64", &x, &ids, k, params),
+    ] {
+        assert_eq!(bad, 0);
         assert!(
-            (sum[0] - want_loss).abs() <= 1e-5 * want_loss.abs(),
-            "loss {} vs {want_loss}",
-            sum[0]
+            (sum - want_loss).abs() <= 1e-5 * want_loss.abs(),
+            "loss {sum} vs {want_loss}"
         );
-        assert!(
-            worst(&d, &want_grad) < 1e-5,
-            "focal gradient (i64 ids: {wide})"
-        );
+        assert!(worst(&d, &want_grad) < 1e-5, "focal gradient");
     }
     // An id outside −2..K raises the flag.
     let mut bad_ids = ids32.clone();
     bad_ids[3] = k as i32;
-    let (mut sum, mut bad) = ([0.0f64], [0i32]);
-    run!(
-        lib,
-        "focal_loss_i32",
-        loss_grid,
-        (
-            *const f32,
-            *const i32,
-            *mut f64,
-            *mut i32,
-            i64,
-            i32,
-            f64,
-            f64,
-            f64
-        ),
-        x.as_ptr(),
-        bad_ids.as_ptr(),
-        sum.as_mut_ptr(),
-        bad.as_mut_ptr(),
-        n as i64,
-        k as i32,
-        a,
-        g,
-        s
-    );
-    assert_eq!(bad[0], 1);
+    assert_eq!(focal_run(lib, "i32", &x, &bad_ids, k, params).1, 1);
 }
