@@ -297,8 +297,13 @@ impl FeederThread {
                 break;
             }
         }
-        // Slots still out are freed by the consumer; make sure the copy stream's work is done
-        // before the ones here are dropped.
+        // Slots still out are freed by the consumer; the ones handed back are freed here, after
+        // the main stream's copies out of them and this stream's work on them are done.
+        while let Ok(slot) = free.try_recv() {
+            if let Some(consumed) = &slot.consumed {
+                let _ = consumed.synchronize();
+            }
+        }
         let _ = self.copy.synchronize();
     }
 
