@@ -10,9 +10,9 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use candle_core::{Device, Tensor};
-use effdet_pipeline::augment::{AugmentConfig, ScaleParams, MEAN_RGB, STDDEV_RGB};
+use effdet_pipeline::augment::{AugmentConfig, ScaleParams};
 use effdet_pipeline::decode::DecodedImage;
-use effdet_pipeline::deferred::{render_reference, RenderJob};
+use effdet_pipeline::deferred::{render_norm_args, render_reference, RenderJob};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -313,14 +313,7 @@ fn render_kernel_equals_its_cpu_reference_bit_for_bit() {
     }
     jobs.push(RenderJob::blank(1));
     let words: Vec<u32> = jobs.iter().flat_map(|j| j.words()).collect();
-    let norm = [
-        MEAN_RGB[0],
-        MEAN_RGB[1],
-        MEAN_RGB[2],
-        STDDEV_RGB[0],
-        STDDEV_RGB[1],
-        STDDEV_RGB[2],
-    ];
+    let norm = render_norm_args();
     let mut out = vec![f32::NAN; 4 * 3 * plane];
     // 4 slots of 3 planes; every job within the arena.
     run!(

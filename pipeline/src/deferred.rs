@@ -14,6 +14,18 @@ use crate::augment::{AugmentConfig, ScaleParams, MEAN_RGB, STDDEV_RGB};
 use crate::decode::DecodedImage;
 use crate::loader::{Batch, EncodedImage};
 
+/// The render kernel's normalization arguments, in its order: mean R, G, B, then stddev R, G, B.
+pub fn render_norm_args() -> [f32; 6] {
+    [
+        MEAN_RGB[0],
+        MEAN_RGB[1],
+        MEAN_RGB[2],
+        STDDEV_RGB[0],
+        STDDEV_RGB[1],
+        STDDEV_RGB[2],
+    ]
+}
+
 /// Words per job in the array the render kernel reads (see [`RenderJob::words`]).
 pub const JOB_WORDS: usize = 10;
 

@@ -103,6 +103,13 @@ impl LoaderConfig {
         }
     }
 
+    /// Settings for a GPU decode stage: JPEGs stay encoded, and images the workers still
+    /// render are f32, the type the GPU renders (so its slots need no conversion).
+    pub fn defer_for_gpu(&mut self) {
+        self.defer_jpeg_decode = true;
+        self.image_dtype = ImageDtype::F32;
+    }
+
     fn worker_threads(&self) -> usize {
         if self.threads == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())

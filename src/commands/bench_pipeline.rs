@@ -112,8 +112,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     cfg.decode_only = a.decode_only;
     cfg.defer_jpeg_decode = a.header_only;
     let mut gpu = if a.gpu_decode {
-        cfg.defer_jpeg_decode = true;
-        cfg.image_dtype = effdet_pipeline::loader::ImageDtype::F32;
+        cfg.defer_for_gpu();
         Some(GpuStage::new(a.data.image_size)?)
     } else {
         None

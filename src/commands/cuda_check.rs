@@ -386,9 +386,9 @@ fn nvjpeg_checks(a: &Args, gpu: &Device) -> anyhow::Result<Vec<Check>> {
     let size = a.data.image_size;
     let image_len = 3 * (size * size) as usize;
     let mut cpu_cfg = a.data.loader_config(Mode::Train, a.batch_size);
-    cpu_cfg.image_dtype = effdet_pipeline::loader::ImageDtype::F32;
     let mut gpu_cfg = cpu_cfg.clone();
-    gpu_cfg.defer_jpeg_decode = true;
+    gpu_cfg.defer_for_gpu();
+    cpu_cfg.image_dtype = gpu_cfg.image_dtype;
     let mut cpu_loader = start_loader(cpu_cfg, a.data.files()?)?;
     let mut gpu_loader = start_loader(gpu_cfg, a.data.files()?)?;
     let aug = AugmentConfig {

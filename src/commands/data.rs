@@ -170,9 +170,7 @@ impl FeedArgs {
     /// Feed options with `depth` batches ahead; adjusts the loader for GPU decoding.
     pub fn apply(&self, lcfg: &mut LoaderConfig, depth: usize) -> super::step::FeedOptions {
         if self.gpu_decode {
-            lcfg.defer_jpeg_decode = true;
-            // The GPU renders f32; host-rendered fallbacks then need no conversion.
-            lcfg.image_dtype = ImageDtype::F32;
+            lcfg.defer_for_gpu();
         }
         super::step::FeedOptions {
             depth,

@@ -8,10 +8,12 @@ use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfi
 use cudarc::nvrtc::Ptx;
 
 use super::ffi::{self, Api, Image};
-use crate::augment::{AugmentConfig, MEAN_RGB, STDDEV_RGB};
+use crate::augment::AugmentConfig;
 use crate::decode::{CpuDecoder, DecodedImage, ImageDecoder};
 pub use crate::deferred::StageCounts;
-use crate::deferred::{decode_batch, grow_capacity, DecodePlan, JpegDecoders, RenderJob};
+use crate::deferred::{
+    decode_batch, grow_capacity, render_norm_args, DecodePlan, JpegDecoders, RenderJob,
+};
 use crate::loader::{Batch, ImageData};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/effdet_render.ptx"));
@@ -228,14 +230,7 @@ impl NvjpegStage {
             shared_mem_bytes: 0,
         };
         let (out_h, out_w) = (h as u32, w as u32);
-        let norm = [
-            MEAN_RGB[0],
-            MEAN_RGB[1],
-            MEAN_RGB[2],
-            STDDEV_RGB[0],
-            STDDEV_RGB[1],
-            STDDEV_RGB[2],
-        ];
+        let norm = render_norm_args();
         let mut b = self.stream.launch_builder(&self.render);
         b.arg(arena).arg(&words).arg(out).arg(&out_h).arg(&out_w);
         for v in &norm {
