@@ -105,3 +105,47 @@ fn gpu_flags_explain_themselves_on_a_cpu_build() {
     assert!(!ok);
     assert!(err.contains("--features cuda"), "{err}");
 }
+
+/// Mixed precision runs on a CPU build too (16-bit activations, f32 master weights): a few
+/// `bench-train` steps per precision give a finite loss close to the fp32 one from the same
+/// initialization and data.
+#[test]
+fn mixed_precision_training_steps_run_on_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = shards(dir.path());
+    let report = |precision: &str| -> Value {
+        let (ok, out, err) = run(&[
+            "bench-train",
+            "--data",
+            &data,
+            "--image-size",
+            "64",
+            "--batch-size",
+            "2",
+            "--steps",
+            "2",
+            "--warmup",
+            "0",
+            "--precision",
+            precision,
+        ]);
+        assert!(ok, "{precision}: {err}");
+        serde_json::from_str(out.trim()).unwrap()
+    };
+    let base = report("fp32")["loss_first"].as_f64().unwrap();
+    assert!(base.is_finite() && base > 0.0, "fp32 loss {base}");
+    for (precision, tol) in [("fp16", 0.05), ("bf16", 0.2)] {
+        let v = report(precision);
+        assert_eq!(v["precision"], precision, "{v}");
+        let (first, last) = (
+            v["loss_first"].as_f64().unwrap(),
+            v["loss_last"].as_f64().unwrap(),
+        );
+        assert!(first.is_finite() && last.is_finite(), "{precision}: {v}");
+        // Same seed and batches: the first loss differs from fp32's only by 16-bit rounding.
+        assert!(
+            ((first - base) / base).abs() < tol,
+            "{precision}: first loss {first} vs fp32 {base}"
+        );
+    }
+}

@@ -324,7 +324,10 @@ fn fuse(inputs: &[Tensor], weights: Option<&Tensor>) -> Result<Tensor> {
         return Ok(acc);
     };
     let w = w.relu()?;
-    let norm = w.broadcast_div(&(w.sum_all()? + 1e-4)?)?;
+    // Normalized in f32, then cast to the activations' dtype (f32 or 16-bit).
+    let norm = w
+        .broadcast_div(&(w.sum_all()? + 1e-4)?)?
+        .to_dtype(inputs[0].dtype())?;
     let mut acc: Option<Tensor> = None;
     for (i, x) in inputs.iter().enumerate() {
         let term = x.broadcast_mul(&norm.narrow(0, i, 1)?.reshape((1, 1, 1, 1))?)?;

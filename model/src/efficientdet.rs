@@ -103,10 +103,17 @@ impl EfficientDet {
         if images.dtype() != DType::F32 {
             candle_core::bail!("EfficientDet: images must be f32, got {:?}", images.dtype());
         }
+        // Activations are stored in the compute type from the stem on (16-bit under mixed
+        // precision); the outputs return to f32 for the losses and post-processing.
         let feats = self.backbone.forward(images, train)?;
         let feats = self.fpn.forward(&feats, train)?;
-        let cls = self.class_net.forward(&feats, train)?;
-        let boxes = self.box_net.forward(&feats, train)?;
+        let f32s = |v: Vec<Tensor>| {
+            v.into_iter()
+                .map(|t| t.to_dtype(DType::F32))
+                .collect::<Result<Vec<_>>>()
+        };
+        let cls = f32s(self.class_net.forward(&feats, train)?)?;
+        let boxes = f32s(self.box_net.forward(&feats, train)?)?;
         Ok((cls, boxes))
     }
 

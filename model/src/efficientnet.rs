@@ -216,9 +216,10 @@ impl MbConv {
 /// Zeroes whole samples with probability 1 − p and scales survivors by 1/p.
 fn drop_connect(x: &Tensor, p: f64) -> Result<Tensor> {
     let b = x.dim(0)?;
-    let u = Tensor::rand(0f32, 1f32, (b, 1, 1, 1), x.device())?.to_dtype(x.dtype())?;
-    let keep = (u + p)?.floor()?;
-    x.broadcast_mul(&(keep / p)?)
+    // The keep mask is drawn in f32 and cast once (in f16, u + p would round).
+    let u = Tensor::rand(0f32, 1f32, (b, 1, 1, 1), x.device())?;
+    let keep = ((u + p)?.floor()? / p)?.to_dtype(x.dtype())?;
+    x.broadcast_mul(&keep)
 }
 
 /// The backbone: stem + MBConv blocks; [`EfficientNet::forward`] returns P3, P4, P5.
@@ -264,7 +265,7 @@ impl EfficientNet {
     }
 
     /// Compute precision of the stem convolution and every 1×1 product (expansion,
-    /// squeeze-excitation, projection); depthwise convolutions and batch norms stay f32.
+    /// squeeze-excitation, projection), which is also the activations' storage type.
     pub fn set_precision(&mut self, precision: Precision) {
         self.stem.set_precision(precision);
         for b in &mut self.blocks {

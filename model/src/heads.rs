@@ -63,6 +63,8 @@ impl HeadNet {
             pw_init,
             Init::Const(bias),
         )?;
+        let mut predict = predict;
+        predict.pw.set_f32_output(true);
         Ok(HeadNet {
             convs,
             bns,

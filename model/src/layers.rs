@@ -1,7 +1,8 @@
 //! Building blocks shared by backbone, BiFPN and heads, all on NHWC tensors: 1×1 convolution as
 //! a matrix product, depthwise-separable convolution, batch norm with running statistics, and
 //! the backbone stem convolution. The 1×1 and stem products follow the layer's
-//! [`Precision`] (see [`crate::precision`]); everything else here is f32.
+//! [`Precision`] (see [`crate::precision`]), whose compute type is also the activations'
+//! storage type; parameters are f32.
 
 use crate::ops::{self, Activation};
 use crate::precision::Precision;
@@ -14,6 +15,10 @@ pub struct Conv1x1 {
     pub(crate) weight: Tensor,
     bias: Option<Tensor>,
     precision: Precision,
+    /// Whether the product is widened to f32 before the bias is added (the prediction layers:
+    /// class logits sit near the prior bias −4.6, where an f16 store would round their
+    /// small initial spread away).
+    f32_output: bool,
 }
 
 impl Conv1x1 {
@@ -36,6 +41,7 @@ impl Conv1x1 {
             weight,
             bias,
             precision: Precision::F32,
+            f32_output: false,
         })
     }
 
@@ -49,14 +55,23 @@ impl Conv1x1 {
         self.precision = precision;
     }
 
-    /// `x` `[..., C_in]` → `[..., C_out]`.
+    /// Makes [`Self::forward`] return f32 whatever the precision (the bias is then added in
+    /// f32).
+    pub(crate) fn set_f32_output(&mut self, on: bool) {
+        self.f32_output = on;
+    }
+
+    /// `x` `[..., C_in]` → `[..., C_out]`, in `x`'s dtype (or f32, see [`Self::set_f32_output`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let cin = dims[dims.len() - 1];
         let rows = x.elem_count() / cin.max(1);
-        let y = self
+        let mut y = self
             .precision
             .autocast2(&x.reshape((rows, cin))?, &self.weight, |a, w| a.matmul(w))?;
+        if self.f32_output && y.dtype() != candle_core::DType::F64 {
+            y = y.to_dtype(candle_core::DType::F32)?;
+        }
         let y = match &self.bias {
             Some(b) => ops::add_channel_bias(&y, b)?,
             None => y,
@@ -97,6 +112,7 @@ impl SeparableConv {
                 weight: pw_weight,
                 bias: Some(bias),
                 precision: Precision::F32,
+                f32_output: false,
             },
         })
     }
@@ -245,8 +261,9 @@ impl StemConv {
         self.precision = precision;
     }
 
-    /// `images` `[B, 3, H, W]` → `[B, ceil(H/2), ceil(W/2), C_out]`. On the CPU candle's
-    /// convolution; on other devices [`StemConv::forward_im2col`].
+    /// `images` `[B, 3, H, W]` (f32) → `[B, ceil(H/2), ceil(W/2), C_out]` in the compute type
+    /// of [`StemConv::precision`] (the network's activation type from here on). On the CPU
+    /// candle's convolution; on other devices [`StemConv::forward_im2col`].
     pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
         if !images.device().is_cpu() {
             return self.forward_im2col(images);
@@ -257,10 +274,12 @@ impl StemConv {
         let x = images
             .pad_with_zeros(2, pt, pb)?
             .pad_with_zeros(3, pl, pr)?;
-        self.precision
+        let y = self
+            .precision
             .autocast_conv(&x, &self.weight, |x, w| x.conv2d(w, 0, 2, 1, 1))?
             .permute((0, 2, 3, 1))?
-            .contiguous()
+            .contiguous()?;
+        self.precision.store_activations(&y)
     }
 
     /// The same convolution as one matrix product over gathered 3×3 patches. candle's CUDA
@@ -269,6 +288,8 @@ impl StemConv {
     /// as a product the gradient is a cuBLAS GEMM.
     pub fn forward_im2col(&self, images: &Tensor) -> Result<Tensor> {
         let (b, ci, h, w) = images.dims4()?;
+        // Gathered in the compute type: the 16-bit patches are half the traffic.
+        let images = self.precision.store_activations(images)?;
         let (oh, pt, pb) = ops::same_padding(h, 3, 2);
         let (ow, pl, pr) = ops::same_padding(w, 3, 2);
         // One extra zero row and column so every tap can take 2·out rows/columns and keep
@@ -348,6 +369,7 @@ mod tests {
             weight: w,
             bias: conv.bias.map(|b| (b + 1.0).unwrap()),
             precision: Precision::F32,
+            f32_output: false,
         };
         let x = Tensor::new(&[1f32, -1.], &Device::Cpu)?.reshape((1, 1, 1, 2))?;
         let y = conv.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;

@@ -1,10 +1,14 @@
-//! Mixed-precision ("autocast") policy of the network, in the style of PyTorch AMP: the
-//! matrix products and the regular convolutions (1×1 convolutions, SE projections, the
-//! pointwise half of separable convolutions, the stem convolution) run in a 16-bit compute
-//! type, everything else (batch norm, depthwise convolution, swish, pooling, losses) stays
-//! f32. The weights are always f32 variables ("master weights"): each autocast product casts
-//! its input and its weight to the compute type, multiplies, and casts the result back, and
-//! since candle differentiates through `to_dtype`, gradients arrive in f32.
+//! Mixed-precision policy of the network, in the style of PyTorch AMP: the matrix products and
+//! the regular convolutions (1×1 convolutions, SE projections, the pointwise half of separable
+//! convolutions, the stem convolution) run in a 16-bit compute type, and the activations
+//! between layers are *stored* in that type too (half the memory traffic of every elementwise
+//! pass). The own ops (batch norm, depthwise convolution, swish, pooling, bias, gate) read
+//! 16-bit activations, compute in f32 and round once when they store; batch-norm statistics
+//! are f64. The weights are always f32 variables ("master weights"): each product casts its
+//! weight to the compute type, the own ops take f32 parameters directly and return f32
+//! parameter gradients, and since candle differentiates through `to_dtype`, every gradient
+//! reaches its variable in f32. The network's outputs are cast back to f32, so the losses are
+//! f32 as in automl.
 //!
 //! fp16 gradients can overflow or underflow; pair [`Precision::F16`] with
 //! [`crate::optim::DynamicLossScaler`]. bf16 has f32's exponent range and needs no scaling.
@@ -64,6 +68,15 @@ impl Precision {
     /// zero (only fp16: its exponent range is far narrower than f32's).
     pub fn needs_loss_scaling(self) -> bool {
         self == Precision::F16
+    }
+
+    /// `t` in the activations' storage type: the compute type under mixed precision; for F32
+    /// `t` untouched (whatever its dtype, so f64 tests stay f64).
+    pub fn store_activations(self, t: &Tensor) -> Result<Tensor> {
+        match self {
+            Precision::F32 => Ok(t.clone()),
+            p => t.to_dtype(p.compute_dtype()),
+        }
     }
 
     /// Runs the binary product `f` (a matmul or convolution) under autocast: for F32 it is
@@ -156,7 +169,9 @@ mod tests {
             conv.set_precision(p);
             stem.set_precision(p);
             let (y, s) = (conv.forward(&x)?, stem.forward(&img)?);
-            assert_eq!((y.dtype(), s.dtype()), (DType::F32, DType::F32));
+            // A 1×1 product returns its input's dtype; the stem stores the activations in the
+            // compute type from there on.
+            assert_eq!((y.dtype(), s.dtype()), (DType::F32, p.compute_dtype()));
             let (ey, es) = (rel_err(&y, &y32)?, rel_err(&s, &s32)?);
             eprintln!("{p}: conv1x1 rel err {ey:.2e}, stem {es:.2e}");
             // Rounded inputs: different from f32, but only by the compute type's precision.
@@ -202,8 +217,10 @@ mod tests {
         //
         // The freshly initialized network amplifies any perturbation: in f32, adding noise of
         // amplitude 1e-3 to the image moves these outputs by 1.6e-2..3.1e-2 (relative to
-        // their spread). fp16 rounding moves them by 1.1e-2..3.2e-2, bf16 (8× coarser) by
-        // 8.5e-2..1.4e-1, hence the bounds.
+        // their spread). With every activation stored in the 16-bit type, fp16 moves them by
+        // 1.6e-2..4.1e-2, bf16 (8× coarser) by 1.0e-1..2.2e-1, hence the bounds. (Before the
+        // prediction layers added their bias in f32, the class logits of the 2×2 level, all
+        // near the prior bias −4.6, lost their small spread to f16 rounding: error 0.5.)
         let x = rand_tensor(&[2, 3, 128, 128], 32)?.to_dtype(DType::F32)?;
         let (c32, b32) = model.forward(&x, true)?;
         for (p, tol) in [(Precision::F16, 6e-2), (Precision::Bf16, 0.3)] {
@@ -246,7 +263,8 @@ mod tests {
         for p in [Precision::F32, Precision::F16] {
             stem.set_precision(p);
             conv.set_precision(p);
-            let loss = (conv.forward(&stem.forward(&img)?)? * &r)?.sum_all()?;
+            let out = conv.forward(&stem.forward(&img)?)?;
+            let loss = (out.to_dtype(DType::F32)? * &r)?.sum_all()?;
             let g = loss.backward()?;
             let of = |t: &Tensor| -> Result<Tensor> {
                 g.get(t)

@@ -1,5 +1,6 @@
 //! `effdet cuda-check`: GPU results against the CPU. First every own op (forward and
-//! gradients on random inputs), then the whole D0 training loss and all its gradients for one
+//! gradients on random inputs; f32, then with f16 and bf16 activations as mixed precision
+//! stores them), then the whole D0 training loss and all its gradients for one
 //! pipeline batch and identical weights. Prints one JSON object and exits non-zero when any
 //! relative error (‖gpu − cpu‖ / ‖cpu‖) exceeds `--tolerance`.
 
@@ -85,7 +86,7 @@ fn check_op(name: &str, gpu: &Device, inputs: &[Tensor], f: &OpFn) -> anyhow::Re
             .collect::<candle_core::Result<Vec<_>>>()?;
         let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let y = f(&ts)?;
-        let r = random(y.dims(), 99)?.to_device(dev)?;
+        let r = random(y.dims(), 99)?.to_dtype(y.dtype())?.to_device(dev)?;
         let grads = (&y * &r)?.sum_all()?.backward()?;
         let gs = vars
             .iter()
@@ -259,6 +260,73 @@ fn op_checks(gpu: &Device) -> anyhow::Result<Vec<Check>> {
             ops::focal_loss_sum(&v[0], &t, params)
         },
     )?);
+    Ok(out)
+}
+
+/// The own ops with 16-bit activations (f32 parameters), as mixed precision runs them: both
+/// devices compute in f32 from the same rounded inputs and round once, so they differ only
+/// where float rounding flips a 16-bit rounding (one unit in the last place of that value).
+fn half_op_checks(gpu: &Device) -> anyhow::Result<Vec<Check>> {
+    let mut out = Vec::new();
+    for dtype in [DType::F16, DType::BF16] {
+        // Relative ‖error‖ allowed: a few flipped last places among thousands of values.
+        let limit = if dtype == DType::F16 { 2e-3 } else { 1.5e-2 };
+        let act = |shape: &[usize], seed: u64, scale: f64| -> anyhow::Result<Tensor> {
+            Ok((random(shape, seed)? * scale)?.to_dtype(dtype)?)
+        };
+        let mut push = |name: String, inputs: &[Tensor], f: &OpFn| -> anyhow::Result<()> {
+            let mut c = check_op(&format!("{name} {dtype:?}"), gpu, inputs, f)?;
+            c.limit = Some(limit);
+            out.push(c);
+            Ok(())
+        };
+        for (k, s) in [(3, 2), (5, 1)] {
+            push(
+                format!("depthwise k{k} s{s}"),
+                &[act(&[2, 11, 9, 40], 1, 1.0)?, random(&[k, k, 40], 2)?],
+                &move |v| ops::depthwise_conv2d(&v[0], &v[1], s),
+            )?;
+        }
+        push(
+            "max_pool 3x3 s2".into(),
+            &[act(&[2, 11, 10, 24], 3, 1.0)?],
+            &|v| ops::max_pool2d_same(&v[0], (3, 3), (2, 2)),
+        )?;
+        push(
+            "batch_norm_train_resident Swish".into(),
+            &[
+                act(&[3, 6, 5, 48], 4, 3.0)?,
+                random(&[48], 5)?,
+                random(&[48], 6)?,
+            ],
+            &|v| {
+                let bn = if v[0].device().is_cpu() {
+                    ops::batch_norm_train(&v[0], &v[1], &v[2], 1e-3, Activation::Swish)?.0
+                } else {
+                    ops::batch_norm_train_resident(&v[0], &v[1], &v[2], 1e-3, Activation::Swish)?.0
+                };
+                Ok(bn)
+            },
+        )?;
+        push("swish".into(), &[act(&[4, 1000], 12, 6.0)?], &|v| {
+            ops::swish(&v[0])
+        })?;
+        push(
+            "add_channel_bias".into(),
+            &[act(&[2, 5, 7, 33], 13, 1.0)?, random(&[33], 14)?],
+            &|v| ops::add_channel_bias(&v[0], &v[1]),
+        )?;
+        push(
+            "channel_gate".into(),
+            &[act(&[2, 5, 7, 33], 15, 1.0)?, act(&[2, 33], 16, 1.0)?],
+            &|v| ops::channel_gate(&v[0], &v[1]),
+        )?;
+        push(
+            "spatial_mean".into(),
+            &[act(&[3, 9, 8, 33], 17, 1.0)?],
+            &|v| ops::spatial_mean(&v[0]),
+        )?;
+    }
     Ok(out)
 }
 
@@ -478,6 +546,17 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         .map_err(|e| anyhow::anyhow!("cuda-check needs a CUDA build and a GPU: {e}"))?;
     candle_core::cuda::set_gemm_reduced_precision_f32(false);
     let mut checks = op_checks(&gpu)?;
+    match half_op_checks(&gpu) {
+        Ok(c) => checks.extend(c),
+        Err(e) => checks.push(Check {
+            name: format!("16-bit ops: {e:#}"),
+            output: f64::INFINITY,
+            gradients: f64::INFINITY,
+            worst: None,
+            limit: None,
+            pass: false,
+        }),
+    }
     checks.push(model_check(&a, &gpu)?);
     // The feed and nvJPEG checks report their own failure instead of ending the run.
     let failed = |what: &str, e: anyhow::Error| Check {

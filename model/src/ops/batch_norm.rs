@@ -3,7 +3,8 @@
 //! Built from stock candle ops this is a dozen full passes per layer forward and backward;
 //! fused it is three passes forward and two backward.
 
-use super::{contiguous, unsupported, Elem};
+use super::{act_f32, contiguous, is_f32_family, store_f32, unsupported, Elem};
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
@@ -183,13 +184,17 @@ fn fwd_storage(
     (s3, l3): (&CpuStorage, &Layout),
 ) -> Result<CpuStorage> {
     match s1 {
-        CpuStorage::F32(_) => Ok(CpuStorage::F32(apply::<f32>(
-            contiguous(s1, l1)?,
-            s,
-            contiguous(s2, l2)?,
-            contiguous(s3, l3)?,
-            act,
-        ))),
+        // f16/bf16 activations are normalized in f32 with the f32 γ/β, rounded once.
+        s1 if is_f32_family(s1) => store_f32(
+            apply::<f32>(
+                &act_f32(s1, l1)?,
+                s,
+                contiguous(s2, l2)?,
+                contiguous(s3, l3)?,
+                act,
+            ),
+            s1.dtype(),
+        ),
         CpuStorage::F64(_) => Ok(CpuStorage::F64(apply::<f64>(
             contiguous(s1, l1)?,
             s,
@@ -228,7 +233,7 @@ fn batch_moments<T: Elem>(x: &[T], c: usize, eps: f64) -> Saved {
 fn cuda_moments(
     op: &str,
     dev: &candle_core::CudaDevice,
-    x: &candle_core::cuda_backend::cudarc::driver::CudaView<'_, f32>,
+    x: &super::cuda::ActView<'_>,
     rows: usize,
     c: usize,
     eps: f64,
@@ -245,9 +250,10 @@ fn cuda_moments(
     b.arg(&mean).arg(&inv_n).arg(&c64);
     cuda::launch(b, cuda::elementwise(c))?;
     let inv = cuda::zeros::<f64>(dev, c)?;
-    let k = cuda::Kernel::new(dev, "col_sq_dev")?;
+    let k = cuda::kernel_for(dev, "col_sq_dev", x.dtype())?;
     let mut b = k.builder();
-    b.arg(x).arg(&mean).arg(&inv).arg(&rows64).arg(&c32);
+    x.push(&mut b);
+    b.arg(&mean).arg(&inv).arg(&rows64).arg(&c32);
     cuda::launch(b, cuda::column_reduction(rows, c, 1))?;
     let k = cuda::Kernel::new(dev, "bn_inv_std")?;
     let n_f = rows as f64;
@@ -269,11 +275,10 @@ fn cuda_apply(
     inv: &candle_core::cuda_backend::cudarc::driver::CudaSlice<f64>,
 ) -> Result<candle_core::CudaStorage> {
     use super::cuda::{self, PushKernelArg};
-    use candle_core::backend::BackendStorage;
     let dev = s1.device();
     let c = l2.shape().elem_count();
     let n = l1.shape().elem_count();
-    let x = cuda::f32_view(op, s1, l1)?;
+    let x = cuda::act_view(op, s1, l1)?;
     let gamma = cuda::f32_view(op, s2, l2)?;
     let beta = cuda::f32_view(op, s3, l3)?;
     let scale = cuda::alloc::<f32>(dev, c)?;
@@ -289,19 +294,16 @@ fn cuda_apply(
         .arg(&shift)
         .arg(&c32);
     cuda::launch(b, cuda::elementwise(c))?;
-    let y = cuda::alloc::<f32>(dev, n)?;
-    let k = cuda::Kernel::new(dev, "bn_apply")?;
+    let y = cuda::ActSlice::alloc(dev, x.dtype(), n)?;
+    let k = cuda::kernel_for(dev, "bn_apply", x.dtype())?;
     let (n64, act32) = (n as i64, (act == Activation::Swish) as i32);
     let mut b = k.builder();
-    b.arg(&x)
-        .arg(&scale)
-        .arg(&shift)
-        .arg(&y)
-        .arg(&n64)
-        .arg(&c32)
-        .arg(&act32);
+    x.push(&mut b);
+    b.arg(&scale).arg(&shift);
+    y.push(&mut b);
+    b.arg(&n64).arg(&c32).arg(&act32);
     cuda::launch(b, cuda::elementwise(n))?;
-    Ok(cuda::wrap(dev, y))
+    Ok(y.wrap(dev))
 }
 
 struct BnTrain {
@@ -327,7 +329,7 @@ impl CustomOp3 for BnTrain {
     ) -> Result<(CpuStorage, Shape)> {
         let c = l2.shape().elem_count();
         let saved = match s1 {
-            CpuStorage::F32(_) => batch_moments::<f32>(contiguous(s1, l1)?, c, self.eps),
+            s1 if is_f32_family(s1) => batch_moments::<f32>(&act_f32(s1, l1)?, c, self.eps),
             CpuStorage::F64(_) => batch_moments::<f64>(contiguous(s1, l1)?, c, self.eps),
             s => return Err(unsupported(self.name(), s)),
         };
@@ -351,12 +353,11 @@ impl CustomOp3 for BnTrain {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use super::cuda;
-        use candle_core::backend::BackendStorage;
         let dev = s1.device();
         let c = l2.shape().elem_count();
         let n = l1.shape().elem_count();
         let rows = n / c.max(1);
-        let x = cuda::f32_view(self.name(), s1, l1)?;
+        let x = cuda::act_view(self.name(), s1, l1)?;
         let (mean, inv) = cuda_moments(self.name(), dev, &x, rows, c, self.eps)?;
         let y = cuda_apply(
             self.name(),
@@ -439,7 +440,6 @@ impl CustomOp3 for BnEval {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use super::cuda;
-        use candle_core::backend::BackendStorage;
         let dev = s1.device();
         let mean = cuda::to_device(dev, &self.saved.mean)?;
         let inv = cuda::to_device(dev, &self.saved.inv_std)?;
@@ -626,25 +626,20 @@ impl CustomOp2 for BnGradReduce {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use super::cuda::{self, PushKernelArg};
-        use candle_core::backend::BackendStorage;
         let dev = s1.device();
         let c = self.p.gamma.len();
         let rows = l1.shape().elem_count() / c.max(1);
-        let x = cuda::f32_view(self.name(), s1, l1)?;
-        let g = cuda::f32_view(self.name(), s2, l2)?;
+        let x = cuda::act_view(self.name(), s1, l1)?;
+        let g = cuda::act_view(self.name(), s2, l2)?;
         let chan = cuda::to_device(dev, &self.p.channel_constants())?;
         let sums = cuda::zeros::<f64>(dev, 2 * c)?;
-        let k = cuda::Kernel::new(dev, "bn_grad_reduce")?;
+        let k = cuda::kernel_for(dev, "bn_grad_reduce", x.dtype())?;
         let (rows64, c32) = (rows as i64, cuda::int(self.name(), c)?);
         let act32 = (self.p.act == Activation::Swish) as i32;
         let mut b = k.builder();
-        b.arg(&x)
-            .arg(&g)
-            .arg(&chan)
-            .arg(&sums)
-            .arg(&rows64)
-            .arg(&c32)
-            .arg(&act32);
+        x.push(&mut b);
+        g.push(&mut b);
+        b.arg(&chan).arg(&sums).arg(&rows64).arg(&c32).arg(&act32);
         cuda::launch(b, cuda::column_reduction(rows, c, 1))?;
         let out = cuda::f64_to_f32(dev, &sums, 2 * c, 1.0)?;
         Ok((cuda::wrap(dev, out), Shape::from((2, c))))
@@ -659,8 +654,9 @@ impl CustomOp2 for BnGradReduce {
     ) -> Result<(CpuStorage, Shape)> {
         let shape = Shape::from((2, self.p.gamma.len()));
         match s1 {
-            CpuStorage::F32(_) => Ok((
-                CpuStorage::F32(self.run::<f32>(contiguous(s1, l1)?, contiguous(s2, l2)?)),
+            // The sums are γ/β gradients: f32 whatever the activations.
+            s1 if is_f32_family(s1) => Ok((
+                CpuStorage::F32(self.run::<f32>(&act_f32(s1, l1)?, &act_f32(s2, l2)?)),
                 shape,
             )),
             CpuStorage::F64(_) => Ok((
@@ -751,31 +747,27 @@ impl CustomOp2 for BnGradInput {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use super::cuda::{self, PushKernelArg};
-        use candle_core::backend::BackendStorage;
         let dev = s1.device();
         let c = self.p.gamma.len();
         let n = l1.shape().elem_count();
-        let x = cuda::f32_view(self.name(), s1, l1)?;
-        let g = cuda::f32_view(self.name(), s2, l2)?;
+        let x = cuda::act_view(self.name(), s1, l1)?;
+        let g = cuda::act_view(self.name(), s2, l2)?;
         let chan = cuda::to_device(dev, &self.p.channel_constants())?;
         let (k_, off, slope) = self.coefficients::<f32>(n / c.max(1));
         let coef: Vec<f32> = k_.into_iter().chain(off).chain(slope).collect();
         let coef = cuda::to_device(dev, &coef)?;
-        let dx = cuda::alloc::<f32>(dev, n)?;
-        let k = cuda::Kernel::new(dev, "bn_grad_input")?;
+        let dx = cuda::ActSlice::alloc(dev, x.dtype(), n)?;
+        let k = cuda::kernel_for(dev, "bn_grad_input", x.dtype())?;
         let (n64, c32) = (n as i64, cuda::int(self.name(), c)?);
         let act32 = (self.p.act == Activation::Swish) as i32;
         let mut b = k.builder();
-        b.arg(&x)
-            .arg(&g)
-            .arg(&chan)
-            .arg(&coef)
-            .arg(&dx)
-            .arg(&n64)
-            .arg(&c32)
-            .arg(&act32);
+        x.push(&mut b);
+        g.push(&mut b);
+        b.arg(&chan).arg(&coef);
+        dx.push(&mut b);
+        b.arg(&n64).arg(&c32).arg(&act32);
         cuda::launch(b, cuda::elementwise(n))?;
-        Ok((cuda::wrap(dev, dx), l1.shape().clone()))
+        Ok((dx.wrap(dev), l1.shape().clone()))
     }
 
     fn cpu_fwd(
@@ -787,8 +779,11 @@ impl CustomOp2 for BnGradInput {
     ) -> Result<(CpuStorage, Shape)> {
         let shape = l1.shape().clone();
         match s1 {
-            CpuStorage::F32(_) => Ok((
-                CpuStorage::F32(self.run::<f32>(contiguous(s1, l1)?, contiguous(s2, l2)?)),
+            s1 if is_f32_family(s1) => Ok((
+                store_f32(
+                    self.run::<f32>(&act_f32(s1, l1)?, &act_f32(s2, l2)?),
+                    s1.dtype(),
+                )?,
                 shape,
             )),
             CpuStorage::F64(_) => Ok((

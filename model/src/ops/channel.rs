@@ -2,11 +2,12 @@
 //! bias addition, the squeeze-and-excitation gate and the spatial mean. Candle's generic
 //! broadcast backward (sum over broadcast axes) is an order of magnitude slower here.
 
-use super::{contiguous, unsupported, Elem};
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use super::{act_f32, contiguous, is_f32_family, store_f32, unsupported, Elem};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// `x` `[..., C]` + `bias` `[C]`.
+/// `x` `[..., C]` + `bias` `[C]` (f32 bias for f32/f16/bf16 `x`; the output has `x`'s dtype).
 pub fn add_channel_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let c = x.dims().last().copied().unwrap_or(0);
     if bias.dims() != [c] {
@@ -19,7 +20,7 @@ pub fn add_channel_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&bias.contiguous()?, BiasAdd)
 }
 
-/// `x` `[B, H, W, C]` · `gate` `[B, C]` broadcast over H and W.
+/// `x` `[B, H, W, C]` · `gate` `[B, C]` broadcast over H and W (both of one dtype).
 pub fn channel_gate(x: &Tensor, gate: &Tensor) -> Result<Tensor> {
     let (b, _, _, c) = x.dims4()?;
     if gate.dims() != [b, c] {
@@ -32,7 +33,7 @@ pub fn channel_gate(x: &Tensor, gate: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&gate.contiguous()?, Gate)
 }
 
-/// Mean of `x` `[B, H, W, C]` over H and W → `[B, C]`.
+/// Mean of `x` `[B, H, W, C]` over H and W → `[B, C]` in `x`'s dtype.
 pub fn spatial_mean(x: &Tensor) -> Result<Tensor> {
     x.dims4()?;
     x.contiguous()?.apply_op1(SpatialMean)
@@ -73,15 +74,22 @@ fn sum_rows<T: Elem>(g: &[T], c: usize) -> Vec<T> {
     acc.into_iter().map(T::from64).collect()
 }
 
+/// CPU forward of a two-input op `$f`: both f64, or an f32/f16/bf16 activation computed in f32
+/// with its second input read by `$second` (`f32_param` for an f32 parameter, `act_f32` for
+/// another activation); the result has the activation's dtype.
+/// An f32 parameter's data (the second reader of [`dispatch2`] for biases).
+fn f32_param<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    contiguous::<f32>(s, l)
+}
+
 macro_rules! dispatch2 {
-    ($name:expr, $s1:expr, $l1:expr, $s2:expr, $l2:expr, $shape:expr, $f:ident) => {
+    ($name:expr, $s1:expr, $l1:expr, $s2:expr, $l2:expr, $shape:expr, $f:ident, $second:ident) => {
         match $s1 {
-            CpuStorage::F32(_) => Ok((
-                CpuStorage::F32($f::<f32>(
-                    contiguous($s1, $l1)?,
-                    contiguous($s2, $l2)?,
-                    $l1,
-                )?),
+            s if is_f32_family(s) => Ok((
+                store_f32(
+                    $f::<f32>(&act_f32($s1, $l1)?, &*$second($s2, $l2)?, $l1)?,
+                    s.dtype(),
+                )?,
                 $shape,
             )),
             CpuStorage::F64(_) => Ok((
@@ -123,22 +131,32 @@ fn cuda_broadcast(
     c: usize,
 ) -> Result<candle_core::CudaStorage> {
     use super::cuda::{self, PushKernelArg};
-    use candle_core::backend::BackendStorage;
     let dev = s1.device();
-    let x = cuda::f32_view(op, s1, l1)?;
-    let v = cuda::f32_view(op, s2, l2)?;
-    let out = cuda::alloc::<f32>(dev, n)?;
-    let k = cuda::Kernel::new(dev, kernel)?;
+    let x = cuda::act_view(op, s1, l1)?;
+    // The bias is an f32 parameter; the gate is an activation like `x`.
+    let v = if hw.is_some() {
+        cuda::act_view(op, s2, l2)?
+    } else {
+        cuda::ActView::F32(cuda::f32_view(op, s2, l2)?)
+    };
+    if hw.is_some() && v.dtype() != x.dtype() {
+        candle_core::bail!("{op}: gate and input dtypes differ");
+    }
+    let out = cuda::ActSlice::alloc(dev, x.dtype(), n)?;
+    let k = cuda::kernel_for(dev, kernel, x.dtype())?;
     let (n64, c32) = (n as i64, cuda::int(op, c)?);
     let hw64 = hw.unwrap_or(0) as i64;
     let mut b = k.builder();
-    b.arg(&x).arg(&v).arg(&out).arg(&n64);
+    x.push(&mut b);
+    v.push(&mut b);
+    out.push(&mut b);
+    b.arg(&n64);
     if hw.is_some() {
         b.arg(&hw64);
     }
     b.arg(&c32);
     cuda::launch(b, cuda::elementwise(n))?;
-    Ok(cuda::wrap(dev, out))
+    Ok(out.wrap(dev))
 }
 
 struct BiasAdd;
@@ -155,7 +173,16 @@ impl CustomOp2 for BiasAdd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        dispatch2!(self.name(), s1, l1, s2, l2, l1.shape().clone(), bias_fwd)
+        dispatch2!(
+            self.name(),
+            s1,
+            l1,
+            s2,
+            l2,
+            l1.shape().clone(),
+            bias_fwd,
+            f32_param
+        )
     }
 
     #[cfg(feature = "cuda")]
@@ -180,14 +207,17 @@ impl CustomOp2 for BiasAdd {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let c = bias.dim(0)?;
-        let db = g.contiguous()?.apply_op1_no_bwd(&ColumnSum { c })?;
+        let out = bias.dtype();
+        let db = g.contiguous()?.apply_op1_no_bwd(&ColumnSum { c, out })?;
         Ok((Some(g.clone()), Some(db)))
     }
 }
 
-/// `[..., C]` → `[C]` column sums.
+/// `[..., C]` → `[C]` column sums, stored as `out` (the bias's dtype: f32 for f32/f16/bf16
+/// gradients, f64 for f64).
 struct ColumnSum {
     c: usize,
+    out: DType,
 }
 
 impl CustomOp1 for ColumnSum {
@@ -202,20 +232,19 @@ impl CustomOp1 for ColumnSum {
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use super::cuda;
-        use candle_core::backend::BackendStorage;
         let dev = s.device();
-        let x = cuda::f32_view(self.name(), s, l)?;
+        let x = cuda::act_view(self.name(), s, l)?;
         let rows = l.shape().elem_count() / self.c.max(1);
         let sums = cuda::column_sums(dev, &x, rows, self.c, 1)?;
-        let out = cuda::f64_to_f32(dev, &sums, self.c, 1.0)?;
-        Ok((cuda::wrap(dev, out), Shape::from(self.c)))
+        let out = cuda::f64_to_act(dev, &sums, self.c, 1.0, self.out)?;
+        Ok((out.wrap(dev), Shape::from(self.c)))
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let shape = Shape::from(self.c);
         match s {
-            CpuStorage::F32(_) => Ok((
-                CpuStorage::F32(sum_rows::<f32>(contiguous(s, l)?, self.c)),
+            s if is_f32_family(s) => Ok((
+                store_f32(sum_rows::<f32>(&act_f32(s, l)?, self.c), self.out)?,
                 shape,
             )),
             CpuStorage::F64(_) => Ok((
@@ -256,7 +285,16 @@ impl CustomOp2 for Gate {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        dispatch2!(self.name(), s1, l1, s2, l2, l1.shape().clone(), gate_fwd)
+        dispatch2!(
+            self.name(),
+            s1,
+            l1,
+            s2,
+            l2,
+            l1.shape().clone(),
+            gate_fwd,
+            act_f32
+        )
     }
 
     #[cfg(feature = "cuda")]
@@ -321,8 +359,8 @@ impl CustomOp1 for SpatialMean {
         let d = l.dims();
         let shape = Shape::from((d[0], d[3]));
         match s {
-            CpuStorage::F32(_) => Ok((
-                CpuStorage::F32(mean_fwd::<f32>(contiguous(s, l)?, l)),
+            s if is_f32_family(s) => Ok((
+                store_f32(mean_fwd::<f32>(&act_f32(s, l)?, l), s.dtype())?,
                 shape,
             )),
             CpuStorage::F64(_) => Ok((
@@ -340,14 +378,13 @@ impl CustomOp1 for SpatialMean {
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use super::cuda;
-        use candle_core::backend::BackendStorage;
         let d = l.dims();
         let (b, hw, c) = (d[0], d[1] * d[2], d[3]);
         let dev = s.device();
-        let x = cuda::f32_view(self.name(), s, l)?;
+        let x = cuda::act_view(self.name(), s, l)?;
         let sums = cuda::column_sums(dev, &x, hw, c, b)?;
-        let out = cuda::f64_to_f32(dev, &sums, b * c, 1.0 / hw as f64)?;
-        Ok((cuda::wrap(dev, out), Shape::from((b, c))))
+        let out = cuda::f64_to_act(dev, &sums, b * c, 1.0 / hw as f64, x.dtype())?;
+        Ok((out.wrap(dev), Shape::from((b, c))))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {

@@ -9,6 +9,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result};
+use half::{bf16, f16};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/effdet_kernels.ptx"));
 const MODULE: &str = "effdet_kernels";
@@ -102,8 +103,121 @@ pub(crate) fn f32_view<'a>(op: &str, s: &'a CudaStorage, l: &Layout) -> Result<C
 
 fn dtype_error(op: &str, dtype: DType) -> candle_core::Error {
     candle_core::Error::Msg(format!(
-        "{op}: unsupported dtype {dtype:?} on CUDA (f32 only)"
+        "{op}: unsupported dtype {dtype:?} on CUDA (f32, or f16/bf16 activations)"
     ))
+}
+
+/// Kernel-name suffix of an activation dtype: the f32 kernels keep their plain names, the
+/// 16-bit instantiations end in `_f16` / `_bf16` (see kernels.cu).
+pub(crate) fn suffix(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F16 => "_f16",
+        DType::BF16 => "_bf16",
+        _ => "",
+    }
+}
+
+/// `base` instantiated for activations of `dtype`.
+pub(crate) fn kernel_for(dev: &CudaDevice, base: &str, dtype: DType) -> Result<Kernel> {
+    Kernel::new(dev, &format!("{base}{}", suffix(dtype)))
+}
+
+/// An activation's device data: f32, f16 or bf16 (the kernels compute in f32 either way).
+pub(crate) enum ActView<'a> {
+    F32(CudaView<'a, f32>),
+    F16(CudaView<'a, f16>),
+    Bf16(CudaView<'a, bf16>),
+}
+
+impl ActView<'_> {
+    pub(crate) fn dtype(&self) -> DType {
+        match self {
+            ActView::F32(_) => DType::F32,
+            ActView::F16(_) => DType::F16,
+            ActView::Bf16(_) => DType::BF16,
+        }
+    }
+
+    /// Pushes the buffer as the next kernel argument.
+    pub(crate) fn push<'a, 'b: 'a>(&'b self, b: &mut LaunchArgs<'a>) {
+        match self {
+            ActView::F32(v) => b.arg(v),
+            ActView::F16(v) => b.arg(v),
+            ActView::Bf16(v) => b.arg(v),
+        };
+    }
+}
+
+/// The activation data of a storage (f32, f16 or bf16), refusing tensors too large for the
+/// kernels' 32-bit indexing.
+pub(crate) fn act_view<'a>(op: &str, s: &'a CudaStorage, l: &Layout) -> Result<ActView<'a>> {
+    let n = l.shape().elem_count();
+    if n > u32::MAX as usize {
+        candle_core::bail!("{op}: {n} elements exceed the CUDA kernels' 32-bit indexing");
+    }
+    Ok(match s.dtype() {
+        DType::F32 => ActView::F32(view::<f32>(op, s, l)?),
+        DType::F16 => ActView::F16(view::<f16>(op, s, l)?),
+        DType::BF16 => ActView::Bf16(view::<bf16>(op, s, l)?),
+        d => return Err(dtype_error(op, d)),
+    })
+}
+
+/// A new activation buffer of `dtype` (f32, f16 or bf16).
+pub(crate) enum ActSlice {
+    F32(CudaSlice<f32>),
+    F16(CudaSlice<f16>),
+    Bf16(CudaSlice<bf16>),
+}
+
+impl ActSlice {
+    /// Uninitialized: every element must be written by the kernel that fills it.
+    pub(crate) fn alloc(dev: &CudaDevice, dtype: DType, n: usize) -> Result<ActSlice> {
+        Ok(match dtype {
+            DType::F32 => ActSlice::F32(alloc::<f32>(dev, n)?),
+            DType::F16 => ActSlice::F16(alloc::<f16>(dev, n)?),
+            DType::BF16 => ActSlice::Bf16(alloc::<bf16>(dev, n)?),
+            d => return Err(dtype_error("effdet op output", d)),
+        })
+    }
+
+    /// Pushes the buffer as the next kernel argument.
+    pub(crate) fn push<'a, 'b: 'a>(&'b self, b: &mut LaunchArgs<'a>) {
+        match self {
+            ActSlice::F32(v) => b.arg(v),
+            ActSlice::F16(v) => b.arg(v),
+            ActSlice::Bf16(v) => b.arg(v),
+        };
+    }
+
+    pub(crate) fn wrap(self, dev: &CudaDevice) -> CudaStorage {
+        match self {
+            ActSlice::F32(v) => wrap(dev, v),
+            ActSlice::F16(v) => wrap(dev, v),
+            ActSlice::Bf16(v) => wrap(dev, v),
+        }
+    }
+}
+
+/// f32 buffer → activation buffer of `dtype` (moves it when `dtype` is f32).
+pub(crate) fn f32_to_act(
+    dev: &CudaDevice,
+    src: CudaSlice<f32>,
+    n: usize,
+    dtype: DType,
+) -> Result<ActSlice> {
+    if dtype == DType::F32 {
+        return Ok(ActSlice::F32(src));
+    }
+    let k = Kernel::new(dev, &format!("cvt_f32_to{}", suffix(dtype)))?;
+    let out = ActSlice::alloc(dev, dtype, n)?;
+    let n64 = n as i64;
+    let mut b = k.builder();
+    b.arg(&src);
+    out.push(&mut b);
+    b.arg(&n64);
+    launch(b, elementwise(n))?;
+    Ok(out)
 }
 
 /// Uninitialized device buffer (every element is written by the kernel that fills it).
@@ -150,19 +264,45 @@ pub(crate) fn f64_to_f32(
     Ok(out)
 }
 
-/// Per-channel sums `[groups, C]` (f64) of an f32 `[groups, rows, C]` buffer.
+/// f64 buffer → activation buffer of `dtype` multiplied by `scale`.
+pub(crate) fn f64_to_act(
+    dev: &CudaDevice,
+    src: &CudaSlice<f64>,
+    n: usize,
+    scale: f64,
+    dtype: DType,
+) -> Result<ActSlice> {
+    let name = match dtype {
+        DType::F32 => "scale_f64_to_f32",
+        DType::F16 => "scale_f64_to_f16",
+        DType::BF16 => "scale_f64_to_bf16",
+        d => return Err(dtype_error("effdet op output", d)),
+    };
+    let k = Kernel::new(dev, name)?;
+    let out = ActSlice::alloc(dev, dtype, n)?;
+    let n64 = n as i64;
+    let mut b = k.builder();
+    b.arg(src);
+    out.push(&mut b);
+    b.arg(&scale).arg(&n64);
+    launch(b, elementwise(n))?;
+    Ok(out)
+}
+
+/// Per-channel sums `[groups, C]` (f64) of an activation `[groups, rows, C]` buffer.
 pub(crate) fn column_sums(
     dev: &CudaDevice,
-    x: &CudaView<'_, f32>,
+    x: &ActView<'_>,
     rows: usize,
     c: usize,
     groups: usize,
 ) -> Result<CudaSlice<f64>> {
-    let k = Kernel::new(dev, "col_sum")?;
+    let k = kernel_for(dev, "col_sum", x.dtype())?;
     let out = zeros::<f64>(dev, groups * c)?;
     let (rows64, c32) = (rows as i64, c as i32);
     let mut b = k.builder();
-    b.arg(x).arg(&out).arg(&rows64).arg(&c32);
+    x.push(&mut b);
+    b.arg(&out).arg(&rows64).arg(&c32);
     launch(b, column_reduction(rows, c, groups))?;
     Ok(out)
 }

@@ -3,12 +3,16 @@
 //! group, which is two orders of magnitude slower for the 100–1000 channel layers of
 //! EfficientNet.
 
-use super::{contiguous, dims4, same_padding, unsupported, Elem};
+use super::{
+    act_f32, contiguous, dims4, is_f32_family, same_padding, store_f32, unsupported, Elem,
+};
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Depthwise convolution of `x` `[B, H, W, C]` with `weight` `[k, k, C]`, stride `stride` in both
-/// directions, TF "same" padding. Output `[B, ceil(H/stride), ceil(W/stride), C]`.
+/// directions, TF "same" padding. Output `[B, ceil(H/stride), ceil(W/stride), C]` in `x`'s dtype
+/// (f32, f16 or bf16 with an f32 kernel; or both f64).
 pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, stride: usize) -> Result<Tensor> {
     let (_, _, _, c) = x.dims4()?;
     let (kh, kw, wc) = weight.dims3()?;
@@ -96,7 +100,8 @@ impl Geom {
         ])
     }
 
-    /// Runs an elementwise depthwise kernel `(a, b, out, ints…)` writing `n` f32 outputs.
+    /// Runs an elementwise depthwise kernel `(a, w, out, ints…)`: activation `a` (f32/f16/bf16),
+    /// f32 kernel `w`, `n` outputs in `a`'s dtype.
     #[cfg(feature = "cuda")]
     #[allow(clippy::too_many_arguments)]
     fn launch(
@@ -110,16 +115,17 @@ impl Geom {
         n: usize,
     ) -> Result<candle_core::CudaStorage> {
         use super::cuda::{self, PushKernelArg};
-        use candle_core::backend::BackendStorage;
         let dev = s1.device();
-        let a = cuda::f32_view(op, s1, l1)?;
+        let a = cuda::act_view(op, s1, l1)?;
         let w = cuda::f32_view(op, s2, l2)?;
-        let out = cuda::alloc::<f32>(dev, n)?;
+        let out = cuda::ActSlice::alloc(dev, a.dtype(), n)?;
         let (name, rows) = specialized(kernel, self.k, self.s);
-        let k = cuda::Kernel::new(dev, &name)?;
+        let k = cuda::kernel_for(dev, &name, a.dtype())?;
         let ints = self.int_args(op)?;
         let mut b = k.builder();
-        b.arg(&a).arg(&w).arg(&out);
+        a.push(&mut b);
+        b.arg(&w);
+        out.push(&mut b);
         for v in &ints {
             b.arg(v);
         }
@@ -129,7 +135,7 @@ impl Geom {
             None => cuda::elementwise(n),
         };
         cuda::launch(b, shape)?;
-        Ok(cuda::wrap(dev, out))
+        Ok(out.wrap(dev))
     }
 
     /// Input coordinate read by output coordinate `o` through kernel tap `t`, if inside.
@@ -202,13 +208,13 @@ impl CustomOp2 for DepthwiseConv {
         let g = Geom::new(b, h, w, c, self.k, self.stride);
         let shape = Shape::from((b, g.oh, g.ow, c));
         match s1 {
-            CpuStorage::F32(_) => {
-                let out = self.fwd::<f32>(contiguous(s1, l1)?, contiguous(s2, l2)?, g);
-                Ok((CpuStorage::F32(out), shape))
-            }
             CpuStorage::F64(_) => {
                 let out = self.fwd::<f64>(contiguous(s1, l1)?, contiguous(s2, l2)?, g);
                 Ok((CpuStorage::F64(out), shape))
+            }
+            s if is_f32_family(s) => {
+                let out = self.fwd::<f32>(&act_f32(s1, l1)?, contiguous(s2, l2)?, g);
+                Ok((store_f32(out, s1.dtype())?, shape))
             }
             s => Err(unsupported(self.name(), s)),
         }
@@ -317,13 +323,13 @@ impl CustomOp2 for DepthwiseGradInput {
         let g = self.geom;
         let shape = Shape::from((g.b, g.h, g.w, g.c));
         match s1 {
-            CpuStorage::F32(_) => {
-                let out = self.run::<f32>(contiguous(s1, l1)?, contiguous(s2, l2)?);
-                Ok((CpuStorage::F32(out), shape))
-            }
             CpuStorage::F64(_) => {
                 let out = self.run::<f64>(contiguous(s1, l1)?, contiguous(s2, l2)?);
                 Ok((CpuStorage::F64(out), shape))
+            }
+            s if is_f32_family(s) => {
+                let out = self.run::<f32>(&act_f32(s1, l1)?, contiguous(s2, l2)?);
+                Ok((store_f32(out, s1.dtype())?, shape))
             }
             s => Err(unsupported(self.name(), s)),
         }
@@ -399,18 +405,22 @@ impl CustomOp2 for DepthwiseGradWeight {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use super::cuda::{self, PushKernelArg};
-        use candle_core::backend::BackendStorage;
         let g = self.geom;
         let dev = s1.device();
-        let x = cuda::f32_view(self.name(), s1, l1)?;
-        let grad = cuda::f32_view(self.name(), s2, l2)?;
+        let x = cuda::act_view(self.name(), s1, l1)?;
+        let grad = cuda::act_view(self.name(), s2, l2)?;
+        if x.dtype() != grad.dtype() {
+            candle_core::bail!("{}: input and gradient dtypes differ", self.name());
+        }
         let taps = g.k * g.k;
         let acc = cuda::zeros::<f64>(dev, taps * g.c)?;
         let (name, _) = specialized("dw_grad_weight", g.k, g.s);
-        let k = cuda::Kernel::new(dev, &name)?;
+        let k = cuda::kernel_for(dev, &name, x.dtype())?;
         let a = g.int_args(self.name())?;
         let mut b = k.builder();
-        b.arg(&x).arg(&grad).arg(&acc);
+        x.push(&mut b);
+        grad.push(&mut b);
+        b.arg(&acc);
         for v in &a {
             b.arg(v);
         }
@@ -431,13 +441,14 @@ impl CustomOp2 for DepthwiseGradWeight {
         let g = self.geom;
         let shape = Shape::from((g.k, g.k, g.c));
         match s1 {
-            CpuStorage::F32(_) => {
-                let out = self.run::<f32>(contiguous(s1, l1)?, contiguous(s2, l2)?);
-                Ok((CpuStorage::F32(out), shape))
-            }
             CpuStorage::F64(_) => {
                 let out = self.run::<f64>(contiguous(s1, l1)?, contiguous(s2, l2)?);
                 Ok((CpuStorage::F64(out), shape))
+            }
+            // The kernel gradient is a parameter gradient: f32 whatever the activations.
+            s if is_f32_family(s) => {
+                let out = self.run::<f32>(&act_f32(s1, l1)?, &act_f32(s2, l2)?);
+                Ok((CpuStorage::F32(out), shape))
             }
             s => Err(unsupported(self.name(), s)),
         }

@@ -3,8 +3,14 @@
 //! Every op works on channels-last (NHWC) tensors, the layout the whole network uses, and is
 //! implemented as a candle custom op with a CPU forward and a backward pass. The backward
 //! passes are themselves custom ops (without backward). Under the `cuda` feature every op also
-//! has a `cuda_fwd` running the kernels of `kernels.cu` (f32; long sums in f64 as on the CPU,
-//! so both devices agree to float rounding).
+//! has a `cuda_fwd` running the kernels of `kernels.cu` (long sums in f64 as on the CPU, so
+//! both devices agree to float rounding).
+//!
+//! Activations may be stored as f32, f16 or bf16 (mixed precision keeps them 16-bit, as
+//! PyTorch AMP does); every op computes in f32 whatever the storage and rounds once when it
+//! stores, so a 16-bit op equals the f32 op on the widened inputs, rounded. Parameters
+//! (depthwise kernels, biases, γ/β) and their gradients are always f32. f64 (everything f64)
+//! serves the finite-difference tests.
 //!
 //! Ops (each has a finite-difference gradient test in its file):
 //! - [`depthwise_conv2d`]: depthwise k×k convolution with TensorFlow "same" padding (asymmetric
@@ -35,6 +41,8 @@ mod upsample;
 
 #[cfg(test)]
 pub(crate) mod fd;
+#[cfg(test)]
+mod half_tests;
 
 pub use axpby::axpby_inplace;
 pub use batch_norm::{
@@ -48,7 +56,8 @@ pub use pool::max_pool2d_same;
 pub use swish::swish;
 pub use upsample::upsample_nearest;
 
-use candle_core::{CpuStorage, Layout, Result, WithDType};
+use candle_core::{CpuStorage, DType, Layout, Result, WithDType};
+use std::borrow::Cow;
 
 /// Floating-point element types the kernels are written for (f32 for the model, f64 for the
 /// finite-difference tests).
@@ -83,12 +92,44 @@ pub(crate) fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Res
     }
 }
 
+/// An activation's data as f32: borrowed when stored as f32, widened from f16/bf16.
+pub(crate) fn act_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<Cow<'a, [f32]>> {
+    let range = |len: usize| match l.contiguous_offsets() {
+        Some((a, b)) if b <= len => Ok(a..b),
+        _ => candle_core::bail!("effdet ops expect contiguous tensors"),
+    };
+    Ok(match s {
+        CpuStorage::F32(v) => Cow::Borrowed(&v[range(v.len())?]),
+        CpuStorage::F16(v) => Cow::Owned(v[range(v.len())?].iter().map(|x| x.to_f32()).collect()),
+        CpuStorage::BF16(v) => Cow::Owned(v[range(v.len())?].iter().map(|x| x.to_f32()).collect()),
+        s => return Err(unsupported("effdet op", s)),
+    })
+}
+
+/// f32 results stored as `dtype` (f32, f16 or bf16; rounded to nearest even).
+pub(crate) fn store_f32(v: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
+    Ok(match dtype {
+        DType::F32 => CpuStorage::F32(v),
+        DType::F16 => CpuStorage::F16(v.into_iter().map(half::f16::from_f32).collect()),
+        DType::BF16 => CpuStorage::BF16(v.into_iter().map(half::bf16::from_f32).collect()),
+        d => candle_core::bail!("effdet ops store f32, f16 or bf16, not {d:?}"),
+    })
+}
+
+/// Whether a storage holds an activation dtype the ops compute in f32 (f32, f16, bf16).
+pub(crate) fn is_f32_family(s: &CpuStorage) -> bool {
+    matches!(
+        s,
+        CpuStorage::F32(_) | CpuStorage::F16(_) | CpuStorage::BF16(_)
+    )
+}
+
 /// Error for dtypes the kernels do not handle.
 pub(crate) fn unsupported(op: &str, s: &CpuStorage) -> candle_core::Error {
     use candle_core::backend::BackendStorage;
     let dtype = s.dtype();
     candle_core::Error::Msg(format!(
-        "{op}: unsupported dtype {dtype:?} (f32 or f64 only)"
+        "{op}: unsupported dtype {dtype:?} (f32, f16, bf16 or f64)"
     ))
 }
 

@@ -2,12 +2,15 @@
 //! max (TF pads with −∞), and the gradient goes to the first maximum in row-major window order.
 //! Stock candle's `max_pool2d` has no padding and no backward when kernel ≠ stride.
 
-use super::{contiguous, dims4, same_padding, unsupported, Elem};
+use super::{
+    act_f32, contiguous, dims4, is_f32_family, same_padding, store_f32, unsupported, Elem,
+};
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Max-pool `x` `[B, H, W, C]` with window `kernel` (h, w) and `stride` (h, w), TF "same"
-/// padding. Output `[B, ceil(H/sh), ceil(W/sw), C]`.
+/// padding. Output `[B, ceil(H/sh), ceil(W/sw), C]` in `x`'s dtype.
 pub fn max_pool2d_same(
     x: &Tensor,
     kernel: (usize, usize),
@@ -161,12 +164,12 @@ impl CustomOp1 for MaxPoolSame {
         let g = Geom::new(l, self.kernel, self.stride)?;
         let shape = Shape::from((g.b, g.oh, g.ow, g.c));
         match s {
-            CpuStorage::F32(_) => Ok((
-                CpuStorage::F32(self.fwd::<f32>(contiguous(s, l)?, g)),
-                shape,
-            )),
             CpuStorage::F64(_) => Ok((
                 CpuStorage::F64(self.fwd::<f64>(contiguous(s, l)?, g)),
+                shape,
+            )),
+            s if is_f32_family(s) => Ok((
+                store_f32(self.fwd::<f32>(&act_f32(s, l)?, g), s.dtype())?,
                 shape,
             )),
             s => Err(unsupported(self.name(), s)),
@@ -180,21 +183,21 @@ impl CustomOp1 for MaxPoolSame {
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use super::cuda::{self, PushKernelArg};
-        use candle_core::backend::BackendStorage;
         let g = Geom::new(l, self.kernel, self.stride)?;
         let dev = s.device();
-        let x = cuda::f32_view(self.name(), s, l)?;
+        let x = cuda::act_view(self.name(), s, l)?;
         let n = g.b * g.oh * g.ow * g.c;
-        let out = cuda::alloc::<f32>(dev, n)?;
-        let k = cuda::Kernel::new(dev, "maxpool_fwd")?;
+        let out = cuda::ActSlice::alloc(dev, x.dtype(), n)?;
+        let k = cuda::kernel_for(dev, "maxpool_fwd", x.dtype())?;
         let ints = g.int_args(self.name())?;
         let mut b = k.builder();
-        b.arg(&x).arg(&out);
+        x.push(&mut b);
+        out.push(&mut b);
         for v in &ints {
             b.arg(v);
         }
         cuda::launch(b, cuda::elementwise(n))?;
-        Ok((cuda::wrap(dev, out), Shape::from((g.b, g.oh, g.ow, g.c))))
+        Ok((out.wrap(dev), Shape::from((g.b, g.oh, g.ow, g.c))))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -246,21 +249,25 @@ impl CustomOp2 for MaxPoolGrad {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use super::cuda::{self, PushKernelArg};
-        use candle_core::backend::BackendStorage;
         let g = Geom::new(l1, self.kernel, self.stride)?;
         let dev = s1.device();
-        let x = cuda::f32_view(self.name(), s1, l1)?;
-        let grad = cuda::f32_view(self.name(), s2, l2)?;
-        let gx = cuda::zeros::<f32>(dev, g.b * g.h * g.w * g.c)?;
-        let k = cuda::Kernel::new(dev, "maxpool_grad")?;
+        let x = cuda::act_view(self.name(), s1, l1)?;
+        let grad = cuda::act_view(self.name(), s2, l2)?;
+        let n = g.b * g.h * g.w * g.c;
+        // Gradients of overlapping windows add up atomically in an f32 scratch, rounded once.
+        let gx = cuda::zeros::<f32>(dev, n)?;
+        let k = cuda::kernel_for(dev, "maxpool_grad", x.dtype())?;
         let ints = g.int_args(self.name())?;
         let mut b = k.builder();
-        b.arg(&x).arg(&grad).arg(&gx);
+        x.push(&mut b);
+        grad.push(&mut b);
+        b.arg(&gx);
         for v in &ints {
             b.arg(v);
         }
         cuda::launch(b, cuda::elementwise(g.b * g.oh * g.ow * g.c))?;
-        Ok((cuda::wrap(dev, gx), l1.shape().clone()))
+        let gx = cuda::f32_to_act(dev, gx, n, x.dtype())?;
+        Ok((gx.wrap(dev), l1.shape().clone()))
     }
 
     fn cpu_fwd(
@@ -273,13 +280,13 @@ impl CustomOp2 for MaxPoolGrad {
         let g = Geom::new(l1, self.kernel, self.stride)?;
         let shape = l1.shape().clone();
         match s1 {
-            CpuStorage::F32(_) => {
-                let out = self.run::<f32>(contiguous(s1, l1)?, contiguous(s2, l2)?, g);
-                Ok((CpuStorage::F32(out), shape))
-            }
             CpuStorage::F64(_) => {
                 let out = self.run::<f64>(contiguous(s1, l1)?, contiguous(s2, l2)?, g);
                 Ok((CpuStorage::F64(out), shape))
+            }
+            s if is_f32_family(s) => {
+                let out = self.run::<f32>(&act_f32(s1, l1)?, &act_f32(s2, l2)?, g);
+                Ok((store_f32(out, s1.dtype())?, shape))
             }
             s => Err(unsupported(self.name(), s)),
         }

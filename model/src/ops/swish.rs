@@ -1,10 +1,11 @@
 //! Swish (SiLU) with a one-pass backward; candle's own `silu` backward takes nine tensor ops.
 
-use super::{contiguous, unsupported, Elem};
+use super::{act_f32, contiguous, is_f32_family, store_f32, unsupported, Elem};
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// x · sigmoid(x), elementwise.
+/// x · sigmoid(x), elementwise, in `x`'s dtype (computed in f32 for f16/bf16).
 pub fn swish(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Swish)
 }
@@ -46,8 +47,10 @@ impl CustomOp1 for Swish {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let shape = l.shape().clone();
         match s {
-            CpuStorage::F32(_) => Ok((CpuStorage::F32(fwd::<f32>(contiguous(s, l)?)), shape)),
             CpuStorage::F64(_) => Ok((CpuStorage::F64(fwd::<f64>(contiguous(s, l)?)), shape)),
+            s if is_f32_family(s) => {
+                Ok((store_f32(fwd::<f32>(&act_f32(s, l)?), s.dtype())?, shape))
+            }
             s => Err(unsupported(self.name(), s)),
         }
     }
@@ -59,17 +62,18 @@ impl CustomOp1 for Swish {
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use super::cuda::{self, PushKernelArg};
-        use candle_core::backend::BackendStorage;
         let dev = s.device();
-        let x = cuda::f32_view(self.name(), s, l)?;
+        let x = cuda::act_view(self.name(), s, l)?;
         let n = l.shape().elem_count();
-        let out = cuda::alloc::<f32>(dev, n)?;
-        let k = cuda::Kernel::new(dev, "swish_fwd")?;
+        let out = cuda::ActSlice::alloc(dev, x.dtype(), n)?;
+        let k = cuda::kernel_for(dev, "swish_fwd", x.dtype())?;
         let n64 = n as i64;
         let mut b = k.builder();
-        b.arg(&x).arg(&out).arg(&n64);
+        x.push(&mut b);
+        out.push(&mut b);
+        b.arg(&n64);
         cuda::launch(b, cuda::elementwise(n))?;
-        Ok((cuda::wrap(dev, out), l.shape().clone()))
+        Ok((out.wrap(dev), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
@@ -94,18 +98,20 @@ impl CustomOp2 for SwishGrad {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use super::cuda::{self, PushKernelArg};
-        use candle_core::backend::BackendStorage;
         let dev = s1.device();
-        let x = cuda::f32_view(self.name(), s1, l1)?;
-        let g = cuda::f32_view(self.name(), s2, l2)?;
+        let x = cuda::act_view(self.name(), s1, l1)?;
+        let g = cuda::act_view(self.name(), s2, l2)?;
         let n = l1.shape().elem_count();
-        let out = cuda::alloc::<f32>(dev, n)?;
-        let k = cuda::Kernel::new(dev, "swish_grad")?;
+        let out = cuda::ActSlice::alloc(dev, x.dtype(), n)?;
+        let k = cuda::kernel_for(dev, "swish_grad", x.dtype())?;
         let n64 = n as i64;
         let mut b = k.builder();
-        b.arg(&x).arg(&g).arg(&out).arg(&n64);
+        x.push(&mut b);
+        g.push(&mut b);
+        out.push(&mut b);
+        b.arg(&n64);
         cuda::launch(b, cuda::elementwise(n))?;
-        Ok((cuda::wrap(dev, out), l1.shape().clone()))
+        Ok((out.wrap(dev), l1.shape().clone()))
     }
 
     fn cpu_fwd(
@@ -117,8 +123,8 @@ impl CustomOp2 for SwishGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let shape = l1.shape().clone();
         match s1 {
-            CpuStorage::F32(_) => Ok((
-                CpuStorage::F32(grad::<f32>(contiguous(s1, l1)?, contiguous(s2, l2)?)),
+            s if is_f32_family(s) => Ok((
+                store_f32(grad::<f32>(&act_f32(s1, l1)?, &act_f32(s2, l2)?), s.dtype())?,
                 shape,
             )),
             CpuStorage::F64(_) => Ok((

@@ -85,7 +85,7 @@ impl CustomOp1 for Moments {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let saved = match s {
-            CpuStorage::F32(_) => batch_moments::<f32>(contiguous(s, l)?, self.c, self.eps),
+            s if is_f32_family(s) => batch_moments::<f32>(&act_f32(s, l)?, self.c, self.eps),
             CpuStorage::F64(_) => batch_moments::<f64>(contiguous(s, l)?, self.c, self.eps),
             s => return Err(unsupported(self.name(), s)),
         };
@@ -100,11 +100,10 @@ impl CustomOp1 for Moments {
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use crate::ops::cuda;
-        use candle_core::backend::BackendStorage;
         let dev = s.device();
         let c = self.c;
         let rows = l.shape().elem_count() / c.max(1);
-        let x = cuda::f32_view(self.name(), s, l)?;
+        let x = cuda::act_view(self.name(), s, l)?;
         let (mean, inv) = cuda_moments(self.name(), dev, &x, rows, c, self.eps)?;
         let mut out = cuda::alloc::<f64>(dev, 2 * c)?;
         let stream = dev.cuda_stream();
@@ -145,10 +144,11 @@ impl CustomOp2 for Apply {
             inv_std: p[1].clone(),
         };
         let out = match s1 {
-            CpuStorage::F32(_) => {
+            s1 if is_f32_family(s1) => {
                 let g: Vec<f32> = p[2].iter().map(|&v| v as f32).collect();
                 let b: Vec<f32> = p[3].iter().map(|&v| v as f32).collect();
-                CpuStorage::F32(apply(contiguous(s1, l1)?, &saved, &g, &b, self.act))
+                let y = apply(&act_f32(s1, l1)?, &saved, &g, &b, self.act);
+                store_f32(y, s1.dtype())?
             }
             CpuStorage::F64(_) => {
                 CpuStorage::F64(apply(contiguous(s1, l1)?, &saved, &p[2], &p[3], self.act))
@@ -167,11 +167,10 @@ impl CustomOp2 for Apply {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use crate::ops::cuda::{self, PushKernelArg};
-        use candle_core::backend::BackendStorage;
         let dev = s1.device();
         let c = l2.dims()[1];
         let n = l1.shape().elem_count();
-        let x = cuda::f32_view(self.name(), s1, l1)?;
+        let x = cuda::act_view(self.name(), s1, l1)?;
         let params = cuda::view::<f64>(self.name(), s2, l2)?;
         let scale = cuda::alloc::<f32>(dev, c)?;
         let shift = cuda::alloc::<f32>(dev, c)?;
@@ -180,19 +179,16 @@ impl CustomOp2 for Apply {
         let mut b = k.builder();
         b.arg(&params).arg(&scale).arg(&shift).arg(&c32);
         cuda::launch(b, cuda::elementwise(c))?;
-        let y = cuda::alloc::<f32>(dev, n)?;
-        let k = cuda::Kernel::new(dev, "bn_apply")?;
+        let y = cuda::ActSlice::alloc(dev, x.dtype(), n)?;
+        let k = cuda::kernel_for(dev, "bn_apply", x.dtype())?;
         let (n64, act32) = (n as i64, (self.act == Activation::Swish) as i32);
         let mut b = k.builder();
-        b.arg(&x)
-            .arg(&scale)
-            .arg(&shift)
-            .arg(&y)
-            .arg(&n64)
-            .arg(&c32)
-            .arg(&act32);
+        x.push(&mut b);
+        b.arg(&scale).arg(&shift);
+        y.push(&mut b);
+        b.arg(&n64).arg(&c32).arg(&act32);
         cuda::launch(b, cuda::elementwise(n))?;
-        Ok((cuda::wrap(dev, y), l1.shape().clone()))
+        Ok((y.wrap(dev), l1.shape().clone()))
     }
 
     fn bwd(
@@ -205,10 +201,16 @@ impl CustomOp2 for Apply {
         let c = params.dim(1)?;
         let rows = x.elem_count() / c.max(1);
         let grad = grad.contiguous()?;
-        // [mean, inv_std, γ, β] in x's dtype: the parent's `Chan` constants.
-        let chan = params.to_dtype(x.dtype())?;
+        // [mean, inv_std, γ, β] in the compute type (f32, or f64 for f64): the parent's `Chan`
+        // constants.
+        let compute = if x.dtype() == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let chan = params.to_dtype(compute)?;
         let sums = x.apply_op3_no_bwd(&grad, &chan, &GradReduce { act: self.act, c })?;
-        // As the parent: coefficients from the sums rounded to x's dtype, in f64.
+        // As the parent: coefficients from the sums rounded to the compute type, in f64.
         let sums64 = sums.to_dtype(DType::F64)?;
         let (gamma, inv) = (params.get(2)?, params.get(1)?);
         let k64 = (&gamma * &inv)?;
@@ -221,7 +223,7 @@ impl CustomOp2 for Apply {
         } else {
             (zeros.clone(), zeros.clone())
         };
-        let coef = Tensor::stack(&[k64, off, slope], 0)?.to_dtype(x.dtype())?;
+        let coef = Tensor::stack(&[k64, off, slope], 0)?.to_dtype(compute)?;
         let consts = Tensor::cat(&[chan, coef], 0)?;
         let dx = x.apply_op3_no_bwd(&grad, &consts, &GradInput { act: self.act, c })?;
         let dparams = Tensor::cat(
@@ -277,12 +279,13 @@ impl CustomOp3 for GradReduce {
     ) -> Result<(CpuStorage, Shape)> {
         let shape = Shape::from((2, self.c));
         let out = match s1 {
-            CpuStorage::F32(_) => {
+            // γ/β gradients: f32 whatever the activations.
+            s1 if is_f32_family(s1) => {
                 let chan = to_f64(contiguous::<f32>(s3, l3)?);
                 let op = BnGradReduce {
                     p: params_of(&chan, self.c, self.act),
                 };
-                CpuStorage::F32(op.run::<f32>(contiguous(s1, l1)?, contiguous(s2, l2)?))
+                CpuStorage::F32(op.run::<f32>(&act_f32(s1, l1)?, &act_f32(s2, l2)?))
             }
             CpuStorage::F64(_) => {
                 let chan = contiguous::<f64>(s3, l3)?.to_vec();
@@ -307,25 +310,20 @@ impl CustomOp3 for GradReduce {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use crate::ops::cuda::{self, PushKernelArg};
-        use candle_core::backend::BackendStorage;
         let dev = s1.device();
         let c = self.c;
         let rows = l1.shape().elem_count() / c.max(1);
-        let x = cuda::f32_view(self.name(), s1, l1)?;
-        let g = cuda::f32_view(self.name(), s2, l2)?;
+        let x = cuda::act_view(self.name(), s1, l1)?;
+        let g = cuda::act_view(self.name(), s2, l2)?;
         let chan = cuda::f32_view(self.name(), s3, l3)?;
         let sums = cuda::zeros::<f64>(dev, 2 * c)?;
-        let k = cuda::Kernel::new(dev, "bn_grad_reduce")?;
+        let k = cuda::kernel_for(dev, "bn_grad_reduce", x.dtype())?;
         let (rows64, c32) = (rows as i64, cuda::int(self.name(), c)?);
         let act32 = (self.act == Activation::Swish) as i32;
         let mut b = k.builder();
-        b.arg(&x)
-            .arg(&g)
-            .arg(&chan)
-            .arg(&sums)
-            .arg(&rows64)
-            .arg(&c32)
-            .arg(&act32);
+        x.push(&mut b);
+        g.push(&mut b);
+        b.arg(&chan).arg(&sums).arg(&rows64).arg(&c32).arg(&act32);
         cuda::launch(b, cuda::column_reduction(rows, c, 1))?;
         let out = cuda::f64_to_f32(dev, &sums, 2 * c, 1.0)?;
         Ok((cuda::wrap(dev, out), Shape::from((2, c))))
@@ -364,11 +362,10 @@ impl CustomOp3 for GradInput {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let out = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(self.run::<f32>(
-                contiguous(s1, l1)?,
-                contiguous(s2, l2)?,
-                contiguous(s3, l3)?,
-            )),
+            s1 if is_f32_family(s1) => store_f32(
+                self.run::<f32>(&act_f32(s1, l1)?, &act_f32(s2, l2)?, contiguous(s3, l3)?),
+                s1.dtype(),
+            )?,
             CpuStorage::F64(_) => CpuStorage::F64(self.run::<f64>(
                 contiguous(s1, l1)?,
                 contiguous(s2, l2)?,
@@ -390,30 +387,26 @@ impl CustomOp3 for GradInput {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use crate::ops::cuda::{self, PushKernelArg};
-        use candle_core::backend::BackendStorage;
         let dev = s1.device();
         let c = self.c;
         let n = l1.shape().elem_count();
-        let x = cuda::f32_view(self.name(), s1, l1)?;
-        let g = cuda::f32_view(self.name(), s2, l2)?;
+        let x = cuda::act_view(self.name(), s1, l1)?;
+        let g = cuda::act_view(self.name(), s2, l2)?;
         let consts = cuda::f32_view(self.name(), s3, l3)?;
         let chan = consts.slice(0..4 * c);
         let coef = consts.slice(4 * c..7 * c);
-        let dx = cuda::alloc::<f32>(dev, n)?;
-        let k = cuda::Kernel::new(dev, "bn_grad_input")?;
+        let dx = cuda::ActSlice::alloc(dev, x.dtype(), n)?;
+        let k = cuda::kernel_for(dev, "bn_grad_input", x.dtype())?;
         let (n64, c32) = (n as i64, cuda::int(self.name(), c)?);
         let act32 = (self.act == Activation::Swish) as i32;
         let mut b = k.builder();
-        b.arg(&x)
-            .arg(&g)
-            .arg(&chan)
-            .arg(&coef)
-            .arg(&dx)
-            .arg(&n64)
-            .arg(&c32)
-            .arg(&act32);
+        x.push(&mut b);
+        g.push(&mut b);
+        b.arg(&chan).arg(&coef);
+        dx.push(&mut b);
+        b.arg(&n64).arg(&c32).arg(&act32);
         cuda::launch(b, cuda::elementwise(n))?;
-        Ok((cuda::wrap(dev, dx), l1.shape().clone()))
+        Ok((dx.wrap(dev), l1.shape().clone()))
     }
 }
 
