@@ -1045,13 +1045,13 @@ fn assert_rounded<T: Act16>(got: &[T], want: &[f32], rounds: bool, what: &str) {
         assert_eq!(
             g.bits(),
             r.bits(),
-            "{what}{} [{i}]: {g:?} vs round({w}) = {r:?}",
+            "{what} ({}) [{i}]: {g:?} vs round({w}) = {r:?}",
             T::SUFFIX
         );
     }
     if rounds {
         let inexact = want.iter().filter(|&&w| T::round(w).widen() != w).count();
-        assert!(inexact > 0, "{what}{}: every output exact in T", T::SUFFIX);
+        assert!(inexact > 0, "{what} ({}): every output exact", T::SUFFIX);
     }
 }
 
