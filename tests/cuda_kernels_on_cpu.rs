@@ -2,8 +2,10 @@
 //! on the CPU, so machines without a GPU test the kernels' index arithmetic, bounds and tap
 //! order: the unrolled depthwise specializations against the generic kernels (which a GPU run
 //! checked against the CPU ops), the generic forward against `depthwise_conv2d`, and the nvJPEG
-//! stage's render kernel against `deferred::render_reference`, bit for bit. Grids are chosen
-//! small so every grid-stride loop wraps.
+//! stage's render kernel against `deferred::render_reference`, bit for bit. The 16-bit
+//! instantiations (`_f16`, `_bf16`) of every activation kernel against their f32 kernel on the
+//! widened inputs, rounded once, bit for bit; and the shim's f16/bf16 conversions against the
+//! `half` crate's. Grids are chosen small so every grid-stride loop wraps.
 
 use std::path::Path;
 use std::process::Command;
@@ -109,14 +111,14 @@ impl Geom {
     }
 }
 
-/// Runs depthwise runner `name` (f32 inputs, `T` output) on geometry `geo`.
-fn call<T>(
+/// Runs depthwise runner `name` (inputs `A` and `B`, output `O`) on geometry `geo`.
+fn call<A, B, O>(
     lib: &libloading::Library,
     name: &str,
     g: Grid,
-    a: &[f32],
-    b: &[f32],
-    out: &mut [T],
+    a: &[A],
+    b: &[B],
+    out: &mut [O],
     geo: &Geom,
 ) {
     let i = geo.ints();
@@ -125,9 +127,9 @@ fn call<T>(
         name,
         g,
         (
-            *const f32,
-            *const f32,
-            *mut T,
+            *const A,
+            *const B,
+            *mut O,
             i32,
             i32,
             i32,
@@ -981,4 +983,812 @@ fn focal_loss_kernels_equal_the_cpu_op() {
     let mut bad_ids = ids32.clone();
     bad_ids[3] = k as i32;
     assert_eq!(focal_run(lib, "i32", &x, &bad_ids, k, params).1, 1);
+}
+
+// ---------------------------------------------------------------- 16-bit activation storage
+
+/// A 16-bit activation storage type of the kernels: the `half` crate's type (the bare 16 bits,
+/// laid out as `__half` / `__nv_bfloat16`) and the kernels' name suffix for it.
+trait Act16: Copy + std::fmt::Debug {
+    const SUFFIX: &'static str;
+    /// Rounds to nearest even with the `half` crate (independent of the shim's conversions).
+    fn round(v: f32) -> Self;
+    fn widen(self) -> f32;
+    fn bits(self) -> u16;
+}
+
+impl Act16 for half::f16 {
+    const SUFFIX: &'static str = "_f16";
+    fn round(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    fn bits(self) -> u16 {
+        self.to_bits()
+    }
+}
+
+impl Act16 for half::bf16 {
+    const SUFFIX: &'static str = "_bf16";
+    fn round(v: f32) -> Self {
+        half::bf16::from_f32(v)
+    }
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    fn bits(self) -> u16 {
+        self.to_bits()
+    }
+}
+
+/// `v` rounded to `T`, and those values widened back: the f32 kernels' inputs.
+fn narrow<T: Act16>(v: &[f32]) -> (Vec<T>, Vec<f32>) {
+    let t: Vec<T> = v.iter().map(|&x| T::round(x)).collect();
+    let wide = t.iter().map(|x| x.widen()).collect();
+    (t, wide)
+}
+
+/// An output buffer of NaNs (an element a kernel leaves unwritten fails the comparison).
+fn nans<T: Act16>(n: usize) -> Vec<T> {
+    vec![T::round(f32::NAN); n]
+}
+
+/// The 16-bit kernel's output is the f32 kernel's output rounded once, bit for bit. With
+/// `rounds`, some f32 outputs must be inexact in `T`, so the rounding itself is under test.
+fn assert_rounded<T: Act16>(got: &[T], want: &[f32], rounds: bool, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    assert!(want.iter().all(|v| v.is_finite()), "{what}: f32 reference");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let r = T::round(w);
+        assert_eq!(
+            g.bits(),
+            r.bits(),
+            "{what} ({}) [{i}]: {g:?} vs round({w}) = {r:?}",
+            T::SUFFIX
+        );
+    }
+    if rounds {
+        let inexact = want.iter().filter(|&&w| T::round(w).widen() != w).count();
+        assert!(inexact > 0, "{what} ({}): every output exact", T::SUFFIX);
+    }
+}
+
+/// Bitwise equality of f64 or f32 results (the reductions and the f32 scratch).
+fn assert_bits_eq<F: Copy + Into<f64>>(got: &[F], want: &[F], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let (g, w): (f64, f64) = (g.into(), w.into());
+        assert_eq!(g.to_bits(), w.to_bits(), "{what} [{i}]: {g} vs {w}");
+    }
+}
+
+/// Every depthwise kernel (generic and specialized) in `T` against its f32 kernel on the
+/// widened inputs, with the same grid.
+fn depthwise_16<T: Act16>(lib: &libloading::Library) {
+    let mut rng = ChaCha8Rng::seed_from_u64(20);
+    for (k, s) in [(3, 1), (3, 2), (5, 1), (5, 2)] {
+        // Odd sizes and channel counts: partial 32-channel blocks, unaligned rows.
+        // The weight-gradient kernels synchronize (one std::thread per block thread, slow): at
+        // two sizes, and the generic one (K a runtime argument) at k 3 only.
+        for (h, w, c, weight) in [
+            (9, 11, 40, true),
+            (8, 9, 5, true),
+            (10, 7, 33, false),
+            (1, 3, 40, false),
+        ] {
+            let g = Geom::new(2, h, w, c, k, s);
+            let n_in = g.b * g.h * g.w * g.c;
+            let n_out = g.b * g.oh * g.ow * g.c;
+            let (x, xw) = narrow::<T>(&random(&mut rng, n_in));
+            let (gy, gyw) = narrow::<T>(&random(&mut rng, n_out));
+            let wt = random(&mut rng, k * k * c);
+            let ctx = format!("k{k} s{s} {h}x{w}x{c}");
+            let spec = format!("k{k}s{s}");
+            let (generic, rows) = ((3, 1, 1, 64, 1, 1), (2, 3, 1, 16, 1, 1));
+            for (name, grid) in [
+                ("dw_fwd".to_string(), generic),
+                (format!("dw_fwd_{spec}"), rows),
+            ] {
+                let mut want = vec![f32::NAN; n_out];
+                call(lib, &name, grid, &xw, &wt, &mut want, &g);
+                let mut got = nans::<T>(n_out);
+                call(
+                    lib,
+                    &(name.clone() + T::SUFFIX),
+                    grid,
+                    &x,
+                    &wt,
+                    &mut got,
+                    &g,
+                );
+                assert_rounded(&got, &want, true, &format!("{name} {ctx}"));
+            }
+            for (name, grid) in [
+                ("dw_grad_input".to_string(), generic),
+                (format!("dw_grad_input_{spec}"), rows),
+            ] {
+                let mut want = vec![f32::NAN; n_in];
+                call(lib, &name, grid, &gyw, &wt, &mut want, &g);
+                let mut got = nans::<T>(n_in);
+                call(
+                    lib,
+                    &(name.clone() + T::SUFFIX),
+                    grid,
+                    &gy,
+                    &wt,
+                    &mut got,
+                    &g,
+                );
+                assert_rounded(&got, &want, true, &format!("{name} {ctx}"));
+            }
+            // Same grid, so the same partial sums meet the f64 atomics in the same order.
+            if !weight {
+                continue;
+            }
+            let cx = c.div_ceil(32) as u32;
+            let mut weight = vec![(format!("dw_grad_weight_k{k}"), (cx, 1, 2, 32, 8, 1))];
+            if k == 3 {
+                weight.push(("dw_grad_weight".to_string(), (cx, 9, 1, 32, 8, 1)));
+            }
+            for (name, grid) in weight {
+                let mut want = vec![0.0f64; k * k * c];
+                call(lib, &name, grid, &xw, &gyw, &mut want, &g);
+                let mut got = vec![0.0f64; k * k * c];
+                call(
+                    lib,
+                    &(name.clone() + T::SUFFIX),
+                    grid,
+                    &x,
+                    &gy,
+                    &mut got,
+                    &g,
+                );
+                assert!(want.iter().any(|&v| v != 0.0), "{name} {ctx}");
+                assert_bits_eq(&got, &want, &format!("{name}{} {ctx}", T::SUFFIX));
+            }
+        }
+    }
+}
+
+#[test]
+fn depthwise_kernels_in_16_bit_equal_the_rounded_f32_kernels() {
+    let Some(lib) = library() else { return };
+    depthwise_16::<half::f16>(lib);
+    depthwise_16::<half::bf16>(lib);
+}
+
+/// Runs `maxpool_fwd<suffix>` (with `g` None) or `maxpool_grad<suffix>` (f32 scratch `out`).
+fn pool_run<X, O>(
+    lib: &libloading::Library,
+    name: &str,
+    x: &[X],
+    g: Option<&[X]>,
+    out: &mut [O],
+    i: [i32; 12],
+) {
+    let grid = (2, 1, 1, 16, 1, 1);
+    if let Some(g) = g {
+        run!(
+            lib,
+            name,
+            grid,
+            (
+                *const X,
+                *const X,
+                *mut O,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32
+            ),
+            x.as_ptr(),
+            g.as_ptr(),
+            out.as_mut_ptr(),
+            i[0],
+            i[1],
+            i[2],
+            i[3],
+            i[4],
+            i[5],
+            i[6],
+            i[7],
+            i[8],
+            i[9],
+            i[10],
+            i[11]
+        );
+    } else {
+        run!(
+            lib,
+            name,
+            grid,
+            (
+                *const X,
+                *mut O,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32
+            ),
+            x.as_ptr(),
+            out.as_mut_ptr(),
+            i[0],
+            i[1],
+            i[2],
+            i[3],
+            i[4],
+            i[5],
+            i[6],
+            i[7],
+            i[8],
+            i[9],
+            i[10],
+            i[11]
+        );
+    }
+}
+
+/// Runs `cvt_f32_to<suffix>` on a small wrapping grid.
+fn cvt_run<T: Act16>(lib: &libloading::Library, src: &[f32]) -> Vec<T> {
+    let mut out = nans::<T>(src.len());
+    run!(
+        lib,
+        format!("cvt_f32_to{}", T::SUFFIX),
+        (3, 1, 1, 64, 1, 1),
+        (*const f32, *mut T, i64),
+        src.as_ptr(),
+        out.as_mut_ptr(),
+        src.len() as i64
+    );
+    out
+}
+
+/// Max-pool forward in `T` is the f32 forward rounded (exact: a maximum of T values); the
+/// gradient's f32 scratch equals the f32 kernel's bit for bit, and `cvt_f32_to_*` narrows it.
+fn max_pool_16<T: Act16>(lib: &libloading::Library) {
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    for (h, w, kh, sh, c, ties) in [
+        (9, 8, 3, 2, 5, false),
+        (8, 9, 3, 2, 3, false),
+        (5, 6, 2, 2, 5, false),
+        (7, 7, 3, 1, 5, false),
+        // Integer inputs: many equal maxima, where the first one must get the gradient.
+        (9, 8, 3, 2, 5, true),
+        (7, 7, 3, 1, 3, true),
+    ] {
+        let b = 2usize;
+        let (oh, pt, _) = effdet_model::ops::same_padding(h, kh, sh);
+        let (ow, pl, _) = effdet_model::ops::same_padding(w, kh, sh);
+        let mut xs = random(&mut rng, b * h * w * c);
+        if ties {
+            xs.iter_mut().for_each(|v| *v = (*v * 2.0).round());
+        }
+        let (x, xw) = narrow::<T>(&xs);
+        let (gy, gyw) = narrow::<T>(&random(&mut rng, b * oh * ow * c));
+        let ints = [b, h, w, c, kh, kh, sh, sh, oh, ow, pt, pl].map(|v| v as i32);
+        let ctx = format!("{h}x{w}x{c} k{kh} s{sh} ties {ties}");
+
+        let mut want = vec![f32::NAN; gy.len()];
+        pool_run(lib, "maxpool_fwd", &xw, None, &mut want, ints);
+        let mut got = nans::<T>(gy.len());
+        let name = format!("maxpool_fwd{}", T::SUFFIX);
+        pool_run(lib, &name, &x, None, &mut got, ints);
+        assert_rounded(&got, &want, false, &format!("maxpool_fwd {ctx}"));
+
+        let mut want = vec![0.0f32; x.len()];
+        pool_run(lib, "maxpool_grad", &xw, Some(&gyw), &mut want, ints);
+        let mut got = vec![0.0f32; x.len()];
+        let name = format!("maxpool_grad{}", T::SUFFIX);
+        pool_run(lib, &name, &x, Some(&gy), &mut got, ints);
+        assert!(want.iter().any(|&v| v != 0.0), "maxpool_grad {ctx}");
+        assert_bits_eq(&got, &want, &format!("maxpool_grad{} {ctx}", T::SUFFIX));
+        assert_rounded(&cvt_run::<T>(lib, &got), &got, false, "cvt_f32_to");
+    }
+}
+
+#[test]
+fn max_pool_kernels_in_16_bit_equal_the_rounded_f32_kernels() {
+    let Some(lib) = library() else { return };
+    max_pool_16::<half::f16>(lib);
+    max_pool_16::<half::bf16>(lib);
+}
+
+/// Swish, its gradient, channel bias and channel gate in `T` against their f32 kernels.
+fn elementwise_16<T: Act16>(lib: &libloading::Library) {
+    let mut rng = ChaCha8Rng::seed_from_u64(22);
+    let (b, hw, c) = (3usize, 35usize, 7usize);
+    let n = b * hw * c;
+    // Activations up to ±6, where swish and its gradient bend.
+    let big: Vec<f32> = random(&mut rng, n).iter().map(|v| v * 6.0).collect();
+    let (x, xw) = narrow::<T>(&big);
+    let (gy, gyw) = narrow::<T>(&random(&mut rng, n));
+    let (gate, gatew) = narrow::<T>(&random(&mut rng, b * c));
+    let bias = random(&mut rng, c);
+    let (grid, nn) = ((3u32, 1u32, 1u32, 32u32, 1u32, 1u32), n as i64);
+    let sfx = T::SUFFIX;
+
+    let (mut want, mut got) = (vec![f32::NAN; n], nans::<T>(n));
+    run!(
+        lib,
+        "swish_fwd",
+        grid,
+        (*const f32, *mut f32, i64),
+        xw.as_ptr(),
+        want.as_mut_ptr(),
+        nn
+    );
+    run!(
+        lib,
+        format!("swish_fwd{sfx}"),
+        grid,
+        (*const T, *mut T, i64),
+        x.as_ptr(),
+        got.as_mut_ptr(),
+        nn
+    );
+    assert_rounded(&got, &want, true, "swish_fwd");
+
+    let (mut want, mut got) = (vec![f32::NAN; n], nans::<T>(n));
+    run!(
+        lib,
+        "swish_grad",
+        grid,
+        (*const f32, *const f32, *mut f32, i64),
+        xw.as_ptr(),
+        gyw.as_ptr(),
+        want.as_mut_ptr(),
+        nn
+    );
+    run!(
+        lib,
+        format!("swish_grad{sfx}"),
+        grid,
+        (*const T, *const T, *mut T, i64),
+        x.as_ptr(),
+        gy.as_ptr(),
+        got.as_mut_ptr(),
+        nn
+    );
+    assert_rounded(&got, &want, true, "swish_grad");
+
+    let (mut want, mut got) = (vec![f32::NAN; n], nans::<T>(n));
+    run!(
+        lib,
+        "bias_add",
+        grid,
+        (*const f32, *const f32, *mut f32, i64, i32),
+        xw.as_ptr(),
+        bias.as_ptr(),
+        want.as_mut_ptr(),
+        nn,
+        c as i32
+    );
+    run!(
+        lib,
+        format!("bias_add{sfx}"),
+        grid,
+        (*const T, *const f32, *mut T, i64, i32),
+        x.as_ptr(),
+        bias.as_ptr(),
+        got.as_mut_ptr(),
+        nn,
+        c as i32
+    );
+    assert_rounded(&got, &want, true, "bias_add");
+
+    let (mut want, mut got) = (vec![f32::NAN; n], nans::<T>(n));
+    run!(
+        lib,
+        "channel_gate",
+        grid,
+        (*const f32, *const f32, *mut f32, i64, i64, i32),
+        xw.as_ptr(),
+        gatew.as_ptr(),
+        want.as_mut_ptr(),
+        nn,
+        hw as i64,
+        c as i32
+    );
+    run!(
+        lib,
+        format!("channel_gate{sfx}"),
+        grid,
+        (*const T, *const T, *mut T, i64, i64, i32),
+        x.as_ptr(),
+        gate.as_ptr(),
+        got.as_mut_ptr(),
+        nn,
+        hw as i64,
+        c as i32
+    );
+    assert_rounded(&got, &want, true, "channel_gate");
+}
+
+#[test]
+fn elementwise_kernels_in_16_bit_equal_the_rounded_f32_kernels() {
+    let Some(lib) = library() else { return };
+    elementwise_16::<half::f16>(lib);
+    elementwise_16::<half::bf16>(lib);
+}
+
+/// Column sums, squared deviations, the batch-norm kernels and `scale_f64_to_*` in `T` against
+/// their f32 kernels on the widened inputs (reductions with the same grid: same f64 sums in the
+/// same order, so equal bit for bit).
+fn reductions_16<T: Act16>(lib: &libloading::Library) {
+    let mut rng = ChaCha8Rng::seed_from_u64(23);
+    let (groups, rows, c) = (2usize, 37usize, 40usize);
+    let (x, xw) = narrow::<T>(&random(&mut rng, groups * rows * c));
+    let (g, gw) = narrow::<T>(&random(&mut rng, rows * c));
+    let reduce = (2u32, 2u32, groups as u32, 32u32, 8u32, 1u32);
+    let one = (2u32, 2u32, 1u32, 32u32, 8u32, 1u32);
+    let elementwise = (2u32, 1u32, 1u32, 64u32, 1u32, 1u32);
+    let sfx = T::SUFFIX;
+    let m = rows * c;
+
+    let (mut want, mut got) = (vec![0.0f64; groups * c], vec![0.0f64; groups * c]);
+    run!(
+        lib,
+        "col_sum",
+        reduce,
+        (*const f32, *mut f64, i64, i32),
+        xw.as_ptr(),
+        want.as_mut_ptr(),
+        rows as i64,
+        c as i32
+    );
+    run!(
+        lib,
+        format!("col_sum{sfx}"),
+        reduce,
+        (*const T, *mut f64, i64, i32),
+        x.as_ptr(),
+        got.as_mut_ptr(),
+        rows as i64,
+        c as i32
+    );
+    assert_bits_eq(&got, &want, &format!("col_sum{sfx}"));
+
+    let mean: Vec<f64> = want[..c].iter().map(|s| s / rows as f64).collect();
+    let (mut want, mut got) = (vec![0.0f64; c], vec![0.0f64; c]);
+    run!(
+        lib,
+        "col_sq_dev",
+        one,
+        (*const f32, *const f64, *mut f64, i64, i32),
+        xw.as_ptr(),
+        mean.as_ptr(),
+        want.as_mut_ptr(),
+        rows as i64,
+        c as i32
+    );
+    run!(
+        lib,
+        format!("col_sq_dev{sfx}"),
+        one,
+        (*const T, *const f64, *mut f64, i64, i32),
+        x.as_ptr(),
+        mean.as_ptr(),
+        got.as_mut_ptr(),
+        rows as i64,
+        c as i32
+    );
+    assert!(want.iter().all(|&v| v > 0.0));
+    assert_bits_eq(&got, &want, &format!("col_sq_dev{sfx}"));
+
+    let scale: Vec<f32> = random(&mut rng, c).iter().map(|v| v * 3.0).collect();
+    let shift = random(&mut rng, c);
+    for act in [0, 1] {
+        let (mut want, mut got) = (vec![f32::NAN; m], nans::<T>(m));
+        run!(
+            lib,
+            "bn_apply",
+            elementwise,
+            (*const f32, *const f32, *const f32, *mut f32, i64, i32, i32),
+            xw.as_ptr(),
+            scale.as_ptr(),
+            shift.as_ptr(),
+            want.as_mut_ptr(),
+            m as i64,
+            c as i32,
+            act
+        );
+        run!(
+            lib,
+            format!("bn_apply{sfx}"),
+            elementwise,
+            (*const T, *const f32, *const f32, *mut T, i64, i32, i32),
+            x.as_ptr(),
+            scale.as_ptr(),
+            shift.as_ptr(),
+            got.as_mut_ptr(),
+            m as i64,
+            c as i32,
+            act
+        );
+        assert_rounded(&got, &want, true, &format!("bn_apply act {act}"));
+    }
+
+    // chan = [mean, inv, gamma, beta], coef = [k, off, slope].
+    let inv: Vec<f32> = (0..c).map(|_| rng.gen_range(0.5f32..2.0)).collect();
+    let chan: Vec<f32> = mean
+        .iter()
+        .map(|&v| v as f32)
+        .chain(inv)
+        .chain(random(&mut rng, 2 * c))
+        .collect();
+    let coef = random(&mut rng, 3 * c);
+    for act in [0, 1] {
+        let (mut want, mut got) = (vec![0.0f64; 2 * c], vec![0.0f64; 2 * c]);
+        run!(
+            lib,
+            "bn_grad_reduce",
+            one,
+            (*const f32, *const f32, *const f32, *mut f64, i64, i32, i32),
+            xw.as_ptr(),
+            gw.as_ptr(),
+            chan.as_ptr(),
+            want.as_mut_ptr(),
+            rows as i64,
+            c as i32,
+            act
+        );
+        run!(
+            lib,
+            format!("bn_grad_reduce{sfx}"),
+            one,
+            (*const T, *const T, *const f32, *mut f64, i64, i32, i32),
+            x.as_ptr(),
+            g.as_ptr(),
+            chan.as_ptr(),
+            got.as_mut_ptr(),
+            rows as i64,
+            c as i32,
+            act
+        );
+        assert!(want.iter().any(|&v| v != 0.0));
+        assert_bits_eq(&got, &want, &format!("bn_grad_reduce{sfx} act {act}"));
+
+        let (mut want, mut got) = (vec![f32::NAN; m], nans::<T>(m));
+        run!(
+            lib,
+            "bn_grad_input",
+            elementwise,
+            (
+                *const f32,
+                *const f32,
+                *const f32,
+                *const f32,
+                *mut f32,
+                i64,
+                i32,
+                i32
+            ),
+            xw.as_ptr(),
+            gw.as_ptr(),
+            chan.as_ptr(),
+            coef.as_ptr(),
+            want.as_mut_ptr(),
+            m as i64,
+            c as i32,
+            act
+        );
+        run!(
+            lib,
+            format!("bn_grad_input{sfx}"),
+            elementwise,
+            (
+                *const T,
+                *const T,
+                *const f32,
+                *const f32,
+                *mut T,
+                i64,
+                i32,
+                i32
+            ),
+            x.as_ptr(),
+            g.as_ptr(),
+            chan.as_ptr(),
+            coef.as_ptr(),
+            got.as_mut_ptr(),
+            m as i64,
+            c as i32,
+            act
+        );
+        assert_rounded(&got, &want, true, &format!("bn_grad_input act {act}"));
+    }
+
+    // f64 → f32 → T, as every store: the f16/bf16 sibling equals the f32 kernel, rounded.
+    let src: Vec<f64> = (0..m).map(|_| rng.gen_range(-300.0..300.0)).collect();
+    let (mut want, mut got) = (vec![f32::NAN; m], nans::<T>(m));
+    run!(
+        lib,
+        "scale_f64_to_f32",
+        elementwise,
+        (*const f64, *mut f32, f64, i64),
+        src.as_ptr(),
+        want.as_mut_ptr(),
+        1.0 / 37.0,
+        m as i64
+    );
+    run!(
+        lib,
+        format!("scale_f64_to{sfx}"),
+        elementwise,
+        (*const f64, *mut T, f64, i64),
+        src.as_ptr(),
+        got.as_mut_ptr(),
+        1.0 / 37.0,
+        m as i64
+    );
+    assert_rounded(&got, &want, true, "scale_f64_to");
+}
+
+#[test]
+fn reduction_and_batch_norm_kernels_in_16_bit_equal_the_f32_kernels() {
+    let Some(lib) = library() else { return };
+    reductions_16::<half::f16>(lib);
+    reductions_16::<half::bf16>(lib);
+}
+
+/// f32 values around every rounding boundary of `T`: for each finite non-negative `T` value
+/// below the largest, the midpoint to the next one (a tie, exact in f32) and its two f32
+/// neighbours, with both signs.
+fn boundaries<T: Act16>(from_bits: impl Fn(u16) -> T, max_bits: u16) -> Vec<f32> {
+    let mut out = Vec::new();
+    for b in 0..max_bits {
+        let (lo, hi) = (from_bits(b).widen() as f64, from_bits(b + 1).widen() as f64);
+        let mid = ((lo + hi) / 2.0) as f32;
+        assert_eq!(
+            mid as f64,
+            (lo + hi) / 2.0,
+            "midpoint of {b:#x} is not exact"
+        );
+        for v in [
+            mid,
+            f32::from_bits(mid.to_bits() - 1),
+            f32::from_bits(mid.to_bits() + 1),
+        ] {
+            out.extend([v, -v]);
+        }
+    }
+    out
+}
+
+/// The shim's f16/bf16 conversions (what the 16-bit kernels run on the CPU) against the `half`
+/// crate: widening every bit pattern, and narrowing at every tie and its neighbours, at the
+/// overflow and subnormal edges, on NaNs and on random bit patterns; the `cvt_f32_to_*` kernels
+/// on the same values.
+#[test]
+fn shim_16_bit_conversions_equal_the_half_crate() {
+    let Some(lib) = library() else { return };
+    type Narrow = unsafe extern "C" fn(f32) -> u16;
+    type Widen = unsafe extern "C" fn(u16) -> f32;
+    // SAFETY: the shim_* exports of runners.cpp have exactly these signatures.
+    let (to_f16, from_f16, to_bf16, from_bf16) = unsafe {
+        (
+            *lib.get::<Narrow>(b"shim_f32_to_f16\0").unwrap(),
+            *lib.get::<Widen>(b"shim_f16_to_f32\0").unwrap(),
+            *lib.get::<Narrow>(b"shim_f32_to_bf16\0").unwrap(),
+            *lib.get::<Widen>(b"shim_bf16_to_f32\0").unwrap(),
+        )
+    };
+
+    // Widening is exact. The half crate sets a signalling NaN's quiet bit, the shim (like CUDA's
+    // bf16 widening, a shift) may not: NaNs need only stay NaN.
+    for b in 0..=u16::MAX {
+        // SAFETY: plain value functions.
+        let (h, bf) = unsafe { (from_f16(b), from_bf16(b)) };
+        for (got, want, what) in [
+            (h, half::f16::from_bits(b).to_f32(), "f16"),
+            (bf, half::bf16::from_bits(b).to_f32(), "bf16"),
+        ] {
+            if want.is_nan() {
+                assert!(got.is_nan(), "{what} {b:#06x} → {got}");
+            } else {
+                assert_eq!(got.to_bits(), want.to_bits(), "{what} {b:#06x}");
+            }
+        }
+    }
+
+    let bits = f32::from_bits;
+    let mut edges = vec![
+        0.0,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        bits(0x7f80_0001), // signalling NaN
+        bits(0xffc1_2345), // negative NaN with payload
+        f32::MAX,
+        f32::MIN,
+        f32::MIN_POSITIVE,
+        bits(1),           // smallest f32 subnormal
+        bits(0x0040_8000), // f32 subnormal on a bf16 tie
+        65504.0,           // f16 max
+        bits(0x477f_efff), // just below f16's overflow tie (65520)
+        65520.0,           // f16's overflow tie: rounds to infinity
+        65536.0,
+        1e6,
+        bits(0x7f7f_7fff), // just below bf16's overflow tie
+        bits(0x7f7f_8000), // bf16's overflow tie: rounds to infinity
+        2f32.powi(-24),    // smallest f16 subnormal
+        2f32.powi(-25),    // its half: a tie to 0
+        1.5 * 2f32.powi(-25),
+        3.0 * 2f32.powi(-25), // tie between 2 and 4 × 2^-25: up to the even 4
+        2f32.powi(-26),
+        2f32.powi(-14) - 2f32.powi(-25), // largest f16 subnormal + half ulp: a tie to normal
+        1.0 + 2f32.powi(-11),            // f16 tie at 1: stays 1 (even)
+        1.0 + 3.0 * 2f32.powi(-11),      // f16 tie: up to the even 1 + 2^-9
+        1.0 + 2f32.powi(-8),             // bf16 tie at 1
+        1.0 + 3.0 * 2f32.powi(-8),
+    ];
+    edges.extend(edges.clone().iter().map(|v| -v));
+    let mut rng = ChaCha8Rng::seed_from_u64(24);
+    let random_bits: Vec<f32> = (0..50_000).map(|_| bits(rng.gen())).collect();
+
+    fn check<T: Act16>(
+        lib: &libloading::Library,
+        narrow: Narrow,
+        values: &[f32],
+        what: &str,
+    ) -> (usize, usize) {
+        let (mut up, mut down) = (0, 0);
+        let kernel = cvt_run::<T>(lib, values);
+        for (&v, k) in values.iter().zip(kernel) {
+            // SAFETY: a plain value function.
+            let got = unsafe { narrow(v) };
+            let want = T::round(v);
+            assert_eq!(
+                got,
+                want.bits(),
+                "{what}{} of {v:e} ({:#010x})",
+                T::SUFFIX,
+                v.to_bits()
+            );
+            assert_eq!(k.bits(), got, "cvt_f32_to{} of {v:e}", T::SUFFIX);
+            let r = want.widen();
+            if r.abs() > v.abs() {
+                up += 1;
+            } else if r.abs() < v.abs() {
+                down += 1;
+            }
+        }
+        (up, down)
+    }
+    for values in [&edges, &random_bits] {
+        check::<half::f16>(lib, to_f16, values, "narrow");
+        check::<half::bf16>(lib, to_bf16, values, "narrow");
+    }
+    // At the ties, nearest-even must round both ways (truncation or round-half-up would not).
+    let ties16 = boundaries(half::f16::from_bits, 0x7bff);
+    let (up, down) = check::<half::f16>(lib, to_f16, &ties16, "ties");
+    assert!(
+        up > 10_000 && down > 10_000,
+        "f16 ties: {up} up, {down} down"
+    );
+    let ties_b = boundaries(half::bf16::from_bits, 0x7f7f);
+    let (up, down) = check::<half::bf16>(lib, to_bf16, &ties_b, "ties");
+    assert!(
+        up > 10_000 && down > 10_000,
+        "bf16 ties: {up} up, {down} down"
+    );
 }

@@ -48,30 +48,32 @@ static void launch(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned 
 #define DW_ARGS int B, int H, int W, int C, int K, int S, int OH, int OW, int PT, int PL
 #define DW_PASS B, H, W, C, K, S, OH, OW, PT, PL
 
-#define DW_F32(name)                                                                            \
-    extern "C" void name(const float*, const float*, float*, DW_ARGS);                          \
-    extern "C" void run_##name(GRID, const float* a, const float* b, float* out, DW_ARGS) {     \
-        launch(gx, gy, gz, bx, by, bz, false, [&] { name(a, b, out, DW_PASS); });               \
+// Kernels templated over the activation storage T (kernels.cu): their runners exist for each
+// of float (plain name), __half (`_f16`) and __nv_bfloat16 (`_bf16`).
+#define DW_RUNNER(name, A, B, O, threaded)                                                     \
+    extern "C" void name(const A*, const B*, O*, DW_ARGS);                                      \
+    extern "C" void run_##name(GRID, const A* a, const B* b, O* out, DW_ARGS) {                 \
+        launch(gx, gy, gz, bx, by, bz, threaded, [&] { name(a, b, out, DW_PASS); });           \
     }
-#define DW_F64(name)                                                                            \
-    extern "C" void name(const float*, const float*, double*, DW_ARGS);                         \
-    extern "C" void run_##name(GRID, const float* a, const float* b, double* out, DW_ARGS) {    \
-        launch(gx, gy, gz, bx, by, bz, true, [&] { name(a, b, out, DW_PASS); });                \
-    }
-
-DW_F32(dw_fwd)
-DW_F32(dw_grad_input)
-DW_F64(dw_grad_weight)
-DW_F32(dw_fwd_k3s1)
-DW_F32(dw_fwd_k3s2)
-DW_F32(dw_fwd_k5s1)
-DW_F32(dw_fwd_k5s2)
-DW_F32(dw_grad_input_k3s1)
-DW_F32(dw_grad_input_k3s2)
-DW_F32(dw_grad_input_k5s1)
-DW_F32(dw_grad_input_k5s2)
-DW_F64(dw_grad_weight_k3)
-DW_F64(dw_grad_weight_k5)
+#define DW_RUNNERS(T, SFX)                                        \
+    DW_RUNNER(dw_fwd##SFX, T, float, T, false)                    \
+    DW_RUNNER(dw_grad_input##SFX, T, float, T, false)             \
+    DW_RUNNER(dw_grad_weight##SFX, T, T, double, true)            \
+    DW_RUNNER(dw_fwd_k3s1##SFX, T, float, T, false)               \
+    DW_RUNNER(dw_fwd_k3s2##SFX, T, float, T, false)               \
+    DW_RUNNER(dw_fwd_k5s1##SFX, T, float, T, false)               \
+    DW_RUNNER(dw_fwd_k5s2##SFX, T, float, T, false)               \
+    DW_RUNNER(dw_grad_input_k3s1##SFX, T, float, T, false)        \
+    DW_RUNNER(dw_grad_input_k3s2##SFX, T, float, T, false)        \
+    DW_RUNNER(dw_grad_input_k5s1##SFX, T, float, T, false)        \
+    DW_RUNNER(dw_grad_input_k5s2##SFX, T, float, T, false)        \
+    DW_RUNNER(dw_grad_weight_k3##SFX, T, T, double, true)         \
+    DW_RUNNER(dw_grad_weight_k5##SFX, T, T, double, true)
+#define FOR_EACH_ACT(M) \
+    M(float, )          \
+    M(__half, _f16)     \
+    M(__nv_bfloat16, _bf16)
+FOR_EACH_ACT(DW_RUNNERS)
 
 extern "C" void effdet_render_batch(const unsigned char*, const unsigned int*, float*, unsigned int,
                                     unsigned int, float, float, float, float, float, float);
@@ -89,56 +91,81 @@ extern "C" void run_effdet_render_batch(GRID, const unsigned char* arena, const 
 #define POOL_ARGS                                                                             \
     int B, int H, int W, int C, int KH, int KW, int SH, int SW, int OH, int OW, int PT, int PL
 #define POOL_PASS B, H, W, C, KH, KW, SH, SW, OH, OW, PT, PL
-extern "C" void maxpool_fwd(const float*, float*, POOL_ARGS);
-extern "C" void maxpool_grad(const float*, const float*, float*, POOL_ARGS);
-extern "C" void run_maxpool_fwd(GRID, const float* x, float* y, POOL_ARGS) {
-    launch(gx, gy, gz, bx, by, bz, false, [&] { maxpool_fwd(x, y, POOL_PASS); });
-}
-extern "C" void run_maxpool_grad(GRID, const float* x, const float* g, float* gx_, POOL_ARGS) {
-    launch(gx, gy, gz, bx, by, bz, false, [&] { maxpool_grad(x, g, gx_, POOL_PASS); });
-}
-
 typedef long long i64;
-extern "C" void swish_fwd(const float*, float*, i64);
-extern "C" void swish_grad(const float*, const float*, float*, i64);
-extern "C" void bias_add(const float*, const float*, float*, i64, int);
-extern "C" void channel_gate(const float*, const float*, float*, i64, i64, int);
+#define POOL_RUNNERS(T, SFX)                                                                    \
+    extern "C" void maxpool_fwd##SFX(const T*, T*, POOL_ARGS);                                  \
+    extern "C" void maxpool_grad##SFX(const T*, const T*, float*, POOL_ARGS);                   \
+    extern "C" void run_maxpool_fwd##SFX(GRID, const T* x, T* y, POOL_ARGS) {                   \
+        launch(gx, gy, gz, bx, by, bz, false, [&] { maxpool_fwd##SFX(x, y, POOL_PASS); });      \
+    }                                                                                           \
+    extern "C" void run_maxpool_grad##SFX(GRID, const T* x, const T* g, float* gx_, POOL_ARGS) { \
+        launch(gx, gy, gz, bx, by, bz, false,                                                   \
+               [&] { maxpool_grad##SFX(x, g, gx_, POOL_PASS); });                               \
+    }
+FOR_EACH_ACT(POOL_RUNNERS)
+
+#define ELEMENTWISE_RUNNERS(T, SFX)                                                             \
+    extern "C" void swish_fwd##SFX(const T*, T*, i64);                                          \
+    extern "C" void swish_grad##SFX(const T*, const T*, T*, i64);                               \
+    extern "C" void bias_add##SFX(const T*, const float*, T*, i64, int);                        \
+    extern "C" void channel_gate##SFX(const T*, const T*, T*, i64, i64, int);                   \
+    extern "C" void run_swish_fwd##SFX(GRID, const T* x, T* y, i64 n) {                         \
+        launch(gx, gy, gz, bx, by, bz, false, [&] { swish_fwd##SFX(x, y, n); });                \
+    }                                                                                           \
+    extern "C" void run_swish_grad##SFX(GRID, const T* x, const T* g, T* d, i64 n) {            \
+        launch(gx, gy, gz, bx, by, bz, false, [&] { swish_grad##SFX(x, g, d, n); });            \
+    }                                                                                           \
+    extern "C" void run_bias_add##SFX(GRID, const T* x, const float* b, T* y, i64 n, int C) {   \
+        launch(gx, gy, gz, bx, by, bz, false, [&] { bias_add##SFX(x, b, y, n, C); });           \
+    }                                                                                           \
+    extern "C" void run_channel_gate##SFX(GRID, const T* x, const T* g, T* y, i64 n, i64 hw,    \
+                                          int C) {                                              \
+        launch(gx, gy, gz, bx, by, bz, false, [&] { channel_gate##SFX(x, g, y, n, hw, C); });   \
+    }
+FOR_EACH_ACT(ELEMENTWISE_RUNNERS)
+
 extern "C" void axpby_f32(float*, const float*, float, float, i64);
-extern "C" void run_swish_fwd(GRID, const float* x, float* y, i64 n) {
-    launch(gx, gy, gz, bx, by, bz, false, [&] { swish_fwd(x, y, n); });
-}
-extern "C" void run_swish_grad(GRID, const float* x, const float* g, float* d, i64 n) {
-    launch(gx, gy, gz, bx, by, bz, false, [&] { swish_grad(x, g, d, n); });
-}
-extern "C" void run_bias_add(GRID, const float* x, const float* b, float* y, i64 n, int C) {
-    launch(gx, gy, gz, bx, by, bz, false, [&] { bias_add(x, b, y, n, C); });
-}
-extern "C" void run_channel_gate(GRID, const float* x, const float* g, float* y, i64 n, i64 hw,
-                                 int C) {
-    launch(gx, gy, gz, bx, by, bz, false, [&] { channel_gate(x, g, y, n, hw, C); });
-}
 extern "C" void run_axpby_f32(GRID, float* x, const float* y, float a, float b, i64 n) {
     launch(gx, gy, gz, bx, by, bz, false, [&] { axpby_f32(x, y, a, b, n); });
 }
 
-// Column reductions and batch norm.
-extern "C" void col_sum(const float*, double*, i64, int);
-extern "C" void col_sq_dev(const float*, const double*, double*, i64, int);
+// Column reductions, conversions and batch norm.
+#define COL_BN_RUNNERS(T, SFX)                                                                  \
+    extern "C" void col_sum##SFX(const T*, double*, i64, int);                                  \
+    extern "C" void col_sq_dev##SFX(const T*, const double*, double*, i64, int);                \
+    extern "C" void bn_apply##SFX(const T*, const float*, const float*, T*, i64, int, int);     \
+    extern "C" void bn_grad_reduce##SFX(const T*, const T*, const float*, double*, i64, int,    \
+                                        int);                                                   \
+    extern "C" void bn_grad_input##SFX(const T*, const T*, const float*, const float*, T*, i64, \
+                                       int, int);                                               \
+    extern "C" void run_col_sum##SFX(GRID, const T* x, double* out, i64 rows, int C) {          \
+        launch(gx, gy, gz, bx, by, bz, true, [&] { col_sum##SFX(x, out, rows, C); });           \
+    }                                                                                           \
+    extern "C" void run_col_sq_dev##SFX(GRID, const T* x, const double* mean, double* out,      \
+                                        i64 rows, int C) {                                      \
+        launch(gx, gy, gz, bx, by, bz, true, [&] { col_sq_dev##SFX(x, mean, out, rows, C); });  \
+    }                                                                                           \
+    extern "C" void run_bn_apply##SFX(GRID, const T* x, const float* scale, const float* shift, \
+                                      T* y, i64 n, int C, int act) {                            \
+        launch(gx, gy, gz, bx, by, bz, false,                                                   \
+               [&] { bn_apply##SFX(x, scale, shift, y, n, C, act); });                          \
+    }                                                                                           \
+    extern "C" void run_bn_grad_reduce##SFX(GRID, const T* x, const T* g, const float* chan,    \
+                                            double* out, i64 rows, int C, int act) {            \
+        launch(gx, gy, gz, bx, by, bz, true,                                                    \
+               [&] { bn_grad_reduce##SFX(x, g, chan, out, rows, C, act); });                    \
+    }                                                                                           \
+    extern "C" void run_bn_grad_input##SFX(GRID, const T* x, const T* g, const float* chan,     \
+                                           const float* coef, T* dx, i64 n, int C, int act) {   \
+        launch(gx, gy, gz, bx, by, bz, false,                                                   \
+               [&] { bn_grad_input##SFX(x, g, chan, coef, dx, n, C, act); });                   \
+    }
+FOR_EACH_ACT(COL_BN_RUNNERS)
+
 extern "C" void bn_inv_std(double*, double, double, int);
 extern "C" void bn_scale_shift(const float*, const float*, const double*, const double*, float*,
                                float*, int);
 extern "C" void bn_scale_shift_params(const double*, float*, float*, int);
-extern "C" void bn_apply(const float*, const float*, const float*, float*, i64, int, int);
-extern "C" void bn_grad_reduce(const float*, const float*, const float*, double*, i64, int, int);
-extern "C" void bn_grad_input(const float*, const float*, const float*, const float*, float*, i64,
-                              int, int);
-extern "C" void run_col_sum(GRID, const float* x, double* out, i64 rows, int C) {
-    launch(gx, gy, gz, bx, by, bz, true, [&] { col_sum(x, out, rows, C); });
-}
-extern "C" void run_col_sq_dev(GRID, const float* x, const double* mean, double* out, i64 rows,
-                               int C) {
-    launch(gx, gy, gz, bx, by, bz, true, [&] { col_sq_dev(x, mean, out, rows, C); });
-}
 extern "C" void run_bn_inv_std(GRID, double* sq, double n, double eps, int C) {
     launch(gx, gy, gz, bx, by, bz, false, [&] { bn_inv_std(sq, n, eps, C); });
 }
@@ -151,19 +178,30 @@ extern "C" void run_bn_scale_shift_params(GRID, const double* p, float* scale, f
                                           int C) {
     launch(gx, gy, gz, bx, by, bz, false, [&] { bn_scale_shift_params(p, scale, shift, C); });
 }
-extern "C" void run_bn_apply(GRID, const float* x, const float* scale, const float* shift,
-                             float* y, i64 n, int C, int act) {
-    launch(gx, gy, gz, bx, by, bz, false, [&] { bn_apply(x, scale, shift, y, n, C, act); });
-}
-extern "C" void run_bn_grad_reduce(GRID, const float* x, const float* g, const float* chan,
-                                   double* out, i64 rows, int C, int act) {
-    launch(gx, gy, gz, bx, by, bz, true, [&] { bn_grad_reduce(x, g, chan, out, rows, C, act); });
-}
-extern "C" void run_bn_grad_input(GRID, const float* x, const float* g, const float* chan,
-                                  const float* coef, float* dx, i64 n, int C, int act) {
-    launch(gx, gy, gz, bx, by, bz, false,
-           [&] { bn_grad_input(x, g, chan, coef, dx, n, C, act); });
-}
+
+// f64 → f32/f16/bf16 with a scale, and f32 → f16/bf16.
+#define SCALE_RUNNER(T, SFX)                                                                    \
+    extern "C" void scale_f64_to##SFX(const double*, T*, double, i64);                          \
+    extern "C" void run_scale_f64_to##SFX(GRID, const double* src, T* dst, double scale,        \
+                                          i64 n) {                                              \
+        launch(gx, gy, gz, bx, by, bz, false, [&] { scale_f64_to##SFX(src, dst, scale, n); });  \
+    }
+SCALE_RUNNER(float, _f32)
+SCALE_RUNNER(__half, _f16)
+SCALE_RUNNER(__nv_bfloat16, _bf16)
+#define CVT_RUNNER(T, SFX)                                                                      \
+    extern "C" void cvt_f32_to##SFX(const float*, T*, i64);                                     \
+    extern "C" void run_cvt_f32_to##SFX(GRID, const float* src, T* dst, i64 n) {                \
+        launch(gx, gy, gz, bx, by, bz, false, [&] { cvt_f32_to##SFX(src, dst, n); });           \
+    }
+CVT_RUNNER(__half, _f16)
+CVT_RUNNER(__nv_bfloat16, _bf16)
+
+// The shim's own conversions, one value per call, for the tests against the `half` crate.
+extern "C" uint16_t shim_f32_to_f16(float f) { return __float2half_rn(f).bits; }
+extern "C" float shim_f16_to_f32(uint16_t b) { return __half2float(__half{b}); }
+extern "C" uint16_t shim_f32_to_bf16(float f) { return __float2bfloat16_rn(f).bits; }
+extern "C" float shim_bf16_to_f32(uint16_t b) { return __bfloat162float(__nv_bfloat16{b}); }
 
 // Focal loss (class ids as i32 or i64).
 #define FOCAL_RUNNERS(ID_T, SUFFIX)                                                             \

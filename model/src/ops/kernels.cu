@@ -1,7 +1,23 @@
-// CUDA kernels of effdet's own ops (f32, channels-last). Each mirrors the CPU kernel of the
-// same name in this folder; long sums accumulate in f64 as the CPU code does, so GPU and CPU
-// results agree to float rounding. Compiled to PTX by model/build.rs under the `cuda` feature.
+// CUDA kernels of effdet's own ops (channels-last). Each mirrors the CPU kernel of the same name
+// in this folder; long sums accumulate in f64 as the CPU code does, so GPU and CPU results agree
+// to float rounding. Compiled to PTX by model/build.rs under the `cuda` feature.
+//
+// Activation storage: the kernels that read or write activations are templates over the storage
+// type T and exist three times — float under the plain name, __half with suffix `_f16`,
+// __nv_bfloat16 with suffix `_bf16` (mixed precision: 16-bit activations in memory). Every load
+// of a T widens to float, every store rounds the float result to nearest even, and all the
+// arithmetic in between is the float/double code of the f32 kernel, so a 16-bit kernel's output
+// is the f32 kernel's output on the widened inputs, rounded once. Parameters (depthwise weights,
+// batch-norm scale/shift/chan/coef, bias) stay float; sums stay double; maxpool_grad's input
+// gradient is a float scratch for every T (atomics), narrowed afterwards by cvt_f32_to_{f16,bf16}.
+// The focal loss, optimizer and batch-norm parameter kernels are f32 only.
 #include <stdint.h>
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+// (Host builds of this file — the CPU test harness — get __half, __nv_bfloat16 and their
+// conversions from tests/cuda_on_cpu/shim.h.)
 
 typedef long long i64;
 
@@ -15,6 +31,31 @@ typedef unsigned int u32;
 
 // Column-reduction blocks are 32 channels wide and RED_Y rows tall.
 #define RED_Y 8
+
+// Activation loads (exact widening) and stores (round to nearest even).
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <class T>
+__device__ __forceinline__ T from_f32(float v);
+template <>
+__device__ __forceinline__ float from_f32<float>(float v) {
+    return v;
+}
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float v) {
+    return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+    return __float2bfloat16_rn(v);
+}
+
+// M(T, SUFFIX) for each activation storage type: the extern "C" kernels of one template.
+#define FOR_EACH_ACT(M) \
+    M(float, )          \
+    M(__half, _f16)     \
+    M(__nv_bfloat16, _bf16)
 
 __device__ __forceinline__ float sigmoid_f(float x) { return 1.0f / (1.0f + expf(-x)); }
 
@@ -32,9 +73,12 @@ __device__ __forceinline__ double block_col_sum(double v, double (*sh)[33]) {
 
 // ---------------------------------------------------------------- depthwise convolution
 
-extern "C" __global__ void dw_fwd(const float* __restrict__ x, const float* __restrict__ w,
-                                  float* __restrict__ y, int B, int H, int W, int C, int K, int S,
-                                  int OH, int OW, int PT, int PL) {
+#define DW_PARAMS int B, int H, int W, int C, int K, int S, int OH, int OW, int PT, int PL
+#define DW_PASS B, H, W, C, K, S, OH, OW, PT, PL
+
+template <class T>
+__device__ __forceinline__ void dw_fwd_t(const T* __restrict__ x, const float* __restrict__ w,
+                                         T* __restrict__ y, DW_PARAMS) {
     i64 n = (i64)B * OH * OW * C;
     GRID_STRIDE(i, n) {
         u32 r = (u32)i;
@@ -51,16 +95,17 @@ extern "C" __global__ void dw_fwd(const float* __restrict__ x, const float* __re
             for (int kx = 0; kx < K; ++kx) {
                 int ix = ox * S + kx - PL;
                 if (ix < 0 || ix >= W) continue;
-                acc += x[(((i64)b * H + iy) * W + ix) * C + c] * w[(ky * K + kx) * C + c];
+                acc += to_f32(x[(((i64)b * H + iy) * W + ix) * C + c]) * w[(ky * K + kx) * C + c];
             }
         }
-        y[i] = acc;
+        y[i] = from_f32<T>(acc);
     }
 }
 
-extern "C" __global__ void dw_grad_input(const float* __restrict__ g, const float* __restrict__ w,
-                                         float* __restrict__ gx, int B, int H, int W, int C, int K,
-                                         int S, int OH, int OW, int PT, int PL) {
+template <class T>
+__device__ __forceinline__ void dw_grad_input_t(const T* __restrict__ g,
+                                                const float* __restrict__ w, T* __restrict__ gx,
+                                                DW_PARAMS) {
     i64 n = (i64)B * H * W * C;
     GRID_STRIDE(i, n) {
         u32 r = (u32)i;
@@ -81,18 +126,18 @@ extern "C" __global__ void dw_grad_input(const float* __restrict__ g, const floa
                 if (oxn < 0 || oxn % S != 0) continue;
                 int ox = oxn / S;
                 if (ox >= OW) continue;
-                acc += g[(((i64)b * OH + oy) * OW + ox) * C + c] * w[(ky * K + kx) * C + c];
+                acc += to_f32(g[(((i64)b * OH + oy) * OW + ox) * C + c]) * w[(ky * K + kx) * C + c];
             }
         }
-        gx[i] = acc;
+        gx[i] = from_f32<T>(acc);
     }
 }
 
 // grid (ceil(C/32), K·K, chunks), block (32, RED_Y); gw (f64, zeroed) [K, K, C]. Thread rows
 // walk output rows (b, oy); each sums its row's OW positions, so no division per position.
-extern "C" __global__ void dw_grad_weight(const float* __restrict__ x, const float* __restrict__ g,
-                                          double* __restrict__ gw, int B, int H, int W, int C, int K,
-                                          int S, int OH, int OW, int PT, int PL) {
+template <class T>
+__device__ __forceinline__ void dw_grad_weight_t(const T* __restrict__ x, const T* __restrict__ g,
+                                                 double* __restrict__ gw, DW_PARAMS) {
     __shared__ double sh[RED_Y][33];
     int c = blockIdx.x * 32 + threadIdx.x;
     int tap = blockIdx.y;
@@ -104,13 +149,13 @@ extern "C" __global__ void dw_grad_weight(const float* __restrict__ x, const flo
             int oy = row % OH, b = row / OH;
             int iy = oy * S + ky - PT;
             if (iy < 0 || iy >= H) continue;
-            const float* xr = x + ((i64)b * H + iy) * W * C + c;
-            const float* gr = g + (i64)row * OW * C + c;
+            const T* xr = x + ((i64)b * H + iy) * W * C + c;
+            const T* gr = g + (i64)row * OW * C + c;
             float part = 0.0f;
             for (int ox = 0; ox < OW; ++ox) {
                 int ix = ox * S + kx - PL;
                 if (ix < 0 || ix >= W) continue;
-                part += xr[(i64)ix * C] * gr[(i64)ox * C];
+                part += to_f32(xr[(i64)ix * C]) * to_f32(gr[(i64)ox * C]);
             }
             acc += (double)part;
         }
@@ -119,22 +164,36 @@ extern "C" __global__ void dw_grad_weight(const float* __restrict__ x, const flo
     if (threadIdx.y == 0 && c < C) atomicAdd(&gw[(i64)tap * C + c], total);
 }
 
+#define DW_GENERIC(T, SFX)                                                                        \
+    extern "C" __global__ void dw_fwd##SFX(const T* __restrict__ x, const float* __restrict__ w,  \
+                                           T* __restrict__ y, DW_PARAMS) {                        \
+        dw_fwd_t<T>(x, w, y, DW_PASS);                                                            \
+    }                                                                                             \
+    extern "C" __global__ void dw_grad_input##SFX(                                                \
+        const T* __restrict__ g, const float* __restrict__ w, T* __restrict__ gx, DW_PARAMS) {    \
+        dw_grad_input_t<T>(g, w, gx, DW_PASS);                                                    \
+    }                                                                                             \
+    extern "C" __global__ void dw_grad_weight##SFX(                                               \
+        const T* __restrict__ x, const T* __restrict__ g, double* __restrict__ gw, DW_PARAMS) {   \
+        dw_grad_weight_t<T>(x, g, gw, DW_PASS);                                                   \
+    }
+FOR_EACH_ACT(DW_GENERIC)
+
 // Specializations for D0's depthwise shapes (k 3 or 5, stride 1 or 2): the taps unroll, the
 // stride tests become shifts, and threads walk rows — grid y over output (or input) rows, grid x
 // over one row's positions × channels — so the (b, y) split happens once per row instead of
 // per element. Same sums in the same tap order as the generic kernels above.
 
-template <int K, int S>
-__device__ __forceinline__ void dw_fwd_rows(const float* __restrict__ x,
-                                            const float* __restrict__ w,
-                                            float* __restrict__ y, int B, int H, int W, int C,
+template <class T, int K, int S>
+__device__ __forceinline__ void dw_fwd_rows(const T* __restrict__ x, const float* __restrict__ w,
+                                            T* __restrict__ y, int B, int H, int W, int C,
                                             int OH, int OW, int PT, int PL) {
     const u32 row_len = (u32)OW * (u32)C;
     const u32 rows = (u32)B * (u32)OH;
     for (u32 row = blockIdx.y; row < rows; row += gridDim.y) {
         const int oy = (int)(row % (u32)OH), b = (int)(row / (u32)OH);
         const int iy0 = oy * S - PT;
-        float* yr = y + (i64)row * row_len;
+        T* yr = y + (i64)row * row_len;
         for (u32 j = blockIdx.x * blockDim.x + threadIdx.x; j < row_len;
              j += gridDim.x * blockDim.x) {
             const int c = (int)(j % (u32)C), ox = (int)(j / (u32)C);
@@ -144,29 +203,29 @@ __device__ __forceinline__ void dw_fwd_rows(const float* __restrict__ x,
             for (int ky = 0; ky < K; ++ky) {
                 const int iy = iy0 + ky;
                 if ((unsigned)iy >= (unsigned)H) continue;
-                const float* xr = x + ((i64)b * H + iy) * W * C + c;
+                const T* xr = x + ((i64)b * H + iy) * W * C + c;
 #pragma unroll
                 for (int kx = 0; kx < K; ++kx) {
                     const int ix = ix0 + kx;
                     if ((unsigned)ix >= (unsigned)W) continue;
-                    acc += xr[(i64)ix * C] * w[(ky * K + kx) * C + c];
+                    acc += to_f32(xr[(i64)ix * C]) * w[(ky * K + kx) * C + c];
                 }
             }
-            yr[j] = acc;
+            yr[j] = from_f32<T>(acc);
         }
     }
 }
 
-template <int K, int S>
-__device__ __forceinline__ void dw_grad_input_rows(const float* __restrict__ g,
+template <class T, int K, int S>
+__device__ __forceinline__ void dw_grad_input_rows(const T* __restrict__ g,
                                                    const float* __restrict__ w,
-                                                   float* __restrict__ gx, int B, int H, int W,
+                                                   T* __restrict__ gx, int B, int H, int W,
                                                    int C, int OH, int OW, int PT, int PL) {
     const u32 row_len = (u32)W * (u32)C;
     const u32 rows = (u32)B * (u32)H;
     for (u32 row = blockIdx.y; row < rows; row += gridDim.y) {
         const int iy = (int)(row % (u32)H), b = (int)(row / (u32)H);
-        float* gr = gx + (i64)row * row_len;
+        T* gr = gx + (i64)row * row_len;
         for (u32 j = blockIdx.x * blockDim.x + threadIdx.x; j < row_len;
              j += gridDim.x * blockDim.x) {
             const int c = (int)(j % (u32)C), ix = (int)(j / (u32)C);
@@ -177,17 +236,17 @@ __device__ __forceinline__ void dw_grad_input_rows(const float* __restrict__ g,
                 if (oyn < 0 || (S == 2 && (oyn & 1))) continue;
                 const int oy = S == 2 ? oyn >> 1 : oyn;
                 if (oy >= OH) continue;
-                const float* grow = g + ((i64)b * OH + oy) * OW * C + c;
+                const T* grow = g + ((i64)b * OH + oy) * OW * C + c;
 #pragma unroll
                 for (int kx = 0; kx < K; ++kx) {
                     const int oxn = ix + PL - kx;
                     if (oxn < 0 || (S == 2 && (oxn & 1))) continue;
                     const int ox = S == 2 ? oxn >> 1 : oxn;
                     if (ox >= OW) continue;
-                    acc += grow[(i64)ox * C] * w[(ky * K + kx) * C + c];
+                    acc += to_f32(grow[(i64)ox * C]) * w[(ky * K + kx) * C + c];
                 }
             }
-            gr[j] = acc;
+            gr[j] = from_f32<T>(acc);
         }
     }
 }
@@ -196,9 +255,9 @@ __device__ __forceinline__ void dw_grad_input_rows(const float* __restrict__ g,
 // rows, reads each gradient value once and the K×K input values it meets (cached), instead of
 // one launch-wide pass per tap. grid (ceil(C/32), 1, chunks), block (32, RED_Y); gw (f64,
 // zeroed) [K, K, C].
-template <int K>
-__device__ __forceinline__ void dw_grad_weight_taps(const float* __restrict__ x,
-                                                    const float* __restrict__ g,
+template <class T, int K>
+__device__ __forceinline__ void dw_grad_weight_taps(const T* __restrict__ x,
+                                                    const T* __restrict__ g,
                                                     double* __restrict__ gw, int B, int H, int W,
                                                     int C, int S, int OH, int OW, int PT,
                                                     int PL) {
@@ -211,23 +270,23 @@ __device__ __forceinline__ void dw_grad_weight_taps(const float* __restrict__ x,
     if (c < C) {
         for (int row = blockIdx.z * RED_Y + threadIdx.y; row < rows; row += gridDim.z * RED_Y) {
             const int oy = row % OH, b = row / OH;
-            const float* gr = g + (i64)row * OW * C + c;
-            const float* xb = x + (i64)b * H * W * C + c;
+            const T* gr = g + (i64)row * OW * C + c;
+            const T* xb = x + (i64)b * H * W * C + c;
             float part[K * K];
 #pragma unroll
             for (int t = 0; t < K * K; ++t) part[t] = 0.0f;
             for (int ox = 0; ox < OW; ++ox) {
-                const float gv = gr[(i64)ox * C];
+                const float gv = to_f32(gr[(i64)ox * C]);
 #pragma unroll
                 for (int ky = 0; ky < K; ++ky) {
                     const int iy = oy * S + ky - PT;
                     if ((unsigned)iy >= (unsigned)H) continue;
-                    const float* xr = xb + (i64)iy * W * C;
+                    const T* xr = xb + (i64)iy * W * C;
 #pragma unroll
                     for (int kx = 0; kx < K; ++kx) {
                         const int ix = ox * S + kx - PL;
                         if ((unsigned)ix >= (unsigned)W) continue;
-                        part[ky * K + kx] += xr[(i64)ix * C] * gv;
+                        part[ky * K + kx] += to_f32(xr[(i64)ix * C]) * gv;
                     }
                 }
             }
@@ -242,38 +301,49 @@ __device__ __forceinline__ void dw_grad_weight_taps(const float* __restrict__ x,
     }
 }
 
-#define DW_ROWS(K, S)                                                                            \
-    extern "C" __global__ void dw_fwd_k##K##s##S(const float* __restrict__ x,                   \
-                                                  const float* __restrict__ w,                   \
-                                                  float* __restrict__ y, int B, int H, int W,    \
-                                                  int C, int K_, int S_, int OH, int OW, int PT, \
-                                                  int PL) {                                      \
-        dw_fwd_rows<K, S>(x, w, y, B, H, W, C, OH, OW, PT, PL);                                  \
+// DW_ROWS(K, S) / DW_GRAD_WEIGHT(K): the specialized kernels for every storage type.
+#define DW_ROWS_T(K, S, T, SFX)                                                                  \
+    extern "C" __global__ void dw_fwd_k##K##s##S##SFX(                                           \
+        const T* __restrict__ x, const float* __restrict__ w, T* __restrict__ y, int B, int H,   \
+        int W, int C, int K_, int S_, int OH, int OW, int PT, int PL) {                          \
+        dw_fwd_rows<T, K, S>(x, w, y, B, H, W, C, OH, OW, PT, PL);                               \
     }                                                                                            \
-    extern "C" __global__ void dw_grad_input_k##K##s##S(                                         \
-        const float* __restrict__ g, const float* __restrict__ w, float* __restrict__ gx, int B, \
-        int H, int W, int C, int K_, int S_, int OH, int OW, int PT, int PL) {                   \
-        dw_grad_input_rows<K, S>(g, w, gx, B, H, W, C, OH, OW, PT, PL);                          \
+    extern "C" __global__ void dw_grad_input_k##K##s##S##SFX(                                    \
+        const T* __restrict__ g, const float* __restrict__ w, T* __restrict__ gx, int B, int H,  \
+        int W, int C, int K_, int S_, int OH, int OW, int PT, int PL) {                          \
+        dw_grad_input_rows<T, K, S>(g, w, gx, B, H, W, C, OH, OW, PT, PL);                       \
     }
+#define DW_ROWS(K, S)                  \
+    DW_ROWS_T(K, S, float, )           \
+    DW_ROWS_T(K, S, __half, _f16)      \
+    DW_ROWS_T(K, S, __nv_bfloat16, _bf16)
 DW_ROWS(3, 1)
 DW_ROWS(3, 2)
 DW_ROWS(5, 1)
 DW_ROWS(5, 2)
 
-#define DW_GRAD_WEIGHT(K)                                                                        \
-    extern "C" __global__ void dw_grad_weight_k##K(                                              \
-        const float* __restrict__ x, const float* __restrict__ g, double* __restrict__ gw,       \
-        int B, int H, int W, int C, int K_, int S, int OH, int OW, int PT, int PL) {             \
-        dw_grad_weight_taps<K>(x, g, gw, B, H, W, C, S, OH, OW, PT, PL);                         \
+#define DW_GRAD_WEIGHT_T(K, T, SFX)                                                              \
+    extern "C" __global__ void dw_grad_weight_k##K##SFX(                                         \
+        const T* __restrict__ x, const T* __restrict__ g, double* __restrict__ gw, int B, int H, \
+        int W, int C, int K_, int S, int OH, int OW, int PT, int PL) {                           \
+        dw_grad_weight_taps<T, K>(x, g, gw, B, H, W, C, S, OH, OW, PT, PL);                      \
     }
+#define DW_GRAD_WEIGHT(K)                  \
+    DW_GRAD_WEIGHT_T(K, float, )           \
+    DW_GRAD_WEIGHT_T(K, __half, _f16)      \
+    DW_GRAD_WEIGHT_T(K, __nv_bfloat16, _bf16)
 DW_GRAD_WEIGHT(3)
 DW_GRAD_WEIGHT(5)
 
 // ---------------------------------------------------------------- "same" max-pool
 
-extern "C" __global__ void maxpool_fwd(const float* __restrict__ x, float* __restrict__ y, int B,
-                                       int H, int W, int C, int KH, int KW, int SH, int SW, int OH,
-                                       int OW, int PT, int PL) {
+#define POOL_PARAMS \
+    int B, int H, int W, int C, int KH, int KW, int SH, int SW, int OH, int OW, int PT, int PL
+#define POOL_PASS B, H, W, C, KH, KW, SH, SW, OH, OW, PT, PL
+
+template <class T>
+__device__ __forceinline__ void maxpool_fwd_t(const T* __restrict__ x, T* __restrict__ y,
+                                              POOL_PARAMS) {
     i64 n = (i64)B * OH * OW * C;
     GRID_STRIDE(i, n) {
         u32 r = (u32)i;
@@ -288,17 +358,18 @@ extern "C" __global__ void maxpool_fwd(const float* __restrict__ x, float* __res
         float best = -INFINITY;
         for (int iy = y0; iy < y1; ++iy)
             for (int ix = x0; ix < x1; ++ix) {
-                float v = x[(((i64)b * H + iy) * W + ix) * C + c];
+                float v = to_f32(x[(((i64)b * H + iy) * W + ix) * C + c]);
                 if (v > best) best = v;
             }
-        y[i] = best;
+        y[i] = from_f32<T>(best);
     }
 }
 
-// Each output gradient goes to its window's first maximum (gx zeroed).
-extern "C" __global__ void maxpool_grad(const float* __restrict__ x, const float* __restrict__ g,
-                                        float* __restrict__ gx, int B, int H, int W, int C, int KH,
-                                        int KW, int SH, int SW, int OH, int OW, int PT, int PL) {
+// Each output gradient goes to its window's first maximum. gx is f32 (zeroed) for every T: the
+// atomics accumulate in float, and cvt_f32_to_{f16,bf16} narrows the result.
+template <class T>
+__device__ __forceinline__ void maxpool_grad_t(const T* __restrict__ x, const T* __restrict__ g,
+                                               float* __restrict__ gx, POOL_PARAMS) {
     i64 n = (i64)B * OH * OW * C;
     GRID_STRIDE(i, n) {
         u32 r = (u32)i;
@@ -316,44 +387,58 @@ extern "C" __global__ void maxpool_grad(const float* __restrict__ x, const float
         for (int iy = y0; iy < y1; ++iy)
             for (int ix = x0; ix < x1; ++ix) {
                 i64 off = ((i64)iy * W + ix) * C + c;
-                float v = x[img + off];
+                float v = to_f32(x[img + off]);
                 if (v > best) {
                     best = v;
                     arg = off;
                 }
             }
-        atomicAdd(&gx[img + arg], g[i]);
+        atomicAdd(&gx[img + arg], to_f32(g[i]));
     }
 }
 
-// ---------------------------------------------------------------- column sums
+#define POOL_KERNELS(T, SFX)                                                                     \
+    extern "C" __global__ void maxpool_fwd##SFX(const T* __restrict__ x, T* __restrict__ y,      \
+                                                POOL_PARAMS) {                                   \
+        maxpool_fwd_t<T>(x, y, POOL_PASS);                                                       \
+    }                                                                                            \
+    extern "C" __global__ void maxpool_grad##SFX(const T* __restrict__ x, const T* __restrict__ g, \
+                                                 float* __restrict__ gx, POOL_PARAMS) {          \
+        maxpool_grad_t<T>(x, g, gx, POOL_PASS);                                                  \
+    }
+FOR_EACH_ACT(POOL_KERNELS)
+
+// ---------------------------------------------------------------- column sums, conversions
 
 // out[z, c] += Σ_r x[z, r, c] (f64, zeroed) for x [Z, rows, C].
 // grid (ceil(C/32), chunks, Z), block (32, RED_Y).
-extern "C" __global__ void col_sum(const float* __restrict__ x, double* __restrict__ out, i64 rows,
-                                   int C) {
+template <class T>
+__device__ __forceinline__ void col_sum_t(const T* __restrict__ x, double* __restrict__ out,
+                                          i64 rows, int C) {
     __shared__ double sh[RED_Y][33];
     int c = blockIdx.x * 32 + threadIdx.x;
-    const float* xz = x + (i64)blockIdx.z * rows * C;
+    const T* xz = x + (i64)blockIdx.z * rows * C;
     double acc = 0.0;
     if (c < C) {
         for (i64 r = (i64)blockIdx.y * RED_Y + threadIdx.y; r < rows; r += (i64)gridDim.y * RED_Y)
-            acc += (double)xz[r * C + c];
+            acc += (double)to_f32(xz[r * C + c]);
     }
     double total = block_col_sum(acc, sh);
     if (threadIdx.y == 0 && c < C) atomicAdd(&out[(i64)blockIdx.z * C + c], total);
 }
 
 // out[c] += Σ_r (x[r, c] − mean[c])² (f64, zeroed).
-extern "C" __global__ void col_sq_dev(const float* __restrict__ x, const double* __restrict__ mean,
-                                      double* __restrict__ out, i64 rows, int C) {
+template <class T>
+__device__ __forceinline__ void col_sq_dev_t(const T* __restrict__ x,
+                                             const double* __restrict__ mean,
+                                             double* __restrict__ out, i64 rows, int C) {
     __shared__ double sh[RED_Y][33];
     int c = blockIdx.x * 32 + threadIdx.x;
     double acc = 0.0;
     if (c < C) {
         double m = mean[c];
         for (i64 r = (i64)blockIdx.y * RED_Y + threadIdx.y; r < rows; r += (i64)gridDim.y * RED_Y) {
-            double d = (double)x[r * C + c] - m;
+            double d = (double)to_f32(x[r * C + c]) - m;
             acc += d * d;
         }
     }
@@ -361,9 +446,46 @@ extern "C" __global__ void col_sq_dev(const float* __restrict__ x, const double*
     if (threadIdx.y == 0 && c < C) atomicAdd(&out[c], total);
 }
 
+// dst = src·scale, rounded to float (and then to T, as every activation store).
+template <class T>
+__device__ __forceinline__ void scale_f64_to_t(const double* __restrict__ src,
+                                               T* __restrict__ dst, double scale, i64 n) {
+    GRID_STRIDE(i, n) { dst[i] = from_f32<T>((float)(src[i] * scale)); }
+}
+
+#define COL_KERNELS(T, SFX)                                                                      \
+    extern "C" __global__ void col_sum##SFX(const T* __restrict__ x, double* __restrict__ out,   \
+                                            i64 rows, int C) {                                   \
+        col_sum_t<T>(x, out, rows, C);                                                           \
+    }                                                                                            \
+    extern "C" __global__ void col_sq_dev##SFX(const T* __restrict__ x,                          \
+                                               const double* __restrict__ mean,                  \
+                                               double* __restrict__ out, i64 rows, int C) {      \
+        col_sq_dev_t<T>(x, mean, out, rows, C);                                                  \
+    }
+FOR_EACH_ACT(COL_KERNELS)
+
 extern "C" __global__ void scale_f64_to_f32(const double* __restrict__ src, float* __restrict__ dst,
                                             double scale, i64 n) {
-    GRID_STRIDE(i, n) { dst[i] = (float)(src[i] * scale); }
+    scale_f64_to_t<float>(src, dst, scale, n);
+}
+extern "C" __global__ void scale_f64_to_f16(const double* __restrict__ src,
+                                            __half* __restrict__ dst, double scale, i64 n) {
+    scale_f64_to_t<__half>(src, dst, scale, n);
+}
+extern "C" __global__ void scale_f64_to_bf16(const double* __restrict__ src,
+                                             __nv_bfloat16* __restrict__ dst, double scale, i64 n) {
+    scale_f64_to_t<__nv_bfloat16>(src, dst, scale, n);
+}
+
+// f32 → 16-bit, round to nearest even (maxpool_grad's f32 scratch into the activation type).
+extern "C" __global__ void cvt_f32_to_f16(const float* __restrict__ src, __half* __restrict__ dst,
+                                          i64 n) {
+    GRID_STRIDE(i, n) { dst[i] = from_f32<__half>(src[i]); }
+}
+extern "C" __global__ void cvt_f32_to_bf16(const float* __restrict__ src,
+                                           __nv_bfloat16* __restrict__ dst, i64 n) {
+    GRID_STRIDE(i, n) { dst[i] = from_f32<__nv_bfloat16>(src[i]); }
 }
 
 extern "C" __global__ void scale_f64(double* __restrict__ v, double scale, i64 n) {
@@ -391,13 +513,14 @@ extern "C" __global__ void bn_scale_shift(const float* __restrict__ gamma,
 }
 
 // y = act(x·scale + shift); act 0 = none, 1 = swish.
-extern "C" __global__ void bn_apply(const float* __restrict__ x, const float* __restrict__ scale,
-                                    const float* __restrict__ shift, float* __restrict__ y, i64 n,
-                                    int C, int act) {
+template <class T>
+__device__ __forceinline__ void bn_apply_t(const T* __restrict__ x, const float* __restrict__ scale,
+                                           const float* __restrict__ shift, T* __restrict__ y,
+                                           i64 n, int C, int act) {
     GRID_STRIDE(i, n) {
         int c = (int)((u32)i % (u32)C);
-        float z = x[i] * scale[c] + shift[c];
-        y[i] = act ? z / (1.0f + expf(-z)) : z;
+        float z = to_f32(x[i]) * scale[c] + shift[c];
+        y[i] = from_f32<T>(act ? z / (1.0f + expf(-z)) : z);
     }
 }
 
@@ -416,16 +539,18 @@ __device__ __forceinline__ void bn_xhat_gz(float x, float g, int c, const float*
 }
 
 // out (f64, zeroed) [2, C]: Σ g_z and Σ g_z·x̂. grid (ceil(C/32), chunks), block (32, RED_Y).
-extern "C" __global__ void bn_grad_reduce(const float* __restrict__ x, const float* __restrict__ g,
-                                          const float* __restrict__ chan, double* __restrict__ out,
-                                          i64 rows, int C, int act) {
+template <class T>
+__device__ __forceinline__ void bn_grad_reduce_t(const T* __restrict__ x, const T* __restrict__ g,
+                                                 const float* __restrict__ chan,
+                                                 double* __restrict__ out, i64 rows, int C,
+                                                 int act) {
     __shared__ double sh[RED_Y][33];
     int c = blockIdx.x * 32 + threadIdx.x;
     double sg = 0.0, sgx = 0.0;
     if (c < C) {
         for (i64 r = (i64)blockIdx.y * RED_Y + threadIdx.y; r < rows; r += (i64)gridDim.y * RED_Y) {
             float xh, gz;
-            bn_xhat_gz(x[r * C + c], g[r * C + c], c, chan, C, act, &xh, &gz);
+            bn_xhat_gz(to_f32(x[r * C + c]), to_f32(g[r * C + c]), c, chan, C, act, &xh, &gz);
             sg += (double)gz;
             sgx += (double)(gz * xh);
         }
@@ -439,48 +564,93 @@ extern "C" __global__ void bn_grad_reduce(const float* __restrict__ x, const flo
 }
 
 // dx = k·g_z − off − x̂·slope; coef = [k, off, slope] each [C] (f32).
-extern "C" __global__ void bn_grad_input(const float* __restrict__ x, const float* __restrict__ g,
-                                         const float* __restrict__ chan,
-                                         const float* __restrict__ coef, float* __restrict__ dx,
-                                         i64 n, int C, int act) {
+template <class T>
+__device__ __forceinline__ void bn_grad_input_t(const T* __restrict__ x, const T* __restrict__ g,
+                                                const float* __restrict__ chan,
+                                                const float* __restrict__ coef,
+                                                T* __restrict__ dx, i64 n, int C, int act) {
     GRID_STRIDE(i, n) {
         int c = (int)((u32)i % (u32)C);
         float xh, gz;
-        bn_xhat_gz(x[i], g[i], c, chan, C, act, &xh, &gz);
-        dx[i] = coef[c] * gz - coef[C + c] - xh * coef[2 * C + c];
+        bn_xhat_gz(to_f32(x[i]), to_f32(g[i]), c, chan, C, act, &xh, &gz);
+        dx[i] = from_f32<T>(coef[c] * gz - coef[C + c] - xh * coef[2 * C + c]);
     }
 }
+
+#define BN_KERNELS(T, SFX)                                                                       \
+    extern "C" __global__ void bn_apply##SFX(const T* __restrict__ x,                            \
+                                             const float* __restrict__ scale,                    \
+                                             const float* __restrict__ shift, T* __restrict__ y, \
+                                             i64 n, int C, int act) {                            \
+        bn_apply_t<T>(x, scale, shift, y, n, C, act);                                            \
+    }                                                                                            \
+    extern "C" __global__ void bn_grad_reduce##SFX(                                              \
+        const T* __restrict__ x, const T* __restrict__ g, const float* __restrict__ chan,        \
+        double* __restrict__ out, i64 rows, int C, int act) {                                    \
+        bn_grad_reduce_t<T>(x, g, chan, out, rows, C, act);                                      \
+    }                                                                                            \
+    extern "C" __global__ void bn_grad_input##SFX(                                               \
+        const T* __restrict__ x, const T* __restrict__ g, const float* __restrict__ chan,        \
+        const float* __restrict__ coef, T* __restrict__ dx, i64 n, int C, int act) {             \
+        bn_grad_input_t<T>(x, g, chan, coef, dx, n, C, act);                                     \
+    }
+FOR_EACH_ACT(BN_KERNELS)
 
 // ---------------------------------------------------------------- channel broadcasts, swish
 
-extern "C" __global__ void bias_add(const float* __restrict__ x, const float* __restrict__ b,
-                                    float* __restrict__ y, i64 n, int C) {
-    GRID_STRIDE(i, n) { y[i] = x[i] + b[(u32)i % (u32)C]; }
+template <class T>
+__device__ __forceinline__ void bias_add_t(const T* __restrict__ x, const float* __restrict__ b,
+                                           T* __restrict__ y, i64 n, int C) {
+    GRID_STRIDE(i, n) { y[i] = from_f32<T>(to_f32(x[i]) + b[(u32)i % (u32)C]); }
 }
 
 // y[b, p, c] = x[b, p, c] · gate[b, c] for x [B, HW, C].
-extern "C" __global__ void channel_gate(const float* __restrict__ x, const float* __restrict__ gate,
-                                        float* __restrict__ y, i64 n, i64 hw, int C) {
+template <class T>
+__device__ __forceinline__ void channel_gate_t(const T* __restrict__ x, const T* __restrict__ gate,
+                                               T* __restrict__ y, i64 n, i64 hw, int C) {
     GRID_STRIDE(i, n) {
         u32 b = (u32)i / ((u32)hw * (u32)C);
-        y[i] = x[i] * gate[(i64)b * C + (u32)i % (u32)C];
+        y[i] = from_f32<T>(to_f32(x[i]) * to_f32(gate[(i64)b * C + (u32)i % (u32)C]));
     }
 }
 
-extern "C" __global__ void swish_fwd(const float* __restrict__ x, float* __restrict__ y, i64 n) {
+template <class T>
+__device__ __forceinline__ void swish_fwd_t(const T* __restrict__ x, T* __restrict__ y, i64 n) {
     GRID_STRIDE(i, n) {
-        float v = x[i];
-        y[i] = v / (1.0f + expf(-v));
+        float v = to_f32(x[i]);
+        y[i] = from_f32<T>(v / (1.0f + expf(-v)));
     }
 }
 
-extern "C" __global__ void swish_grad(const float* __restrict__ x, const float* __restrict__ g,
-                                      float* __restrict__ d, i64 n) {
+template <class T>
+__device__ __forceinline__ void swish_grad_t(const T* __restrict__ x, const T* __restrict__ g,
+                                             T* __restrict__ d, i64 n) {
     GRID_STRIDE(i, n) {
-        float s = sigmoid_f(x[i]);
-        d[i] = g[i] * s * (1.0f + x[i] * (1.0f - s));
+        float v = to_f32(x[i]);
+        float s = sigmoid_f(v);
+        d[i] = from_f32<T>(to_f32(g[i]) * s * (1.0f + v * (1.0f - s)));
     }
 }
+
+#define ELEMENTWISE_KERNELS(T, SFX)                                                              \
+    extern "C" __global__ void bias_add##SFX(const T* __restrict__ x, const float* __restrict__ b, \
+                                             T* __restrict__ y, i64 n, int C) {                  \
+        bias_add_t<T>(x, b, y, n, C);                                                            \
+    }                                                                                            \
+    extern "C" __global__ void channel_gate##SFX(const T* __restrict__ x,                        \
+                                                 const T* __restrict__ gate, T* __restrict__ y,  \
+                                                 i64 n, i64 hw, int C) {                         \
+        channel_gate_t<T>(x, gate, y, n, hw, C);                                                 \
+    }                                                                                            \
+    extern "C" __global__ void swish_fwd##SFX(const T* __restrict__ x, T* __restrict__ y,        \
+                                              i64 n) {                                           \
+        swish_fwd_t<T>(x, y, n);                                                                 \
+    }                                                                                            \
+    extern "C" __global__ void swish_grad##SFX(const T* __restrict__ x, const T* __restrict__ g,  \
+                                               T* __restrict__ d, i64 n) {                       \
+        swish_grad_t<T>(x, g, d, n);                                                             \
+    }
+FOR_EACH_ACT(ELEMENTWISE_KERNELS)
 
 // ---------------------------------------------------------------- focal loss
 
