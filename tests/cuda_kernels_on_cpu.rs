@@ -1792,3 +1792,75 @@ fn shim_16_bit_conversions_equal_the_half_crate() {
         "bf16 ties: {up} up, {down} down"
     );
 }
+
+/// Every kernel the model's Rust code launches exists in kernels.cu: names passed to
+/// `Kernel::new` as they are, names passed to `kernel_for` (dispatch on the activation dtype)
+/// also with `_f16` and `_bf16`, and the depthwise specializations `depthwise.rs` builds from
+/// D0's shapes. The CPU-compiled library exports the same `extern "C"` names as the PTX.
+#[test]
+fn every_kernel_the_rust_side_launches_exists() {
+    let Some(lib) = library() else { return };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("model/src");
+    let mut sources = Vec::new();
+    let mut dirs = vec![root];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                sources.push(std::fs::read_to_string(&p).unwrap());
+            }
+        }
+    }
+    // The string literal right after `marker` in every source.
+    let literals = |marker: &str| -> Vec<String> {
+        let mut out = Vec::new();
+        for s in &sources {
+            for part in s.split(marker).skip(1) {
+                if let Some(rest) = part.strip_prefix('"') {
+                    out.push(rest.split('"').next().unwrap().to_string());
+                }
+            }
+        }
+        out
+    };
+    let mut names: Vec<String> = literals("Kernel::new(dev, ");
+    names.extend(literals("Kernel::new(&dev, "));
+    let dispatched = literals("kernel_for(dev, ");
+    assert!(
+        names.len() >= 10 && dispatched.len() >= 10,
+        "found only {names:?} / {dispatched:?}: did the call syntax change?"
+    );
+    for base in &dispatched {
+        names.extend(["", "_f16", "_bf16"].map(|s| format!("{base}{s}")));
+    }
+    for s in ["", "_f16", "_bf16"] {
+        for k in [3, 5] {
+            names.push(format!("dw_grad_weight_k{k}{s}"));
+            for st in [1, 2] {
+                names.push(format!("dw_fwd_k{k}s{st}{s}"));
+                names.push(format!("dw_grad_input_k{k}s{st}{s}"));
+            }
+        }
+        names.push(format!(
+            "scale_f64_to{}",
+            if s.is_empty() { "_f32" } else { s }
+        ));
+        if !s.is_empty() {
+            names.push(format!("cvt_f32_to{s}"));
+        }
+    }
+    let missing: Vec<&String> = names
+        .iter()
+        .filter(|n| {
+            let sym = format!("{n}\0");
+            // SAFETY: only the symbol's presence is checked; nothing is called.
+            unsafe { lib.get::<unsafe extern "C" fn()>(sym.as_bytes()) }.is_err()
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "kernels missing from kernels.cu: {missing:?}"
+    );
+}
