@@ -63,23 +63,18 @@ impl Conv1x1 {
 
     /// `x` `[..., C_in]` → `[..., C_out]`, in `x`'s dtype (or f32, see [`Self::set_f32_output`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let cin = dims[dims.len() - 1];
-        let rows = x.elem_count() / cin.max(1);
-        let mut y = self
-            .precision
-            .autocast2(&x.reshape((rows, cin))?, &self.weight, |a, w| a.matmul(w))?;
-        if self.f32_output && y.dtype() != candle_core::DType::F64 {
-            y = y.to_dtype(candle_core::DType::F32)?;
-        }
-        let y = match &self.bias {
-            Some(b) => ops::add_channel_bias(&y, b)?,
-            None => y,
+        // One graph node (see `ops::linear`); F32 multiplies in x's own dtype.
+        let compute = match self.precision {
+            Precision::F32 => x.dtype(),
+            p => p.compute_dtype(),
         };
-        let mut out = dims;
-        let last = out.len() - 1;
-        out[last] = self.weight.dim(1)?;
-        y.reshape(out)
+        ops::linear(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            compute,
+            self.f32_output,
+        )
     }
 }
 

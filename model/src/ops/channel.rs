@@ -159,7 +159,7 @@ fn cuda_broadcast(
     Ok(out.wrap(dev))
 }
 
-struct BiasAdd;
+pub(crate) struct BiasAdd;
 
 impl CustomOp2 for BiasAdd {
     fn name(&self) -> &'static str {
@@ -215,9 +215,9 @@ impl CustomOp2 for BiasAdd {
 
 /// `[..., C]` → `[C]` column sums, stored as `out` (the bias's dtype: f32 for f32/f16/bf16
 /// gradients, f64 for f64).
-struct ColumnSum {
-    c: usize,
-    out: DType,
+pub(crate) struct ColumnSum {
+    pub(crate) c: usize,
+    pub(crate) out: DType,
 }
 
 impl CustomOp1 for ColumnSum {

@@ -23,6 +23,8 @@
 //! - [`focal_loss_sum`]: automl's sigmoid focal loss summed over all entries, with one-hot
 //!   targets built on the fly from class ids;
 //! - [`axpby_inplace`]: `x ← a·x + b·y` in place, the optimizer's and the EMA's update;
+//! - [`linear`]: the 1×1 convolution (cast, product, bias) as one node, so candle's backward
+//!   does not materialize zero-filled gradients for each of its five stock ops;
 //! - [`upsample_nearest`]: nearest-neighbour resize (TensorFlow `resize_nearest_neighbor`
 //!   semantics) built from broadcast/index ops, so its gradient accumulates.
 
@@ -35,6 +37,7 @@ mod depthwise;
 mod focal;
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod launch;
+mod linear;
 mod pool;
 mod swish;
 mod upsample;
@@ -52,6 +55,7 @@ pub use batch_norm::{
 pub use channel::{add_channel_bias, channel_gate, spatial_mean};
 pub use depthwise::depthwise_conv2d;
 pub use focal::{focal_loss_sum, FocalParams};
+pub use linear::linear;
 pub use pool::max_pool2d_same;
 pub use swish::swish;
 pub use upsample::upsample_nearest;
