@@ -55,6 +55,35 @@ pub fn linear(
     }
 }
 
+/// The same layer composed of stock candle ops (reshape, casts, product, bias), as `Conv1x1`
+/// built it before [`linear`]: the reference for its tests and benchmark.
+pub fn linear_unfused(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    compute: DType,
+    f32_output: bool,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let cin = dims[dims.len() - 1];
+    let rows = x.elem_count() / cin.max(1);
+    let a = x.reshape((rows, cin))?;
+    let mut y = a
+        .to_dtype(compute)?
+        .matmul(&w.to_dtype(compute)?)?
+        .to_dtype(x.dtype())?;
+    if f32_output && y.dtype() != DType::F64 {
+        y = y.to_dtype(DType::F32)?;
+    }
+    if let Some(b) = b {
+        y = super::add_channel_bias(&y, b)?;
+    }
+    let mut out = dims;
+    let last = out.len() - 1;
+    out[last] = w.dim(1)?;
+    y.reshape(out)
+}
+
 struct Linear {
     compute: DType,
     out: DType,
@@ -224,34 +253,6 @@ mod tests {
     use crate::ops::fd::{check_gradients, rand_tensor};
     use candle_core::Var;
 
-    /// The layer composed of stock candle ops, as `Conv1x1` built it before.
-    fn composed(
-        x: &Tensor,
-        w: &Tensor,
-        b: Option<&Tensor>,
-        compute: DType,
-        f32_output: bool,
-    ) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let cin = dims[dims.len() - 1];
-        let rows = x.elem_count() / cin;
-        let a = x.reshape((rows, cin))?;
-        let mut y = a
-            .to_dtype(compute)?
-            .matmul(&w.to_dtype(compute)?)?
-            .to_dtype(x.dtype())?;
-        if f32_output && y.dtype() != DType::F64 {
-            y = y.to_dtype(DType::F32)?;
-        }
-        if let Some(b) = b {
-            y = crate::ops::add_channel_bias(&y, b)?;
-        }
-        let mut out = dims;
-        let last = out.len() - 1;
-        out[last] = w.dim(1)?;
-        y.reshape(out)
-    }
-
     fn bits(t: &Tensor) -> Result<Vec<u64>> {
         Ok(t.flatten_all()?
             .to_dtype(DType::F64)?
@@ -285,7 +286,13 @@ mod tests {
                         let y = if fused {
                             linear(xv.as_tensor(), wv.as_tensor(), bias, compute, f32_output)?
                         } else {
-                            composed(xv.as_tensor(), wv.as_tensor(), bias, compute, f32_output)?
+                            linear_unfused(
+                                xv.as_tensor(),
+                                wv.as_tensor(),
+                                bias,
+                                compute,
+                                f32_output,
+                            )?
                         };
                         let loss = (y.to_dtype(DType::F64)? * &r)?.sum_all()?;
                         let g = loss.backward()?;

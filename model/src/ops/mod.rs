@@ -55,7 +55,7 @@ pub use batch_norm::{
 pub use channel::{add_channel_bias, channel_gate, spatial_mean};
 pub use depthwise::depthwise_conv2d;
 pub use focal::{focal_loss_sum, FocalParams};
-pub use linear::linear;
+pub use linear::{linear, linear_unfused};
 pub use pool::max_pool2d_same;
 pub use swish::swish;
 pub use upsample::upsample_nearest;
