@@ -330,6 +330,9 @@ fn fuse(inputs: &[Tensor], weights: Option<&Tensor>) -> Result<Tensor> {
         .to_dtype(inputs[0].dtype())?;
     let mut acc: Option<Tensor> = None;
     for (i, x) in inputs.iter().enumerate() {
+        // (The gate kernel with the weight broadcast to [B, C] was measured 0.91× as fast
+        // forward + backward on the CPU: its backward's x·g product and per-image means cost
+        // more than candle's full-size weight gradient.)
         let term = x.broadcast_mul(&norm.narrow(0, i, 1)?.reshape((1, 1, 1, 1))?)?;
         acc = Some(match acc {
             Some(a) => (a + term)?,

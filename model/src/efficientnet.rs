@@ -217,9 +217,9 @@ impl MbConv {
 fn drop_connect(x: &Tensor, p: f64) -> Result<Tensor> {
     let b = x.dim(0)?;
     // The keep mask is drawn in f32 and cast once (in f16, u + p would round).
-    let u = Tensor::rand(0f32, 1f32, (b, 1, 1, 1), x.device())?;
-    let keep = ((u + p)?.floor()? / p)?.to_dtype(x.dtype())?;
-    x.broadcast_mul(&keep)
+    let u = Tensor::rand(0f32, 1f32, b, x.device())?;
+    let keep = ((u + p)?.floor()? / p)?;
+    ops::scale_samples(x, &keep)
 }
 
 /// The backbone: stem + MBConv blocks; [`EfficientNet::forward`] returns P3, P4, P5.

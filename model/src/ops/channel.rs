@@ -33,6 +33,68 @@ pub fn channel_gate(x: &Tensor, gate: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&gate.contiguous()?, Gate)
 }
 
+/// `x` `[B, H, W, C]` · `scale[b]` for a constant per-sample `scale` `[B]` (drop-connect's
+/// keep mask): the gate kernel, with no gradient for the scale. candle's `broadcast_mul`
+/// would also compute the scale's gradient (a full product, a zero-filled full-size buffer and
+/// a reduction over the broadcast axes) and throw it away.
+pub fn scale_samples(x: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    let (b, _, _, c) = x.dims4()?;
+    if scale.dims() != [b] {
+        candle_core::bail!(
+            "scale_samples: scale {:?} does not match input {:?}",
+            scale.dims(),
+            x.dims()
+        );
+    }
+    let gate = scale
+        .detach()
+        .to_dtype(x.dtype())?
+        .reshape((b, 1))?
+        .broadcast_as((b, c))?
+        .contiguous()?;
+    x.contiguous()?.apply_op2(&gate, SampleScale)
+}
+
+/// [`Gate`] without a gradient for the gate.
+struct SampleScale;
+
+impl CustomOp2 for SampleScale {
+    fn name(&self) -> &'static str {
+        "effdet-scale-samples"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Gate.cpu_fwd(s1, l1, s2, l2)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Gate.cuda_fwd(s1, l1, s2, l2)
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        gate: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(g.contiguous()?.apply_op2_no_bwd(gate, &Gate)?), None))
+    }
+}
+
 /// Mean of `x` `[B, H, W, C]` over H and W → `[B, C]` in `x`'s dtype.
 pub fn spatial_mean(x: &Tensor) -> Result<Tensor> {
     x.dims4()?;
@@ -426,5 +488,31 @@ mod tests {
         check_gradients(&[x.clone(), b], |v| add_channel_bias(&v[0], &v[1]), 1e-7)?;
         check_gradients(&[x.clone(), s], |v| channel_gate(&v[0], &v[1]), 1e-7)?;
         check_gradients(&[x], |v| spatial_mean(&v[0]), 1e-7)
+    }
+
+    #[test]
+    fn sample_scaling_equals_broadcast_mul_without_a_scale_gradient() -> Result<()> {
+        let x = candle_core::Var::from_tensor(&rand_tensor(&[3, 2, 4, 5], 93)?)?;
+        let scale = candle_core::Var::from_tensor(&Tensor::new(&[0f64, 1.25, 2.5], &Device::Cpu)?)?;
+        let r = rand_tensor(&[3, 2, 4, 5], 94)?;
+        let y = scale_samples(x.as_tensor(), scale.as_tensor())?;
+        let want = x
+            .as_tensor()
+            .broadcast_mul(&scale.as_tensor().reshape((3, 1, 1, 1))?)?;
+        assert_eq!(
+            y.flatten_all()?.to_vec1::<f64>()?,
+            want.flatten_all()?.to_vec1::<f64>()?
+        );
+        let g = (&y * &r)?.sum_all()?.backward()?;
+        let gx = g.get(x.as_tensor()).unwrap();
+        let want_gx = r.broadcast_mul(&scale.as_tensor().reshape((3, 1, 1, 1))?)?;
+        assert_eq!(
+            gx.flatten_all()?.to_vec1::<f64>()?,
+            want_gx.flatten_all()?.to_vec1::<f64>()?
+        );
+        // The scale is a constant (a drop-connect mask): no gradient reaches it.
+        assert!(g.get(scale.as_tensor()).is_none());
+        assert!(scale_samples(x.as_tensor(), &Tensor::new(&[1f64, 2.], &Device::Cpu)?).is_err());
+        Ok(())
     }
 }

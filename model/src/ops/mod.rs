@@ -52,7 +52,7 @@ pub use batch_norm::{
     batch_norm_eval, batch_norm_eval_resident, batch_norm_train, batch_norm_train_resident,
     Activation, BatchStats,
 };
-pub use channel::{add_channel_bias, channel_gate, spatial_mean};
+pub use channel::{add_channel_bias, channel_gate, scale_samples, spatial_mean};
 pub use depthwise::depthwise_conv2d;
 pub use focal::{focal_loss_sum, FocalParams};
 pub use linear::{linear, linear_unfused};
