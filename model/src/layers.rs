@@ -314,12 +314,15 @@ impl StemConv {
         let patches = Tensor::stack(&taps, 2)?
             .permute((0, 3, 4, 1, 2))?
             .contiguous()?
-            .reshape((b * oh * ow, ci * 9))?;
+            .reshape((b, oh, ow, ci * 9))?;
         let cout = self.weight.dim(0)?;
         let kernel = self.weight.reshape((cout, ci * 9))?.t()?;
-        self.precision
-            .autocast2(&patches, &kernel, |p, k| p.matmul(k))?
-            .reshape((b, oh, ow, cout))
+        // One node whose backward skips the (untracked) patches' gradient.
+        let compute = match self.precision {
+            Precision::F32 => patches.dtype(),
+            p => p.compute_dtype(),
+        };
+        ops::linear(&patches, &kernel, None, compute, false)
     }
 }
 

@@ -138,16 +138,28 @@ impl Linear {
     }
 
     /// Gradients of x and the weight (as candle's own backward computes them for the
-    /// composed layer), plus the upstream gradient as `[rows, C_out]` for the bias.
-    fn grads(&self, x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    /// composed layer), plus the upstream gradient as `[rows, C_out]` for the bias. No
+    /// gradient for an `x` that tracks none (the stem's image patches): candle would compute
+    /// it, zero-fill a buffer for it and add it there, then drop it.
+    fn grads(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
         let rows = x.elem_count() / self.cin.max(1);
         let g = grad.contiguous()?.reshape((rows, self.cout))?;
         let gc = g.to_dtype(self.compute)?;
-        let wc = w.to_dtype(self.compute)?;
-        let gx = gc
-            .matmul(&wc.t()?)?
-            .to_dtype(x.dtype())?
-            .reshape(x.dims())?;
+        let gx = if x.track_op() {
+            let wc = w.to_dtype(self.compute)?;
+            Some(
+                gc.matmul(&wc.t()?)?
+                    .to_dtype(x.dtype())?
+                    .reshape(x.dims())?,
+            )
+        } else {
+            None
+        };
         let xc = x.reshape((rows, self.cin))?.to_dtype(self.compute)?;
         let gw = xc.t()?.matmul(&gc)?.to_dtype(w.dtype())?;
         Ok((gx, gw, g))
@@ -190,7 +202,7 @@ impl CustomOp2 for Linear {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (gx, gw, _) = self.grads(x, w, grad)?;
-        Ok((Some(gx), Some(gw)))
+        Ok((gx, Some(gw)))
     }
 }
 
@@ -243,7 +255,7 @@ impl CustomOp3 for Linear {
             c: self.cout,
             out: b.dtype(),
         })?;
-        Ok((Some(gx), Some(gw), Some(gb)))
+        Ok((gx, Some(gw), Some(gb)))
     }
 }
 
@@ -332,6 +344,27 @@ mod tests {
             |v| linear(&v[0], &v[1], None, DType::F64, false),
             1e-7,
         )
+    }
+
+    #[test]
+    fn an_untracked_input_gets_no_gradient_and_the_weight_the_same_one() -> Result<()> {
+        let x = rand_tensor(&[2, 3, 4], 8)?;
+        let w = Var::from_tensor(&rand_tensor(&[4, 5], 9)?)?;
+        let r = rand_tensor(&[2, 3, 5], 10)?;
+        let plain = (linear(&x, w.as_tensor(), None, DType::F64, false)? * &r)?
+            .sum_all()?
+            .backward()?;
+        assert!(plain.get(&x).is_none());
+        let xv = Var::from_tensor(&x)?;
+        let tracked = (linear(xv.as_tensor(), w.as_tensor(), None, DType::F64, false)? * &r)?
+            .sum_all()?
+            .backward()?;
+        assert!(tracked.get(xv.as_tensor()).is_some());
+        assert_eq!(
+            bits(plain.get(w.as_tensor()).unwrap())?,
+            bits(tracked.get(w.as_tensor()).unwrap())?
+        );
+        Ok(())
     }
 
     #[test]
