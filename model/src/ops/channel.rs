@@ -451,9 +451,14 @@ impl CustomOp1 for SpatialMean {
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let (b, h, w, c) = x.dims4()?;
-        let ones = Tensor::ones((b, h, w, c), x.dtype(), x.device())?;
+        // g/(H·W) repeated over H and W: one broadcast copy.
         let scaled = (g / (h * w) as f64)?;
-        Ok(Some(ones.apply_op2_no_bwd(&scaled.contiguous()?, &Gate)?))
+        Ok(Some(
+            scaled
+                .reshape((b, 1, 1, c))?
+                .broadcast_as((b, h, w, c))?
+                .contiguous()?,
+        ))
     }
 }
 
