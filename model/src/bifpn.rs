@@ -319,10 +319,13 @@ fn fuse(inputs: &[Tensor], weights: Option<&Tensor>) -> Result<Tensor> {
     let Some(w) = weights else {
         let mut acc = inputs[0].clone();
         for x in &inputs[1..] {
-            acc = (acc + x)?;
+            acc = crate::tape::add(&acc, x)?;
         }
         return Ok(acc);
     };
+    if let Some(tape) = crate::tape::active() {
+        return fuse_recorded(&tape, inputs, w);
+    }
     let w = w.relu()?;
     // Normalized in f32, then cast to the activations' dtype (f32 or 16-bit).
     let norm = w
@@ -340,6 +343,48 @@ fn fuse(inputs: &[Tensor], weights: Option<&Tensor>) -> Result<Tensor> {
         });
     }
     acc.ok_or_else(|| candle_core::Error::Msg("BiFPN: node without inputs".into()))
+}
+
+/// [`fuse`] recorded on a tape as one op of (inputs…, weights): the same forward arithmetic,
+/// and the gradients candle's backward gives through relu, the normalization and the products
+/// (the weight gradients summed in f32).
+fn fuse_recorded(tape: &crate::tape::Tape, inputs: &[Tensor], w: &Tensor) -> Result<Tensor> {
+    let wd = w.detach();
+    let r = wd.relu()?;
+    let s = (r.sum_all()? + 1e-4)?;
+    let norm = r.broadcast_div(&s)?.to_dtype(inputs[0].dtype())?;
+    let xs: Vec<Tensor> = inputs.iter().map(|x| x.detach()).collect();
+    let weight_of = |i: usize| norm.narrow(0, i, 1)?.reshape((1, 1, 1, 1));
+    let mut acc: Option<Tensor> = None;
+    for (i, x) in xs.iter().enumerate() {
+        let term = x.broadcast_mul(&weight_of(i)?)?;
+        acc = Some(match acc {
+            Some(a) => (a + term)?,
+            None => term,
+        });
+    }
+    let y = acc.ok_or_else(|| candle_core::Error::Msg("BiFPN: node without inputs".into()))?;
+    let mut recorded: Vec<&Tensor> = inputs.iter().collect();
+    recorded.push(w);
+    tape.push(&recorded, &y, move |g| {
+        let mut out = Vec::with_capacity(xs.len() + 1);
+        let mut g_norm = Vec::with_capacity(xs.len());
+        for (i, x) in xs.iter().enumerate() {
+            let n_i = norm.narrow(0, i, 1)?.reshape((1, 1, 1, 1))?;
+            out.push(Some(g.broadcast_mul(&n_i)?));
+            g_norm.push((g * x)?.to_dtype(candle_core::DType::F32)?.sum_all()?);
+        }
+        // n = r / s with s = Σ r + ε: ∂/∂r_j = g_j / s − (Σ_i g_i r_i) / s².
+        let g_norm = Tensor::stack(&g_norm, 0)?.to_dtype(r.dtype())?;
+        let direct = g_norm.broadcast_div(&s)?;
+        let through_sum = (&g_norm * &r)?.sum_all()?.div(&s.sqr()?)?;
+        let g_r = direct.broadcast_sub(&through_sum)?;
+        // candle's relu passes the gradient where w ≥ 0.
+        let mask = wd.ge(&wd.zeros_like()?)?.to_dtype(wd.dtype())?;
+        out.push(Some((g_r * mask)?));
+        Ok(out)
+    });
+    Ok(y)
 }
 
 #[cfg(test)]

@@ -117,6 +117,22 @@ impl EfficientDet {
         Ok((cls, boxes))
     }
 
+    /// [`Self::forward`] with every op recorded on a fresh [`crate::tape::Tape`] (no candle
+    /// graph is built): differentiate with [`crate::tape::Tape::backward`], seeded with the
+    /// outputs' gradients.
+    #[allow(clippy::type_complexity)]
+    pub fn forward_recorded(
+        &self,
+        images: &Tensor,
+        train: bool,
+    ) -> Result<(Vec<Tensor>, Vec<Tensor>, crate::tape::Tape)> {
+        let tape = std::rc::Rc::new(crate::tape::Tape::default());
+        let (cls, boxes) = crate::tape::record(&tape, || self.forward(images, train))?;
+        let tape = std::rc::Rc::try_unwrap(tape)
+            .map_err(|_| candle_core::Error::Msg("tape still shared after the forward".into()))?;
+        Ok((cls, boxes, tape))
+    }
+
     /// Every convolution kernel (regular, depthwise, pointwise, 1×1, squeeze-excitation): the
     /// variables automl's L2 regularizer selects (names ending in `kernel`). Batch-norm
     /// parameters, biases and BiFPN fusion weights are excluded.

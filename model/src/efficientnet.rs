@@ -198,7 +198,7 @@ impl MbConv {
         // Squeeze-and-excitation: global mean → reduce + swish → expand + sigmoid → gate.
         let pooled = ops::spatial_mean(&h)?;
         let s = ops::swish(&self.se.reduce.forward(&pooled)?)?;
-        let gate = candle_nn::ops::sigmoid(&self.se.expand.forward(&s)?)?;
+        let gate = crate::tape::sigmoid(&self.se.expand.forward(&s)?)?;
         h = ops::channel_gate(&h, &gate)?;
         h = self
             .project_bn
@@ -207,7 +207,7 @@ impl MbConv {
             if train && self.survival_prob > 0.0 && self.survival_prob < 1.0 {
                 h = drop_connect(&h, self.survival_prob)?;
             }
-            h = (h + x)?;
+            h = crate::tape::add(&h, x)?;
         }
         Ok(h)
     }

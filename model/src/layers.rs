@@ -260,7 +260,8 @@ impl StemConv {
     /// of [`StemConv::precision`] (the network's activation type from here on). On the CPU
     /// candle's convolution; on other devices [`StemConv::forward_im2col`].
     pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
-        if !images.device().is_cpu() {
+        // A tape records the im2col product (candle's convolution is not a recorded op).
+        if !images.device().is_cpu() || crate::tape::active().is_some() {
             return self.forward_im2col(images);
         }
         let (_, _, h, w) = images.dims4()?;
@@ -316,7 +317,18 @@ impl StemConv {
             .contiguous()?
             .reshape((b, oh, ow, ci * 9))?;
         let cout = self.weight.dim(0)?;
-        let kernel = self.weight.reshape((cout, ci * 9))?.t()?;
+        let kernel = match crate::tape::active() {
+            // The OIHW → (I·9, O) view, recorded so the gradient reaches the weight.
+            Some(tape) => {
+                let k = self.weight.detach().reshape((cout, ci * 9))?.t()?;
+                let dims = self.weight.dims().to_vec();
+                tape.push(&[&self.weight], &k, move |g| {
+                    Ok(vec![Some(g.t()?.contiguous()?.reshape(dims)?)])
+                });
+                k
+            }
+            None => self.weight.reshape((cout, ci * 9))?.t()?,
+        };
         // One node whose backward skips the (untracked) patches' gradient.
         let compute = match self.precision {
             Precision::F32 => patches.dtype(),

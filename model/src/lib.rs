@@ -57,6 +57,7 @@ pub mod ops;
 pub mod optim;
 pub mod postprocess;
 pub mod precision;
+pub mod tape;
 pub mod vars;
 
 pub use efficientdet::{feature_sizes, EfficientDet};

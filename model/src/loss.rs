@@ -86,6 +86,79 @@ pub fn detection_loss(
 
 /// Σ Huber(pred − target) over entries whose target is non-zero (Keras Huber: ½d² for |d| ≤ δ,
 /// δ·|d| − ½δ² beyond).
+/// Gradients of `upstream · total` (the total of [`detection_loss`] on the same inputs) with
+/// respect to the class outputs, the box outputs and the L2 kernels, written out rather than
+/// back-propagated (the tape path differentiates the network only):
+/// - class level l: the focal gradient times `upstream / normalizer`;
+/// - box level l: `clamp(pred − target, −δ, δ)` where the target is non-zero, times
+///   `upstream · box_loss_weight / (4 · normalizer)` (Huber's derivative);
+/// - kernel k: `2 · k · upstream · weight_decay / 2`.
+///
+/// Each scalar factor is rounded to the outputs' dtype in the order candle's backward pass
+/// forms it, so the results match [`detection_loss`]'s gradients to float rounding.
+#[allow(clippy::too_many_arguments)]
+pub fn detection_loss_grads(
+    cls_out: &[Tensor],
+    box_out: &[Tensor],
+    cls_targets: &[Tensor],
+    box_targets: &[Tensor],
+    num_positives: &Tensor,
+    l2_kernels: &[Tensor],
+    cfg: &LossConfig,
+    upstream: f64,
+) -> Result<LossGrads> {
+    let n = cls_out.len();
+    if n == 0 || box_out.len() != n || cls_targets.len() != n || box_targets.len() != n {
+        candle_core::bail!("detection_loss_grads: level counts differ");
+    }
+    let dtype = cls_out[0].dtype();
+    let dev = num_positives.device();
+    let normalizer = (num_positives.to_dtype(dtype)?.sum_all()? + 1.0)?;
+    let up = Tensor::new(upstream, dev)?.to_dtype(dtype)?;
+    let params = FocalParams {
+        alpha: cfg.alpha,
+        gamma: cfg.gamma,
+        label_smoothing: cfg.label_smoothing,
+    };
+    let cls_scale = up.div(&normalizer)?;
+    let box_scale = (&up * cfg.box_loss_weight)?.div(&(&normalizer * 4.0)?)?;
+    let mut cls = Vec::with_capacity(n);
+    let mut boxes = Vec::with_capacity(n);
+    for l in 0..n {
+        cls.push(ops::focal_loss_grad(
+            &cls_out[l],
+            &cls_targets[l],
+            params,
+            &cls_scale,
+        )?);
+        let (p, t) = (box_out[l].detach(), box_targets[l].to_dtype(dtype)?);
+        if p.dims() != t.dims() {
+            candle_core::bail!("box loss: outputs {:?} vs targets {:?}", p.dims(), t.dims());
+        }
+        let mask = t.ne(0.0)?.to_dtype(dtype)?;
+        let d = (&p - &t)?.clamp(-cfg.delta, cfg.delta)?;
+        boxes.push((d * mask)?.broadcast_mul(&box_scale)?);
+    }
+    let reg_scale = (&up * (cfg.weight_decay / 2.0))?;
+    let kernels = l2_kernels
+        .iter()
+        .map(|k| k.detach().to_dtype(dtype)?.broadcast_mul(&reg_scale)? * 2.0)
+        .collect::<Result<Vec<_>>>()?;
+    Ok(LossGrads {
+        cls,
+        boxes,
+        kernels,
+    })
+}
+
+/// What [`detection_loss_grads`] returns, per level and per kernel.
+#[derive(Clone, Debug)]
+pub struct LossGrads {
+    pub cls: Vec<Tensor>,
+    pub boxes: Vec<Tensor>,
+    pub kernels: Vec<Tensor>,
+}
+
 pub fn huber_sum(pred: &Tensor, target: &Tensor, delta: f64) -> Result<Tensor> {
     if pred.dims() != target.dims() {
         candle_core::bail!(

@@ -53,9 +53,7 @@ pub fn batch_norm_train(
         act,
         saved: saved.clone(),
     };
-    let y = x
-        .contiguous()?
-        .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
+    let y = crate::tape::op3(x, gamma, beta, op)?;
     let stats = saved
         .lock()
         .map_err(|_| candle_core::Error::Msg("batch_norm_train: poisoned lock".into()))?
@@ -99,8 +97,7 @@ pub fn batch_norm_eval(
         act,
         saved: Saved { mean, inv_std },
     };
-    x.contiguous()?
-        .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)
+    crate::tape::op3(x, gamma, beta, op)
 }
 
 fn check(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<usize> {

@@ -17,7 +17,7 @@ pub fn add_channel_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
             x.dims()
         );
     }
-    x.contiguous()?.apply_op2(&bias.contiguous()?, BiasAdd)
+    crate::tape::op2(x, bias, BiasAdd)
 }
 
 /// `x` `[B, H, W, C]` · `gate` `[B, C]` broadcast over H and W (both of one dtype).
@@ -30,7 +30,7 @@ pub fn channel_gate(x: &Tensor, gate: &Tensor) -> Result<Tensor> {
             x.dims()
         );
     }
-    x.contiguous()?.apply_op2(&gate.contiguous()?, Gate)
+    crate::tape::op2(x, gate, Gate)
 }
 
 /// `x` `[B, H, W, C]` · `scale[b]` for a constant per-sample `scale` `[B]` (drop-connect's
@@ -52,7 +52,7 @@ pub fn scale_samples(x: &Tensor, scale: &Tensor) -> Result<Tensor> {
         .reshape((b, 1))?
         .broadcast_as((b, c))?
         .contiguous()?;
-    x.contiguous()?.apply_op2(&gate, SampleScale)
+    crate::tape::op2(x, &gate, SampleScale)
 }
 
 /// [`Gate`] without a gradient for the gate.
@@ -98,7 +98,7 @@ impl CustomOp2 for SampleScale {
 /// Mean of `x` `[B, H, W, C]` over H and W → `[B, C]` in `x`'s dtype.
 pub fn spatial_mean(x: &Tensor) -> Result<Tensor> {
     x.dims4()?;
-    x.contiguous()?.apply_op1(SpatialMean)
+    crate::tape::op1(x, SpatialMean)
 }
 
 fn sum_rows<T: Elem>(g: &[T], c: usize) -> Vec<T> {

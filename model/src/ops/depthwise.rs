@@ -23,8 +23,7 @@ pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, stride: usize) -> Result<Te
             x.dims()
         );
     }
-    x.contiguous()?
-        .apply_op2(&weight.contiguous()?, DepthwiseConv { k: kh, stride })
+    crate::tape::op2(x, weight, DepthwiseConv { k: kh, stride })
 }
 
 /// Rows a row-walking kernel spans: output rows for the forward, input rows for the input

@@ -42,7 +42,38 @@ pub fn focal_loss_sum(logits: &Tensor, targets: &Tensor, params: FocalParams) ->
         num_classes: la / ta,
         p: params,
     };
-    logits.contiguous()?.apply_op2(&targets.contiguous()?, op)
+    crate::tape::op2(logits, &targets, op)
+}
+
+/// d(Σ focal loss)/d(logits) · `upstream` (a scalar tensor), the gradient the loss op's backward
+/// pass gives; for callers that differentiate the loss by hand (the tape path).
+pub fn focal_loss_grad(
+    logits: &Tensor,
+    targets: &Tensor,
+    params: FocalParams,
+    upstream: &Tensor,
+) -> Result<Tensor> {
+    let (la, ta) = (
+        logits.dims().last().copied().unwrap_or(0),
+        targets.dims().last().copied().unwrap_or(0),
+    );
+    if ta == 0 || la % ta != 0 {
+        candle_core::bail!("focal_loss: logits depth {la} is not a multiple of {ta} anchors");
+    }
+    let targets = match targets.dtype() {
+        DType::I64 => targets.clone(),
+        DType::I32 if !targets.device().is_cpu() => targets.clone(),
+        DType::I32 | DType::I16 | DType::U32 | DType::U8 => targets.to_dtype(DType::I64)?,
+        d => candle_core::bail!("focal_loss: targets must be integer class ids, got {d:?}"),
+    };
+    let op = Focal {
+        num_classes: la / ta,
+        p: params,
+    };
+    let (l, t) = (logits.detach().contiguous()?, targets.contiguous()?);
+    let loss = Tensor::zeros((), logits.dtype(), logits.device())?;
+    let (d, _) = op.bwd(&l, &t, &loss, upstream)?;
+    d.ok_or_else(|| candle_core::Error::Msg("focal_loss: no gradient".into()))
 }
 
 struct Focal {

@@ -48,6 +48,30 @@ pub fn linear(
         cin,
         cout,
     };
+    if let Some(tape) = crate::tape::active() {
+        // Recorded by hand: whether x needs a gradient is the tape's knowledge (every
+        // activation is detached while recording).
+        let want_x = tape.tracks(x);
+        let (xd, wd) = (x.detach().contiguous()?, weight.detach().contiguous()?);
+        let (y, inputs) = match bias {
+            Some(b) => {
+                let bd = b.detach().contiguous()?;
+                (xd.apply_op3_no_bwd(&wd, &bd, &op)?, vec![x, weight, b])
+            }
+            None => (xd.apply_op2_no_bwd(&wd, &op)?, vec![x, weight]),
+        };
+        let bias_dtype = bias.map(|b| b.dtype());
+        tape.push(&inputs, &y, move |g| {
+            let (gx, gw, g2) = op.grads(&xd, &wd, g, want_x)?;
+            let mut out = vec![gx, Some(gw)];
+            if let Some(out_dtype) = bias_dtype {
+                let c = op.cout;
+                out.push(Some(g2.apply_op1_no_bwd(&ColumnSum { c, out: out_dtype })?));
+            }
+            Ok(out)
+        });
+        return Ok(y);
+    }
     let (x, w) = (x.contiguous()?, weight.contiguous()?);
     match bias {
         Some(b) => x.apply_op3(&w, &b.contiguous()?, op),
@@ -146,11 +170,12 @@ impl Linear {
         x: &Tensor,
         w: &Tensor,
         grad: &Tensor,
+        want_x: bool,
     ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
         let rows = x.elem_count() / self.cin.max(1);
         let g = grad.contiguous()?.reshape((rows, self.cout))?;
         let gc = g.to_dtype(self.compute)?;
-        let gx = if x.track_op() {
+        let gx = if want_x {
             let wc = w.to_dtype(self.compute)?;
             Some(
                 gc.matmul(&wc.t()?)?
@@ -201,7 +226,7 @@ impl CustomOp2 for Linear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (gx, gw, _) = self.grads(x, w, grad)?;
+        let (gx, gw, _) = self.grads(x, w, grad, x.track_op())?;
         Ok((gx, Some(gw)))
     }
 }
@@ -250,7 +275,7 @@ impl CustomOp3 for Linear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (gx, gw, g) = self.grads(x, w, grad)?;
+        let (gx, gw, g) = self.grads(x, w, grad, x.track_op())?;
         let gb = g.apply_op1_no_bwd(&ColumnSum {
             c: self.cout,
             out: b.dtype(),

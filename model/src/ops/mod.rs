@@ -54,7 +54,7 @@ pub use batch_norm::{
 };
 pub use channel::{add_channel_bias, channel_gate, scale_samples, spatial_mean};
 pub use depthwise::depthwise_conv2d;
-pub use focal::{focal_loss_sum, FocalParams};
+pub use focal::{focal_loss_grad, focal_loss_sum, FocalParams};
 pub use linear::{linear, linear_unfused};
 pub use pool::max_pool2d_same;
 pub use swish::swish;

@@ -7,6 +7,48 @@ use candle_core::{Result, Tensor};
 
 /// Resizes `x` `[B, H, W, C]` to `[B, out_h, out_w, C]` by nearest-neighbour sampling.
 pub fn upsample_nearest(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
+    let Some(tape) = crate::tape::active() else {
+        return resize(x, out_h, out_w);
+    };
+    // One recorded op; the gradient sums each source pixel's copies.
+    let (b, h, w, c) = x.dims4()?;
+    let y = resize(&x.detach(), out_h, out_w)?;
+    let dev = x.device().clone();
+    tape.push(&[x], &y, move |g| {
+        if out_h == 2 * h && out_w == 2 * w {
+            let gx = g
+                .reshape((b, h, 2, w, 2, c))?
+                .sum_keepdim(4)?
+                .sum_keepdim(2)?
+                .reshape((b, h, w, c))?;
+            return Ok(vec![Some(gx)]);
+        }
+        let cols = if out_w == w {
+            g.clone()
+        } else {
+            let z = Tensor::zeros((b, out_h, w, c), g.dtype(), &dev)?;
+            z.index_add(&index(w, out_w, &dev)?, &g.contiguous()?, 2)?
+        };
+        let rows = if out_h == h {
+            cols
+        } else {
+            let z = Tensor::zeros((b, h, w, c), g.dtype(), &dev)?;
+            z.index_add(&index(h, out_h, &dev)?, &cols.contiguous()?, 1)?
+        };
+        Ok(vec![Some(rows)])
+    });
+    Ok(y)
+}
+
+/// Source index of each of `n_out` positions resized from `n_in`.
+fn index(n_in: usize, n_out: usize, dev: &candle_core::Device) -> Result<Tensor> {
+    let idx: Vec<u32> = (0..n_out)
+        .map(|o| ((o as u64 * n_in as u64) / n_out as u64) as u32)
+        .collect();
+    Tensor::from_vec(idx, n_out, dev)
+}
+
+fn resize(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
     let (b, h, w, c) = x.dims4()?;
     if h == 0 || w == 0 || out_h == 0 || out_w == 0 {
         candle_core::bail!(
@@ -20,21 +62,15 @@ pub fn upsample_nearest(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor
             .broadcast_as((b, h, 2, w, 2, c))?
             .reshape((b, out_h, out_w, c));
     }
-    let index = |n_in: usize, n_out: usize| -> Result<Tensor> {
-        let idx: Vec<u32> = (0..n_out)
-            .map(|o| ((o as u64 * n_in as u64) / n_out as u64) as u32)
-            .collect();
-        Tensor::from_vec(idx, n_out, x.device())
-    };
     let rows = if out_h == h {
         x.clone()
     } else {
-        x.index_select(&index(h, out_h)?, 1)?
+        x.index_select(&index(h, out_h, x.device())?, 1)?
     };
     if out_w == w {
         Ok(rows)
     } else {
-        rows.index_select(&index(w, out_w)?, 2)
+        rows.index_select(&index(w, out_w, x.device())?, 2)
     }
 }
 

@@ -60,6 +60,35 @@ fn apply_resident(
     act: Activation,
     train: bool,
 ) -> Result<Tensor> {
+    if let Some(tape) = crate::tape::active() {
+        // Recorded as one op of (x, γ, β): the rows of the f64 parameter gradient are γ's and
+        // β's gradients, as the casts and the concatenation below pass them back.
+        let c = gamma.dim(0)?;
+        let params = Tensor::cat(
+            &[
+                moments.detach(),
+                gamma.detach().to_dtype(DType::F64)?.unsqueeze(0)?,
+                beta.detach().to_dtype(DType::F64)?.unsqueeze(0)?,
+            ],
+            0,
+        )?;
+        let xd = x.detach().contiguous()?;
+        let op = Apply { act, train };
+        let y = xd.apply_op2_no_bwd(&params, &op)?;
+        let (yc, gdt, bdt) = (y.clone(), gamma.dtype(), beta.dtype());
+        tape.push(&[x, gamma, beta], &y, move |g| {
+            let (dx, dp) = op.bwd(&xd, &params, &yc, g)?;
+            let dp =
+                dp.ok_or_else(|| candle_core::Error::Msg("batch norm: no γ/β gradient".into()))?;
+            debug_assert_eq!(dp.dims(), [4, c]);
+            Ok(vec![
+                dx,
+                Some(dp.get(2)?.to_dtype(gdt)?),
+                Some(dp.get(3)?.to_dtype(bdt)?),
+            ])
+        });
+        return Ok(y);
+    }
     // γ and β join the statistics as f64 rows; their gradients flow back through the casts.
     let params = Tensor::cat(
         &[
