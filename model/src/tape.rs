@@ -1,8 +1,8 @@
 //! A gradient tape for the training step, in place of candle's own backward pass.
 //!
-//! candle's `Tensor::backward` materializes every node's input gradient as `zeros_like(input)
-//! + gradient` (`GradStore::or_insert`): a zero fill and an add over the whole tensor for each
-//! input of each node, which in a bandwidth-bound network like EfficientDet costs about as much
+//! candle's `Tensor::backward` materializes every node's input gradient as
+//! `zeros_like(input) + gradient` (`GradStore::or_insert`): a zero fill and an add over the
+//! whole tensor for each input of each node, which in a bandwidth-bound network like EfficientDet costs about as much
 //! memory traffic as the backward kernels themselves. While a tape is active on a thread
 //! ([`record`]), the model's ops compute on detached tensors (candle builds no graph at all)
 //! and append one entry per op with its backward rule; [`Tape::backward`] then walks the
