@@ -220,6 +220,151 @@ mod tests {
     use crate::ops::fd::rand_tensor;
     use candle_core::Var;
 
+    type OpFn = dyn Fn(&[Tensor]) -> Result<Tensor>;
+
+    /// Each recording op: the tape's gradients equal candle's backward through the same op
+    /// (f64 inputs, all of them variables), including the device-resident batch norm that the
+    /// model only runs on GPUs and the upsampling's gather path.
+    #[test]
+    fn every_recording_op_matches_candle_backward() -> Result<()> {
+        use crate::ops::{self, Activation};
+        let t = |d: &[usize], s: u64| rand_tensor(d, s);
+        let mean = t(&[6], 40)?;
+        let var = (t(&[6], 41)?.abs()? + 0.5)?;
+        let mut cases: Vec<(&str, Vec<Tensor>, Box<OpFn>)> = vec![
+            (
+                "depthwise s2",
+                vec![t(&[2, 7, 6, 6], 1)?, t(&[3, 3, 6], 2)?],
+                Box::new(|v| ops::depthwise_conv2d(&v[0], &v[1], 2)),
+            ),
+            (
+                "max_pool",
+                vec![t(&[2, 7, 6, 6], 3)?],
+                Box::new(|v| ops::max_pool2d_same(&v[0], (3, 3), (2, 2))),
+            ),
+            (
+                "swish",
+                vec![t(&[2, 7, 6], 4)?],
+                Box::new(|v| ops::swish(&v[0])),
+            ),
+            (
+                "bias",
+                vec![t(&[2, 3, 4, 6], 5)?, t(&[6], 6)?],
+                Box::new(|v| ops::add_channel_bias(&v[0], &v[1])),
+            ),
+            (
+                "gate",
+                vec![t(&[2, 3, 4, 6], 7)?, t(&[2, 6], 8)?],
+                Box::new(|v| ops::channel_gate(&v[0], &v[1])),
+            ),
+            (
+                "spatial_mean",
+                vec![t(&[2, 3, 4, 6], 9)?],
+                Box::new(|v| ops::spatial_mean(&v[0])),
+            ),
+            (
+                "scale_samples",
+                vec![t(&[2, 3, 4, 6], 10)?],
+                Box::new(|v| {
+                    let s = Tensor::new(&[1.25f64, 0.0], v[0].device())?;
+                    ops::scale_samples(&v[0], &s)
+                }),
+            ),
+            (
+                "linear",
+                vec![t(&[2, 3, 4, 6], 11)?, t(&[6, 5], 12)?, t(&[5], 13)?],
+                Box::new(|v| {
+                    ops::linear(&v[0], &v[1], Some(&v[2]), candle_core::DType::F64, false)
+                }),
+            ),
+            (
+                "upsample 2x",
+                vec![t(&[2, 3, 4, 6], 14)?],
+                Box::new(|v| ops::upsample_nearest(&v[0], 6, 8)),
+            ),
+            (
+                "upsample gather",
+                vec![t(&[2, 3, 4, 6], 15)?],
+                Box::new(|v| ops::upsample_nearest(&v[0], 5, 7)),
+            ),
+            (
+                "add + sigmoid",
+                vec![t(&[2, 5], 16)?, t(&[2, 5], 17)?],
+                Box::new(|v| sigmoid(&add(&v[0], &v[1])?)),
+            ),
+        ];
+        for act in [Activation::None, Activation::Swish] {
+            let bn = || -> Result<Vec<Tensor>> {
+                Ok(vec![
+                    (t(&[2, 3, 4, 6], 20)? * 3.0)?,
+                    t(&[6], 21)?,
+                    t(&[6], 22)?,
+                ])
+            };
+            cases.push((
+                "bn train",
+                bn()?,
+                Box::new(move |v| Ok(ops::batch_norm_train(&v[0], &v[1], &v[2], 1e-3, act)?.0)),
+            ));
+            cases.push((
+                "bn train resident",
+                bn()?,
+                Box::new(move |v| {
+                    Ok(ops::batch_norm_train_resident(&v[0], &v[1], &v[2], 1e-3, act)?.0)
+                }),
+            ));
+            let (m, s) = (mean.clone(), var.clone());
+            cases.push((
+                "bn eval",
+                bn()?,
+                Box::new(move |v| ops::batch_norm_eval(&v[0], &v[1], &v[2], &m, &s, 1e-3, act)),
+            ));
+            let (m, s) = (mean.clone(), var.clone());
+            cases.push((
+                "bn eval resident",
+                bn()?,
+                Box::new(move |v| {
+                    ops::batch_norm_eval_resident(&v[0], &v[1], &v[2], &m, &s, 1e-3, act)
+                }),
+            ));
+        }
+        for (name, inputs, f) in cases {
+            let vars: Vec<Var> = inputs.iter().map(Var::from_tensor).collect::<Result<_>>()?;
+            let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let y = f(&ts)?;
+            let r = rand_tensor(y.dims(), 99)?;
+            let want = (&y * &r)?.sum_all()?.backward()?;
+            let tape = Rc::new(Tape::default());
+            let yt = record(&tape, || f(&ts))?;
+            assert!(
+                !yt.track_op(),
+                "{name}: built a candle graph while recording"
+            );
+            let tape =
+                Rc::try_unwrap(tape).map_err(|_| candle_core::Error::Msg("shared".into()))?;
+            let got = tape.backward(vec![(yt.id(), r)])?;
+            for (i, v) in vars.iter().enumerate() {
+                let (g, w) = (got.get(&v.id()), want.get(v));
+                let (g, w) = match (g, w) {
+                    (Some(g), Some(w)) => (g, w),
+                    (None, None) => continue,
+                    (g, w) => panic!(
+                        "{name}: input {i} tape {} candle {}",
+                        g.is_some(),
+                        w.is_some()
+                    ),
+                };
+                let d = (g - w)?.abs()?.max_all()?.to_scalar::<f64>()?;
+                let n = w.abs()?.max_all()?.to_scalar::<f64>()?.max(1e-300);
+                assert!(
+                    d <= 1e-12 * n.max(1.0),
+                    "{name}: input {i} differs by {d:e}"
+                );
+            }
+        }
+        Ok(())
+    }
+
     #[test]
     fn gradients_are_inserted_then_added_and_unused_branches_are_skipped() -> Result<()> {
         let a = Var::from_tensor(&rand_tensor(&[5], 1)?)?;

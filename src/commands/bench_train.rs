@@ -71,6 +71,8 @@ pub struct Report {
     pub steps: u64,
     pub warmup: u64,
     pub feed: &'static str,
+    /// Where the gradients came from: "tape" (default) or "candle" (`EFFDET_CANDLE_BACKWARD=1`).
+    pub backward: &'static str,
     pub images_per_sec: f64,
     pub step_ms: f64,
     pub step_ms_min: f64,
@@ -249,6 +251,11 @@ pub fn bench(a: &Args) -> anyhow::Result<Report> {
         device: a.device,
         device_name: name,
         precision: a.precision,
+        backward: if trainer.uses_tape() {
+            "tape"
+        } else {
+            "candle"
+        },
         skipped_steps,
         tf32,
         batch_size: a.batch_size,

@@ -1,14 +1,19 @@
 //! One training step, shared by `train` and `bench-train`: forward (training BN) → automl loss
 //! → backward → clip → SGD (momentum) → EMA, on whichever device the model lives. Host reads
 //! are batched (the four loss scalars in one transfer, the gradient norms in one), since on a
-//! GPU each read is a synchronization.
+//! GPU each read is a synchronization. Gradients come from the model's tape
+//! (`effdet_model::tape`: the forward records its ops, the loss is differentiated by hand) rather
+//! than candle's backward, which zero-fills and adds a full-size buffer per graph node;
+//! `EFFDET_CANDLE_BACKWARD=1` switches back to candle's for comparison.
 
 use candle_core::{DType, Device, Tensor};
 use effdet_model::config::Config;
-use effdet_model::loss::detection_loss;
+use effdet_model::loss::{detection_loss, detection_loss_grads};
 use effdet_model::optim::{clip_gradients, Ema, Sgd};
+use effdet_model::tape::Tape;
 use effdet_model::{DynamicLossScaler, EfficientDet, ModelVars, Precision};
 use effdet_pipeline::loader::{Batch, ImageData, Loader};
+use std::cell::RefCell;
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::time::Instant;
 
@@ -22,6 +27,22 @@ pub struct Trainer {
     /// Dynamic loss scaling (enabled for fp16 only).
     pub scaler: DynamicLossScaler,
     l2: Vec<Tensor>,
+    /// Gradients through the tape (else candle's backward).
+    use_tape: bool,
+    /// The last [`Trainer::loss`]'s recorded forward, for [`Trainer::gradients`].
+    recorded: RefCell<Option<Recorded>>,
+}
+
+/// A recorded forward pass and what its loss was computed from.
+struct Recorded {
+    tape: Tape,
+    cls: Vec<Tensor>,
+    boxes: Vec<Tensor>,
+    cls_targets: Vec<Tensor>,
+    box_targets: Vec<Tensor>,
+    num_positives: Tensor,
+    /// The total loss tensor of that forward (gradients are only for it).
+    total: Tensor,
 }
 
 /// What one step measured.
@@ -147,13 +168,40 @@ impl Trainer {
             ema,
             scaler: DynamicLossScaler::for_precision(precision),
             l2,
+            use_tape: std::env::var("EFFDET_CANDLE_BACKWARD")
+                .map_or(true, |v| v.is_empty() || v == "0"),
+            recorded: RefCell::new(None),
         })
+    }
+
+    /// Whether gradients come from the tape (the default) or candle's backward.
+    pub fn uses_tape(&self) -> bool {
+        self.use_tape
+    }
+
+    /// Chooses the tape (true) or candle's backward (false) for the following steps.
+    #[cfg(test)]
+    pub fn set_use_tape(&mut self, on: bool) {
+        self.use_tape = on;
+        *self.recorded.borrow_mut() = None;
     }
 
     /// Forward and loss; returns the loss parts as tensors (no host read).
     pub fn loss(&self, t: &BatchTensors) -> anyhow::Result<effdet_model::loss::LossParts> {
-        let (cls, boxes) = self.model.forward(&t.images, true)?;
-        Ok(detection_loss(
+        if !self.use_tape {
+            let (cls, boxes) = self.model.forward(&t.images, true)?;
+            return Ok(detection_loss(
+                &cls,
+                &boxes,
+                &t.cls,
+                &t.boxes,
+                &t.num_positives,
+                &self.l2,
+                &self.cfg.loss,
+            )?);
+        }
+        let (cls, boxes, tape) = self.model.forward_recorded(&t.images, true)?;
+        let parts = detection_loss(
             &cls,
             &boxes,
             &t.cls,
@@ -161,17 +209,80 @@ impl Trainer {
             &t.num_positives,
             &self.l2,
             &self.cfg.loss,
-        )?)
+        )?;
+        *self.recorded.borrow_mut() = Some(Recorded {
+            tape,
+            cls,
+            boxes,
+            cls_targets: t.cls.clone(),
+            box_targets: t.boxes.clone(),
+            num_positives: t.num_positives.clone(),
+            total: parts.total.clone(),
+        });
+        Ok(parts)
     }
 
     /// Gradients of the total loss for `sgd.vars()` (None where a variable got none).
     pub fn gradients(&self, total: &Tensor) -> anyhow::Result<Vec<Option<Tensor>>> {
-        let grads = total.backward()?;
+        self.scaled_gradients(total, 1.0)
+    }
+
+    /// Gradients of `scale ·` the total loss of the last [`Trainer::loss`] (`total` is that
+    /// loss tensor), for `sgd.vars()`.
+    pub fn scaled_gradients(
+        &self,
+        total: &Tensor,
+        scale: f64,
+    ) -> anyhow::Result<Vec<Option<Tensor>>> {
+        let recorded = self.recorded.borrow_mut().take();
+        let Some(r) = recorded.filter(|r| r.total.id() == total.id()) else {
+            anyhow::ensure!(
+                !self.use_tape,
+                "gradients of a loss this trainer's last forward did not record"
+            );
+            let scaled = if scale == 1.0 {
+                total.clone()
+            } else {
+                total.affine(scale, 0.0)?
+            };
+            let grads = scaled.backward()?;
+            return Ok(self
+                .sgd
+                .vars()
+                .iter()
+                .map(|(_, v)| grads.get(v).map(|g| g.detach()))
+                .collect());
+        };
+        let lg = detection_loss_grads(
+            &r.cls,
+            &r.boxes,
+            &r.cls_targets,
+            &r.box_targets,
+            &r.num_positives,
+            &self.l2,
+            &self.cfg.loss,
+            scale,
+        )?;
+        let seeds = r
+            .cls
+            .iter()
+            .zip(lg.cls)
+            .chain(r.boxes.iter().zip(lg.boxes))
+            .map(|(t, g)| (t.id(), g))
+            .collect();
+        let mut grads = r.tape.backward(seeds)?;
+        for (k, g) in self.l2.iter().zip(lg.kernels) {
+            let sum = match grads.remove(&k.id()) {
+                Some(t) => (t + g)?,
+                None => g,
+            };
+            grads.insert(k.id(), sum);
+        }
         Ok(self
             .sgd
             .vars()
             .iter()
-            .map(|(_, v)| grads.get(v).map(|g| g.detach()))
+            .map(|(_, v)| grads.remove(&v.id()))
             .collect())
     }
 
@@ -192,11 +303,12 @@ impl Trainer {
             "non-finite loss at step {step}: total {loss}, cls {cls_l}, box {box_l}, reg {reg_l}"
         );
         let loss_scale = self.scaler.scale();
-        let mut all = if self.scaler.is_enabled() {
-            self.gradients(&self.scaler.scale_loss(&parts.total)?)?
+        let scale = if self.scaler.is_enabled() {
+            loss_scale
         } else {
-            self.gradients(&parts.total)?
+            1.0
         };
+        let mut all = self.scaled_gradients(&parts.total, scale)?;
         let t_bq = Instant::now();
         let present: Vec<usize> = (0..all.len()).filter(|&i| all[i].is_some()).collect();
         let mut gs: Vec<Tensor> = present.iter().filter_map(|&i| all[i].take()).collect();
@@ -378,6 +490,61 @@ mod tests {
     use crate::commands::data::{start_loader, DataArgs, DtypeArg};
     use crate::commands::train::tests as t;
     use effdet_pipeline::augment::Mode;
+
+    /// The trainer's tape gives candle's gradients (to the float noise that training-mode batch
+    /// norm amplifies) for every variable, weight decay included, with and without loss
+    /// scaling; a gradient for another loss than the last recorded one is refused.
+    #[test]
+    fn tape_and_candle_backward_give_the_same_gradients() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let data = t::shards(dir.path(), 4)?;
+        let d = DataArgs::for_paths(vec![data.to_string_lossy().into_owned()], 64);
+        let mut loader = start_loader(d.loader_config(Mode::Train, 2), d.files()?)?;
+        let b = loader.next_batch().expect("a batch")?;
+        let t = BatchTensors::from_batch(&b, &Device::Cpu)?;
+        let mut cfg = Config::builtin("efficientdet-d0")?;
+        // Drop-connect draws from the device RNG, which differs between the two runs.
+        cfg.backbone.survival_prob = 0.0;
+        let mut trainer = Trainer::new(&cfg, &Device::Cpu, 7, Precision::F32)?;
+        assert!(trainer.uses_tape());
+        for scale in [1.0, 1024.0] {
+            trainer.set_use_tape(true);
+            let parts = trainer.loss(&t)?;
+            let tape = trainer.scaled_gradients(&parts.total, scale)?;
+            trainer.set_use_tape(false);
+            let parts = trainer.loss(&t)?;
+            let candle = trainer.scaled_gradients(&parts.total, scale)?;
+            let (mut num, mut den) = (0f64, 0f64);
+            for ((a, c), (name, _)) in tape.iter().zip(&candle).zip(trainer.sgd.vars()) {
+                let (a, c) = match (a, c) {
+                    (Some(a), Some(c)) => (a, c),
+                    _ => anyhow::bail!(
+                        "{name}: gradient missing (tape {}, candle {})",
+                        a.is_some(),
+                        c.is_some()
+                    ),
+                };
+                let d = (a - c)?
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?;
+                num += d;
+                den += c
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?;
+            }
+            let rel = (num / den).sqrt();
+            assert!(rel < 1e-4, "scale {scale}: tape vs candle {rel:.2e}");
+        }
+        trainer.set_use_tape(true);
+        let parts = trainer.loss(&t)?;
+        let other = (&parts.total * 2.0)?;
+        assert!(trainer.gradients(&other).is_err());
+        Ok(())
+    }
 
     /// Feed selection: GPU decoding only on the copy stream, the copy stream only on CUDA
     /// builds; `--gpu-decode` makes the loader defer JPEGs and keep f32 images.
