@@ -5,7 +5,8 @@
 #   (a) cuda-check: every own op and the whole D0 loss + gradients, GPU against CPU (fp32), the
 #       copy-stream feed against the simple feed, the nvJPEG render kernel against its CPU
 #       reference and nvJPEG batches against CPU-decoded ones;
-#   (b) bench-train on one reused batch: 512², batch 16/32/64, fp32 (TF32) and mixed precision;
+#   (b) bench-train on one reused batch: 512², batch 16/32/64, fp32 (TF32) and mixed precision,
+#       gradients from the model's tape; CANDLE runs the same with candle's backward (A/B);
 #   (c) bench-train fed by the real pipeline (all CPU cores) with its data-wait share: the simple
 #       feed, the copy-stream feed, and the copy-stream feed with nvJPEG decoding;
 #   (d) the input pipeline alone on all cores, CPU decode and nvJPEG decode;
@@ -21,6 +22,7 @@ BIN=/tmp/effdet
 START=$(date +%s)
 STEPS=${STEPS:-10}
 RUNS=${RUNS:-"fp32:32 fp32:64 fp16:32 fp16:64 bf16:64"}   # bench-train precision:batch
+CANDLE=${CANDLE:-fp16:64}                                # with EFFDET_CANDLE_BACKWARD=1 (A/B)
 FED=${FED:-fp16:64}                                      # the pipeline-fed run
 TORCH=${TORCH:-"fp16:32 fp16:64 fp32:32"}                 # PyTorch effdet precision:batch
 
@@ -72,6 +74,12 @@ for pb in $RUNS; do
   p=${pb%%:*}; b=${pb##*:}
   run "train_${p}_b${b}" "${RT:-100}" "$BIN" bench-train --device cuda --data "$DATA" --image-size 512 \
     --batch-size "$b" --steps "$STEPS" --warmup 3 --precision "$p" --reuse-batch --feed simple
+done
+for pb in $CANDLE; do
+  p=${pb%%:*}; b=${pb##*:}
+  EFFDET_CANDLE_BACKWARD=1 run "train_candle_backward_${p}_b${b}" "${RT:-100}" "$BIN" bench-train \
+    --device cuda --data "$DATA" --image-size 512 --batch-size "$b" --steps "$STEPS" --warmup 3 \
+    --precision "$p" --reuse-batch --feed simple
 done
 
 # (c) fed by the pipeline on all cores: simple feed, copy stream, copy stream + nvJPEG.
