@@ -38,15 +38,7 @@ pub fn detection_loss(
     l2_kernels: &[Tensor],
     cfg: &LossConfig,
 ) -> Result<LossParts> {
-    let n = cls_out.len();
-    if n == 0 || box_out.len() != n || cls_targets.len() != n || box_targets.len() != n {
-        candle_core::bail!(
-            "detection_loss: level counts differ (cls {n}, box {}, cls targets {}, box targets {})",
-            box_out.len(),
-            cls_targets.len(),
-            box_targets.len()
-        );
-    }
+    let n = level_count(cls_out, box_out, cls_targets, box_targets)?;
     let dtype = cls_out[0].dtype();
     let normalizer = (num_positives.to_dtype(dtype)?.sum_all()? + 1.0)?;
     let params = FocalParams {
@@ -107,10 +99,7 @@ pub fn detection_loss_grads(
     cfg: &LossConfig,
     upstream: f64,
 ) -> Result<LossGrads> {
-    let n = cls_out.len();
-    if n == 0 || box_out.len() != n || cls_targets.len() != n || box_targets.len() != n {
-        candle_core::bail!("detection_loss_grads: level counts differ");
-    }
+    let n = level_count(cls_out, box_out, cls_targets, box_targets)?;
     let dtype = cls_out[0].dtype();
     let dev = num_positives.device();
     let normalizer = (num_positives.to_dtype(dtype)?.sum_all()? + 1.0)?;
@@ -149,6 +138,25 @@ pub fn detection_loss_grads(
         boxes,
         kernels,
     })
+}
+
+/// The number of pyramid levels, the same for outputs and targets.
+fn level_count(
+    cls_out: &[Tensor],
+    box_out: &[Tensor],
+    cls_targets: &[Tensor],
+    box_targets: &[Tensor],
+) -> Result<usize> {
+    let n = cls_out.len();
+    if n == 0 || box_out.len() != n || cls_targets.len() != n || box_targets.len() != n {
+        candle_core::bail!(
+            "detection_loss: level counts differ (cls {n}, box {}, cls targets {}, box targets {})",
+            box_out.len(),
+            cls_targets.len(),
+            box_targets.len()
+        );
+    }
+    Ok(n)
 }
 
 /// What [`detection_loss_grads`] returns, per level and per kernel.

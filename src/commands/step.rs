@@ -188,28 +188,23 @@ impl Trainer {
 
     /// Forward and loss; returns the loss parts as tensors (no host read).
     pub fn loss(&self, t: &BatchTensors) -> anyhow::Result<effdet_model::loss::LossParts> {
-        if !self.use_tape {
-            let (cls, boxes) = self.model.forward(&t.images, true)?;
-            return Ok(detection_loss(
-                &cls,
-                &boxes,
+        let parts_of = |cls: &[Tensor], boxes: &[Tensor]| {
+            detection_loss(
+                cls,
+                boxes,
                 &t.cls,
                 &t.boxes,
                 &t.num_positives,
                 &self.l2,
                 &self.cfg.loss,
-            )?);
+            )
+        };
+        if !self.use_tape {
+            let (cls, boxes) = self.model.forward(&t.images, true)?;
+            return Ok(parts_of(&cls, &boxes)?);
         }
         let (cls, boxes, tape) = self.model.forward_recorded(&t.images, true)?;
-        let parts = detection_loss(
-            &cls,
-            &boxes,
-            &t.cls,
-            &t.boxes,
-            &t.num_positives,
-            &self.l2,
-            &self.cfg.loss,
-        )?;
+        let parts = parts_of(&cls, &boxes)?;
         *self.recorded.borrow_mut() = Some(Recorded {
             tape,
             cls,

@@ -22,26 +22,7 @@ pub struct FocalParams {
 /// all-zero (background) row; −2 marks an anchor whose loss is ignored (automl masks it out).
 /// The result is a scalar, not yet divided by the normalizer.
 pub fn focal_loss_sum(logits: &Tensor, targets: &Tensor, params: FocalParams) -> Result<Tensor> {
-    let ld = logits.dims();
-    let td = targets.dims();
-    if ld.len() != td.len() || ld.is_empty() || ld[..ld.len() - 1] != td[..td.len() - 1] {
-        candle_core::bail!("focal_loss: logits {ld:?} and targets {td:?} do not line up");
-    }
-    let (la, ta) = (ld[ld.len() - 1], td[td.len() - 1]);
-    if ta == 0 || la % ta != 0 {
-        candle_core::bail!("focal_loss: logits depth {la} is not a multiple of {ta} anchors");
-    }
-    let targets = match targets.dtype() {
-        DType::I64 => targets.clone(),
-        // The CUDA kernels read i32 ids directly (candle's CUDA backend has no i32 casts).
-        DType::I32 if !targets.device().is_cpu() => targets.clone(),
-        DType::I32 | DType::I16 | DType::U32 | DType::U8 => targets.to_dtype(DType::I64)?,
-        d => candle_core::bail!("focal_loss: targets must be integer class ids, got {d:?}"),
-    };
-    let op = Focal {
-        num_classes: la / ta,
-        p: params,
-    };
+    let (op, targets) = Focal::for_inputs(logits, targets, params)?;
     crate::tape::op2(logits, &targets, op)
 }
 
@@ -53,27 +34,43 @@ pub fn focal_loss_grad(
     params: FocalParams,
     upstream: &Tensor,
 ) -> Result<Tensor> {
-    let (la, ta) = (
-        logits.dims().last().copied().unwrap_or(0),
-        targets.dims().last().copied().unwrap_or(0),
-    );
-    if ta == 0 || la % ta != 0 {
-        candle_core::bail!("focal_loss: logits depth {la} is not a multiple of {ta} anchors");
-    }
-    let targets = match targets.dtype() {
-        DType::I64 => targets.clone(),
-        DType::I32 if !targets.device().is_cpu() => targets.clone(),
-        DType::I32 | DType::I16 | DType::U32 | DType::U8 => targets.to_dtype(DType::I64)?,
-        d => candle_core::bail!("focal_loss: targets must be integer class ids, got {d:?}"),
-    };
-    let op = Focal {
-        num_classes: la / ta,
-        p: params,
-    };
+    let (op, targets) = Focal::for_inputs(logits, targets, params)?;
     let (l, t) = (logits.detach().contiguous()?, targets.contiguous()?);
     let loss = Tensor::zeros((), logits.dtype(), logits.device())?;
     let (d, _) = op.bwd(&l, &t, &loss, upstream)?;
     d.ok_or_else(|| candle_core::Error::Msg("focal_loss: no gradient".into()))
+}
+
+impl Focal {
+    /// The op for `logits` `[..., A·K]` and class ids `targets` `[..., A]`, with the ids in
+    /// the integer type the kernels read.
+    fn for_inputs(
+        logits: &Tensor,
+        targets: &Tensor,
+        params: FocalParams,
+    ) -> Result<(Focal, Tensor)> {
+        let ld = logits.dims();
+        let td = targets.dims();
+        if ld.len() != td.len() || ld.is_empty() || ld[..ld.len() - 1] != td[..td.len() - 1] {
+            candle_core::bail!("focal_loss: logits {ld:?} and targets {td:?} do not line up");
+        }
+        let (la, ta) = (ld[ld.len() - 1], td[td.len() - 1]);
+        if ta == 0 || la % ta != 0 {
+            candle_core::bail!("focal_loss: logits depth {la} is not a multiple of {ta} anchors");
+        }
+        let targets = match targets.dtype() {
+            DType::I64 => targets.clone(),
+            // The CUDA kernels read i32 ids directly (candle's CUDA backend has no i32 casts).
+            DType::I32 if !targets.device().is_cpu() => targets.clone(),
+            DType::I32 | DType::I16 | DType::U32 | DType::U8 => targets.to_dtype(DType::I64)?,
+            d => candle_core::bail!("focal_loss: targets must be integer class ids, got {d:?}"),
+        };
+        let op = Focal {
+            num_classes: la / ta,
+            p: params,
+        };
+        Ok((op, targets))
+    }
 }
 
 struct Focal {
