@@ -140,6 +140,48 @@ pub fn detection_loss_grads(
     })
 }
 
+/// Gradients of `upstream · total` for every variable of a recorded forward: the tape is seeded
+/// with [`detection_loss_grads`]'s output gradients and the weight-decay gradients are added to
+/// the kernels'. Keys are the variables' tensor ids.
+#[allow(clippy::too_many_arguments)]
+pub fn tape_gradients(
+    tape: crate::tape::Tape,
+    cls_out: &[Tensor],
+    box_out: &[Tensor],
+    cls_targets: &[Tensor],
+    box_targets: &[Tensor],
+    num_positives: &Tensor,
+    l2_kernels: &[Tensor],
+    cfg: &LossConfig,
+    upstream: f64,
+) -> Result<std::collections::HashMap<candle_core::TensorId, Tensor>> {
+    let lg = detection_loss_grads(
+        cls_out,
+        box_out,
+        cls_targets,
+        box_targets,
+        num_positives,
+        l2_kernels,
+        cfg,
+        upstream,
+    )?;
+    let seeds = cls_out
+        .iter()
+        .zip(lg.cls)
+        .chain(box_out.iter().zip(lg.boxes))
+        .map(|(t, g)| (t.id(), g))
+        .collect();
+    let mut grads = tape.backward(seeds)?;
+    for (k, g) in l2_kernels.iter().zip(lg.kernels) {
+        let sum = match grads.remove(&k.id()) {
+            Some(t) => (t + g)?,
+            None => g,
+        };
+        grads.insert(k.id(), sum);
+    }
+    Ok(grads)
+}
+
 /// The number of pyramid levels, the same for outputs and targets.
 fn level_count(
     cls_out: &[Tensor],

@@ -342,28 +342,13 @@ mod tests {
         x: &Tensor,
         train: bool,
     ) -> Result<(f32, Vec<(String, Tensor)>)> {
-        use crate::loss::detection_loss_grads;
         let (cls_t, box_t, num_pos) = fixed_targets(cfg, x)?;
         let (cls, boxes, tape) = model.forward_recorded(x, train)?;
         let kernels = model.l2_kernels();
         let parts = detection_loss(&cls, &boxes, &cls_t, &box_t, &num_pos, &kernels, &cfg.loss)?;
-        let lg = detection_loss_grads(
-            &cls, &boxes, &cls_t, &box_t, &num_pos, &kernels, &cfg.loss, 1.0,
+        let grads = crate::loss::tape_gradients(
+            tape, &cls, &boxes, &cls_t, &box_t, &num_pos, &kernels, &cfg.loss, 1.0,
         )?;
-        let seeds = cls
-            .iter()
-            .zip(lg.cls)
-            .chain(boxes.iter().zip(lg.boxes))
-            .map(|(t, g)| (t.id(), g))
-            .collect();
-        let mut grads = tape.backward(seeds)?;
-        for (k, g) in kernels.iter().zip(lg.kernels) {
-            let sum = match grads.remove(&k.id()) {
-                Some(t) => (t + g)?,
-                None => g,
-            };
-            grads.insert(k.id(), sum);
-        }
         let named = vars
             .trainable()
             .into_iter()

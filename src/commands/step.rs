@@ -8,7 +8,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use effdet_model::config::Config;
-use effdet_model::loss::{detection_loss, detection_loss_grads};
+use effdet_model::loss::{detection_loss, tape_gradients};
 use effdet_model::optim::{clip_gradients, Ema, Sgd};
 use effdet_model::tape::Tape;
 use effdet_model::{DynamicLossScaler, EfficientDet, ModelVars, Precision};
@@ -248,7 +248,8 @@ impl Trainer {
                 .map(|(_, v)| grads.get(v).map(|g| g.detach()))
                 .collect());
         };
-        let lg = detection_loss_grads(
+        let mut grads = tape_gradients(
+            r.tape,
             &r.cls,
             &r.boxes,
             &r.cls_targets,
@@ -258,21 +259,6 @@ impl Trainer {
             &self.cfg.loss,
             scale,
         )?;
-        let seeds = r
-            .cls
-            .iter()
-            .zip(lg.cls)
-            .chain(r.boxes.iter().zip(lg.boxes))
-            .map(|(t, g)| (t.id(), g))
-            .collect();
-        let mut grads = r.tape.backward(seeds)?;
-        for (k, g) in self.l2.iter().zip(lg.kernels) {
-            let sum = match grads.remove(&k.id()) {
-                Some(t) => (t + g)?,
-                None => g,
-            };
-            grads.insert(k.id(), sum);
-        }
         Ok(self
             .sgd
             .vars()

@@ -62,13 +62,7 @@ pub fn linear(
         };
         let bias_dtype = bias.map(|b| b.dtype());
         tape.push(&inputs, &y, move |g| {
-            let (gx, gw, g2) = op.grads(&xd, &wd, g, want_x)?;
-            let mut out = vec![gx, Some(gw)];
-            if let Some(out_dtype) = bias_dtype {
-                let c = op.cout;
-                out.push(Some(g2.apply_op1_no_bwd(&ColumnSum { c, out: out_dtype })?));
-            }
-            Ok(out)
+            op.backward(&xd, &wd, bias_dtype, g, want_x)
         });
         return Ok(y);
     }
@@ -189,6 +183,25 @@ impl Linear {
         let gw = xc.t()?.matmul(&gc)?.to_dtype(w.dtype())?;
         Ok((gx, gw, g))
     }
+
+    /// Gradients of (x, weight[, bias]) in input order; the bias's (column sums of the
+    /// upstream gradient, in `bias_dtype`) only when there is one.
+    fn backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias_dtype: Option<DType>,
+        grad: &Tensor,
+        want_x: bool,
+    ) -> Result<Vec<Option<Tensor>>> {
+        let (gx, gw, g) = self.grads(x, w, grad, want_x)?;
+        let mut out = vec![gx, Some(gw)];
+        if let Some(dtype) = bias_dtype {
+            let c = self.cout;
+            out.push(Some(g.apply_op1_no_bwd(&ColumnSum { c, out: dtype })?));
+        }
+        Ok(out)
+    }
 }
 
 impl CustomOp2 for Linear {
@@ -226,8 +239,8 @@ impl CustomOp2 for Linear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (gx, gw, _) = self.grads(x, w, grad, x.track_op())?;
-        Ok((gx, Some(gw)))
+        let mut g = self.backward(x, w, None, grad, x.track_op())?.into_iter();
+        Ok((g.next().flatten(), g.next().flatten()))
     }
 }
 
@@ -275,12 +288,10 @@ impl CustomOp3 for Linear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (gx, gw, g) = self.grads(x, w, grad, x.track_op())?;
-        let gb = g.apply_op1_no_bwd(&ColumnSum {
-            c: self.cout,
-            out: b.dtype(),
-        })?;
-        Ok((gx, Some(gw), Some(gb)))
+        let mut g = self
+            .backward(x, w, Some(b.dtype()), grad, x.track_op())?
+            .into_iter();
+        Ok((g.next().flatten(), g.next().flatten(), g.next().flatten()))
     }
 }
 

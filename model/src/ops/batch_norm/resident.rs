@@ -64,14 +64,7 @@ fn apply_resident(
         // Recorded as one op of (x, γ, β): the rows of the f64 parameter gradient are γ's and
         // β's gradients, as the casts and the concatenation below pass them back.
         let c = gamma.dim(0)?;
-        let params = Tensor::cat(
-            &[
-                moments.detach(),
-                gamma.detach().to_dtype(DType::F64)?.unsqueeze(0)?,
-                beta.detach().to_dtype(DType::F64)?.unsqueeze(0)?,
-            ],
-            0,
-        )?;
+        let params = stacked_params(&moments.detach(), &gamma.detach(), &beta.detach())?;
         let xd = x.detach().contiguous()?;
         let op = Apply { act, train };
         let y = xd.apply_op2_no_bwd(&params, &op)?;
@@ -89,16 +82,21 @@ fn apply_resident(
         });
         return Ok(y);
     }
-    // γ and β join the statistics as f64 rows; their gradients flow back through the casts.
-    let params = Tensor::cat(
+    // Untaped, γ's and β's gradients flow back through the casts and the concatenation.
+    let params = stacked_params(moments, gamma, beta)?;
+    x.apply_op2(&params, Apply { act, train })
+}
+
+/// The f64 `[4, C]` parameter rows (mean, inv_std, γ, β) the apply op reads.
+fn stacked_params(moments: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {
+    Tensor::cat(
         &[
             moments.clone(),
             gamma.to_dtype(DType::F64)?.unsqueeze(0)?,
             beta.to_dtype(DType::F64)?.unsqueeze(0)?,
         ],
         0,
-    )?;
-    x.apply_op2(&params, Apply { act, train })
+    )
 }
 
 /// x `[rows, C]` → f64 `[2, C]`: mean and 1/√(var + ε) (biased variance, two passes).
