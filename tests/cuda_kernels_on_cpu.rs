@@ -1320,7 +1320,8 @@ fn elementwise_16<T: Act16>(lib: &libloading::Library) {
     let big: Vec<f32> = random(&mut rng, n).iter().map(|v| v * 6.0).collect();
     let (x, xw) = narrow::<T>(&big);
     let (gy, gyw) = narrow::<T>(&random(&mut rng, n));
-    let (gate, gatew) = narrow::<T>(&random(&mut rng, b * c));
+    // The gate is f32 for every activation type (a [B, C] sum over H·W in the backward).
+    let gatew = random(&mut rng, b * c);
     let bias = random(&mut rng, c);
     let (grid, nn) = ((3u32, 1u32, 1u32, 32u32, 1u32, 1u32), n as i64);
     let sfx = T::SUFFIX;
@@ -1411,9 +1412,9 @@ fn elementwise_16<T: Act16>(lib: &libloading::Library) {
         lib,
         format!("channel_gate{sfx}"),
         grid,
-        (*const T, *const T, *mut T, i64, i64, i32),
+        (*const T, *const f32, *mut T, i64, i64, i32),
         x.as_ptr(),
-        gate.as_ptr(),
+        gatew.as_ptr(),
         got.as_mut_ptr(),
         nn,
         hw as i64,

@@ -6,7 +6,7 @@ use crate::layers::{BatchNorm, Conv1x1, SeparableConv};
 use crate::ops::{self, Activation};
 use crate::precision::Precision;
 use crate::vars::{Init, ModelVars};
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 /// One fusion node: its pyramid level and the indices of the features it fuses (0..L are the
 /// cell inputs, L.. the nodes created before it in the same cell).
@@ -347,7 +347,7 @@ fn fuse(inputs: &[Tensor], weights: Option<&Tensor>) -> Result<Tensor> {
 
 /// [`fuse`] recorded on a tape as one op of (inputs…, weights): the same forward arithmetic,
 /// and the gradients candle's backward gives through relu, the normalization and the products
-/// (the weight gradients summed in f32).
+/// (the weight gradients accumulated in f64).
 fn fuse_recorded(tape: &crate::tape::Tape, inputs: &[Tensor], w: &Tensor) -> Result<Tensor> {
     let wd = w.detach();
     let r = wd.relu()?;
@@ -366,19 +366,28 @@ fn fuse_recorded(tape: &crate::tape::Tape, inputs: &[Tensor], w: &Tensor) -> Res
     let y = acc.ok_or_else(|| candle_core::Error::Msg("BiFPN: node without inputs".into()))?;
     let mut recorded: Vec<&Tensor> = inputs.iter().collect();
     recorded.push(w);
-    tape.push(&recorded, &y, move |g| {
+    tape.push("bifpn fusion", &recorded, &y, move |g| {
         let mut out = Vec::with_capacity(xs.len() + 1);
         let mut g_norm = Vec::with_capacity(xs.len());
         for (i, x) in xs.iter().enumerate() {
             let n_i = norm.narrow(0, i, 1)?.reshape((1, 1, 1, 1))?;
             out.push(Some(g.broadcast_mul(&n_i)?));
-            g_norm.push((g * x)?.to_dtype(candle_core::DType::F32)?.sum_all()?);
+            // Σ g·x accumulated in f64 (per channel, then over the channels), and the
+            // normalization's gradient below in f64 too: the sums reach ~10⁶ while the weight
+            // gradients are their small differences, which f32 would round away.
+            let c = x.dims().last().copied().unwrap_or(1);
+            let per_channel =
+                (g * x)?.apply_op1_no_bwd(&crate::ops::ColumnSum { c, out: DType::F64 })?;
+            g_norm.push(per_channel.sum_all()?);
         }
         // n = r / s with s = Σ r + ε: ∂/∂r_j = g_j / s − (Σ_i g_i r_i) / s².
-        let g_norm = Tensor::stack(&g_norm, 0)?.to_dtype(r.dtype())?;
-        let direct = g_norm.broadcast_div(&s)?;
-        let through_sum = (&g_norm * &r)?.sum_all()?.div(&s.sqr()?)?;
-        let g_r = direct.broadcast_sub(&through_sum)?;
+        let g_norm = Tensor::stack(&g_norm, 0)?;
+        // s again from r in f64: in f32, 1e-4 next to Σ r ≈ 2 keeps only ~3 digits.
+        let r64 = r.to_dtype(DType::F64)?;
+        let s64 = (r64.sum_all()? + 1e-4)?;
+        let direct = g_norm.broadcast_div(&s64)?;
+        let through_sum = (&g_norm * &r64)?.sum_all()?.div(&s64.sqr()?)?;
+        let g_r = direct.broadcast_sub(&through_sum)?.to_dtype(wd.dtype())?;
         // candle's relu passes the gradient where w ≥ 0.
         let mask = wd.ge(&wd.zeros_like()?)?.to_dtype(wd.dtype())?;
         out.push(Some((g_r * mask)?));
@@ -411,6 +420,39 @@ mod tests {
             (7, vec![4, 11]),
         ];
         assert_eq!(got, want);
+    }
+
+    /// The fusion weights' gradient is a difference of nearly equal sums over the whole
+    /// feature map when the inputs are alike; in f32 it must still match the f64 value (a plain
+    /// f32 sum of the products misses by ~1e-2 relative here).
+    #[test]
+    fn recorded_fusion_weight_gradient_keeps_its_digits_in_f32() -> Result<()> {
+        use crate::ops::fd::rand_tensor;
+        use candle_core::{DType, Var};
+        use std::rc::Rc;
+        let dims = [4, 64, 64, 64];
+        let x = (rand_tensor(&dims, 1)? + 3.0)?;
+        let inputs64 = [x.clone(), (&x + (rand_tensor(&dims, 2)? * 1e-3)?)?];
+        let g64 = (rand_tensor(&dims, 3)? + 1.0)?;
+        let w64 = Tensor::new(&[1.0f64, 1.0], &Device::Cpu)?;
+        let weight_grad = |dtype: DType| -> Result<Vec<f64>> {
+            let xs: Vec<Tensor> = inputs64
+                .iter()
+                .map(|t| t.to_dtype(dtype))
+                .collect::<Result<_>>()?;
+            let w = Var::from_tensor(&w64.to_dtype(dtype)?)?;
+            let tape = Rc::new(crate::tape::Tape::default());
+            let y = crate::tape::record(&tape, || fuse(&xs, Some(w.as_tensor())))?;
+            let tape = Rc::try_unwrap(tape).map_err(|_| candle_core::Error::Msg("tape".into()))?;
+            let grads = tape.backward(vec![(y.id(), g64.to_dtype(dtype)?)])?;
+            grads[&w.as_tensor().id()].to_dtype(DType::F64)?.to_vec1()
+        };
+        let (want, got) = (weight_grad(DType::F64)?, weight_grad(DType::F32)?);
+        for (g, w) in got.iter().zip(&want) {
+            let rel = (g - w).abs() / w.abs();
+            assert!(rel < 1e-4, "f32 {got:?} vs f64 {want:?}: rel err {rel:.2e}");
+        }
+        Ok(())
     }
 
     #[test]

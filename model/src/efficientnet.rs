@@ -183,8 +183,8 @@ impl MbConv {
         if let Some((conv, _)) = &mut self.expand {
             conv.set_precision(p);
         }
-        self.se.reduce.set_precision(p);
-        self.se.expand.set_precision(p);
+        // The squeeze-and-excitation convolutions stay f32: they see [B, C] means (spatial_mean
+        // gives f32), cost nothing, and their gradients, sums over H·W, overflow f16.
         self.project.set_precision(p);
     }
 

@@ -322,7 +322,7 @@ impl StemConv {
             Some(tape) => {
                 let k = self.weight.detach().reshape((cout, ci * 9))?.t()?;
                 let dims = self.weight.dims().to_vec();
-                tape.push(&[&self.weight], &k, move |g| {
+                tape.push("stem weight view", &[&self.weight], &k, move |g| {
                     Ok(vec![Some(g.t()?.contiguous()?.reshape(dims)?)])
                 });
                 k

@@ -23,6 +23,8 @@ use std::rc::Rc;
 type Backward = Box<dyn FnOnce(&Tensor) -> Result<Vec<Option<Tensor>>>>;
 
 struct Entry {
+    /// What the op is, for the anomaly report.
+    label: &'static str,
     inputs: Vec<TensorId>,
     output: TensorId,
     backward: Backward,
@@ -82,12 +84,14 @@ impl Tape {
     /// to one optional gradient per input, in order.
     pub(crate) fn push(
         &self,
+        label: &'static str,
         inputs: &[&Tensor],
         output: &Tensor,
         backward: impl FnOnce(&Tensor) -> Result<Vec<Option<Tensor>>> + 'static,
     ) {
         self.produced.borrow_mut().insert(output.id());
         self.entries.borrow_mut().push(Entry {
+            label,
             inputs: inputs.iter().map(|t| t.id()).collect(),
             output: output.id(),
             backward: Box::new(backward),
@@ -96,26 +100,86 @@ impl Tape {
 
     /// Back-propagates `seeds` (gradients of some recorded outputs) through every recorded op
     /// and returns the gradients that reached tensors no op produced: the variables.
+    /// With `EFFDET_DETECT_ANOMALY` set, fails at the first non-finite gradient (see
+    /// [`detect_anomaly`]).
     pub fn backward(self, seeds: Vec<(TensorId, Tensor)>) -> Result<HashMap<TensorId, Tensor>> {
+        self.backward_checked(seeds, detect_anomaly())
+    }
+
+    /// [`Tape::backward`], checking every gradient for non-finite values when `detect`.
+    fn backward_checked(
+        self,
+        seeds: Vec<(TensorId, Tensor)>,
+        detect: bool,
+    ) -> Result<HashMap<TensorId, Tensor>> {
         let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
-        for (id, g) in seeds {
+        for (k, (id, g)) in seeds.into_iter().enumerate() {
+            if detect && !is_finite(&g)? {
+                return Err(candle_core::Error::Msg(format!(
+                    "anomaly: seed gradient {k} ({:?} {:?}) is non-finite",
+                    g.dtype(),
+                    g.dims()
+                )));
+            }
             accumulate(&mut grads, id, g)?;
         }
         let entries = self.entries.into_inner();
-        for entry in entries.into_iter().rev() {
+        let count = entries.len();
+        for (index, entry) in entries.into_iter().enumerate().rev() {
             // An output nothing downstream needed gets no gradient, and neither do its inputs.
             let Some(g) = grads.remove(&entry.output) else {
                 continue;
             };
+            let label = entry.label;
             let input_grads = (entry.backward)(&g)?;
-            for (id, ig) in entry.inputs.into_iter().zip(input_grads) {
+            for (k, (id, ig)) in entry.inputs.into_iter().zip(input_grads).enumerate() {
                 if let Some(ig) = ig {
+                    if detect && !is_finite(&ig)? {
+                        return Err(candle_core::Error::Msg(format!(
+                            "anomaly: the backward of op #{index} of {count} ({label}) gave a \
+                             non-finite gradient for its input {k} ({:?} {:?}); the op's output \
+                             gradient ({:?} {:?}) is {}, max |g| {:e}",
+                            ig.dtype(),
+                            ig.dims(),
+                            g.dtype(),
+                            g.dims(),
+                            if is_finite(&g)? {
+                                "finite"
+                            } else {
+                                "non-finite"
+                            },
+                            max_abs(&g)?,
+                        )));
+                    }
                     accumulate(&mut grads, id, ig)?;
                 }
             }
         }
         Ok(grads)
     }
+}
+
+/// Whether `EFFDET_DETECT_ANOMALY` is set (to anything but `0`): [`Tape::backward`] then checks
+/// every gradient it computes and fails at the first non-finite one, naming the op. Each check
+/// reads a value back from the device, so this is for debugging (e.g. fp16 steps that keep
+/// being skipped), not for timing.
+pub fn detect_anomaly() -> bool {
+    static DETECT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *DETECT.get_or_init(|| std::env::var("EFFDET_DETECT_ANOMALY").is_ok_and(|v| v != "0"))
+}
+
+/// Whether every element is finite: `Σ (t − t)` is 0 exactly then and NaN otherwise.
+fn is_finite(t: &Tensor) -> Result<bool> {
+    let t = t.to_dtype(candle_core::DType::F32)?;
+    Ok(t.sub(&t)?.sum_all()?.to_scalar::<f32>()?.is_finite())
+}
+
+fn max_abs(t: &Tensor) -> Result<f32> {
+    t.to_dtype(candle_core::DType::F32)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()
 }
 
 /// The first gradient of a tensor is stored as it is; later ones are added.
@@ -132,6 +196,12 @@ fn accumulate(grads: &mut HashMap<TensorId, Tensor>, id: TensorId, g: Tensor) ->
     Ok(())
 }
 
+/// The op type's own name, without its module path.
+fn short_name<C>() -> &'static str {
+    let full = std::any::type_name::<C>();
+    full.rsplit("::").next().unwrap_or(full)
+}
+
 /// Records `op` applied to `x` (its `bwd` is the rule), or applies it with candle's graph when
 /// no tape is active.
 pub(crate) fn op1<C: CustomOp1 + Send + Sync + 'static>(x: &Tensor, op: C) -> Result<Tensor> {
@@ -141,7 +211,9 @@ pub(crate) fn op1<C: CustomOp1 + Send + Sync + 'static>(x: &Tensor, op: C) -> Re
     let xd = x.detach().contiguous()?;
     let y = xd.apply_op1_no_bwd(&op)?;
     let yc = y.clone();
-    tape.push(&[x], &y, move |g| Ok(vec![op.bwd(&xd, &yc, g)?]));
+    tape.push(short_name::<C>(), &[x], &y, move |g| {
+        Ok(vec![op.bwd(&xd, &yc, g)?])
+    });
     Ok(y)
 }
 
@@ -157,7 +229,7 @@ pub(crate) fn op2<C: CustomOp2 + Send + Sync + 'static>(
     let (ad, bd) = (a.detach().contiguous()?, b.detach().contiguous()?);
     let y = ad.apply_op2_no_bwd(&bd, &op)?;
     let yc = y.clone();
-    tape.push(&[a, b], &y, move |g| {
+    tape.push(short_name::<C>(), &[a, b], &y, move |g| {
         let (ga, gb) = op.bwd(&ad, &bd, &yc, g)?;
         Ok(vec![ga, gb])
     });
@@ -183,7 +255,7 @@ pub(crate) fn op3<C: CustomOp3 + Send + Sync + 'static>(
     );
     let y = ad.apply_op3_no_bwd(&bd, &cd, &op)?;
     let yc = y.clone();
-    tape.push(&[a, b, c], &y, move |g| {
+    tape.push(short_name::<C>(), &[a, b, c], &y, move |g| {
         let (ga, gb, gc) = op.bwd(&ad, &bd, &cd, &yc, g)?;
         Ok(vec![ga, gb, gc])
     });
@@ -196,7 +268,9 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         return a + b;
     };
     let y = (a.detach() + b.detach())?;
-    tape.push(&[a, b], &y, |g| Ok(vec![Some(g.clone()), Some(g.clone())]));
+    tape.push("add", &[a, b], &y, |g| {
+        Ok(vec![Some(g.clone()), Some(g.clone())])
+    });
     Ok(y)
 }
 
@@ -207,7 +281,7 @@ pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
     };
     let y = candle_nn::ops::sigmoid(&x.detach())?;
     let s = y.clone();
-    tape.push(&[x], &y, move |g| {
+    tape.push("sigmoid", &[x], &y, move |g| {
         let one_minus = s.affine(-1.0, 1.0)?;
         Ok(vec![Some(((g * &s)? * one_minus)?)])
     });
@@ -399,6 +473,33 @@ mod tests {
             assert!(d < 1e-15, "{d}");
         }
         assert!(!grads.contains_key(&unused.id()));
+        Ok(())
+    }
+
+    /// Anomaly detection names the op whose backward first overflows: here a 1×1 convolution
+    /// computing in f16, whose kernel gradient (300·300 summed) exceeds f16's 65504.
+    #[test]
+    fn anomaly_detection_names_the_overflowing_op() -> Result<()> {
+        use candle_core::{DType, Device};
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::full(300f32, (1, 2, 2, 4), &dev)?.to_dtype(DType::F16)?)?;
+        let w = Var::from_tensor(&Tensor::full(0.5f32, (4, 3), &dev)?)?;
+        let run = |detect: bool| -> Result<HashMap<TensorId, Tensor>> {
+            let tape = Rc::new(Tape::default());
+            let y = record(&tape, || {
+                crate::ops::linear(x.as_tensor(), w.as_tensor(), None, DType::F16, false)
+            })?;
+            let seed = Tensor::full(300f32, y.dims(), &dev)?.to_dtype(DType::F16)?;
+            let tape =
+                Rc::try_unwrap(tape).map_err(|_| candle_core::Error::Msg("shared".into()))?;
+            tape.backward_checked(vec![(y.id(), seed)], detect)
+        };
+        // Unchecked, the overflow reaches the weight's gradient as inf (the loss scaler's case).
+        let grads = run(false)?;
+        let gw = grads[&w.as_tensor().id()].flatten_all()?.to_vec1::<f32>()?;
+        assert!(gw.iter().all(|v| v.is_infinite()), "{gw:?}");
+        let err = run(true).unwrap_err().to_string();
+        assert!(err.contains("(linear)") && err.contains("input 1"), "{err}");
         Ok(())
     }
 }

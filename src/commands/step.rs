@@ -180,7 +180,6 @@ impl Trainer {
     }
 
     /// Chooses the tape (true) or candle's backward (false) for the following steps.
-    #[cfg(test)]
     pub fn set_use_tape(&mut self, on: bool) {
         self.use_tape = on;
         *self.recorded.borrow_mut() = None;

@@ -108,7 +108,7 @@ FOR_EACH_ACT(POOL_RUNNERS)
     extern "C" void swish_fwd##SFX(const T*, T*, i64);                                          \
     extern "C" void swish_grad##SFX(const T*, const T*, T*, i64);                               \
     extern "C" void bias_add##SFX(const T*, const float*, T*, i64, int);                        \
-    extern "C" void channel_gate##SFX(const T*, const T*, T*, i64, i64, int);                   \
+    extern "C" void channel_gate##SFX(const T*, const float*, T*, i64, i64, int);               \
     extern "C" void run_swish_fwd##SFX(GRID, const T* x, T* y, i64 n) {                         \
         launch(gx, gy, gz, bx, by, bz, false, [&] { swish_fwd##SFX(x, y, n); });                \
     }                                                                                           \
@@ -118,7 +118,7 @@ FOR_EACH_ACT(POOL_RUNNERS)
     extern "C" void run_bias_add##SFX(GRID, const T* x, const float* b, T* y, i64 n, int C) {   \
         launch(gx, gy, gz, bx, by, bz, false, [&] { bias_add##SFX(x, b, y, n, C); });           \
     }                                                                                           \
-    extern "C" void run_channel_gate##SFX(GRID, const T* x, const T* g, T* y, i64 n, i64 hw,    \
+    extern "C" void run_channel_gate##SFX(GRID, const T* x, const float* g, T* y, i64 n, i64 hw, \
                                           int C) {                                              \
         launch(gx, gy, gz, bx, by, bz, false, [&] { channel_gate##SFX(x, g, y, n, hw, C); });   \
     }

@@ -67,6 +67,12 @@ run() { # name timeout cmd...
 
 # (a) correctness, full fp32 (no TF32 anywhere).
 NVIDIA_TF32_OVERRIDE=0 run cuda_check 150 "$BIN" cuda-check --data "$DATA" --image-size 256 --batch-size 2
+# CHECK_CANDLE=1: the same with candle's backward on both devices (is a gradient difference the
+# tape's or the model's own rounding noise?).
+if [[ ${CHECK_CANDLE:-0} == 1 ]]; then
+  EFFDET_CANDLE_BACKWARD=1 NVIDIA_TF32_OVERRIDE=0 run cuda_check_candle_backward 150 "$BIN" cuda-check \
+    --data "$DATA" --image-size 256 --batch-size 2
+fi
 
 # (b) model alone on a reused batch: precision:batch pairs (simple feed: the model's figures do not
 # depend on the copy-stream code, which (a) and (c) check).

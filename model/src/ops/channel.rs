@@ -20,7 +20,9 @@ pub fn add_channel_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     crate::tape::op2(x, bias, BiasAdd)
 }
 
-/// `x` `[B, H, W, C]` · `gate` `[B, C]` broadcast over H and W (both of one dtype).
+/// `x` `[B, H, W, C]` · `gate` `[B, C]` broadcast over H and W. The gate is f32 for an f32,
+/// f16 or bf16 `x` (f64 for f64) and so is its gradient, a sum over H·W that overflows f16
+/// long before any loss scale is too large for the activations (the output has `x`'s dtype).
 pub fn channel_gate(x: &Tensor, gate: &Tensor) -> Result<Tensor> {
     let (b, _, _, c) = x.dims4()?;
     if gate.dims() != [b, c] {
@@ -30,7 +32,25 @@ pub fn channel_gate(x: &Tensor, gate: &Tensor) -> Result<Tensor> {
             x.dims()
         );
     }
+    if gate.dtype() != reduced_dtype(x.dtype()) {
+        candle_core::bail!(
+            "channel_gate: a {:?} input takes a {:?} gate, got {:?}",
+            x.dtype(),
+            reduced_dtype(x.dtype()),
+            gate.dtype()
+        );
+    }
     crate::tape::op2(x, gate, Gate)
+}
+
+/// The dtype of per-channel values derived from an activation of dtype `act` (gates, spatial
+/// means): f32 for f32, f16 and bf16, f64 for f64.
+pub fn reduced_dtype(act: DType) -> DType {
+    if act == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
 }
 
 /// `x` `[B, H, W, C]` · `scale[b]` for a constant per-sample `scale` `[B]` (drop-connect's
@@ -48,7 +68,7 @@ pub fn scale_samples(x: &Tensor, scale: &Tensor) -> Result<Tensor> {
     }
     let gate = scale
         .detach()
-        .to_dtype(x.dtype())?
+        .to_dtype(reduced_dtype(x.dtype()))?
         .reshape((b, 1))?
         .broadcast_as((b, c))?
         .contiguous()?;
@@ -95,13 +115,20 @@ impl CustomOp2 for SampleScale {
     }
 }
 
-/// Mean of `x` `[B, H, W, C]` over H and W → `[B, C]` in `x`'s dtype.
+/// Mean of `x` `[B, H, W, C]` over H and W → `[B, C]`, in f32 for an f32, f16 or bf16 `x`
+/// (f64 for f64; see [`reduced_dtype`]): the squeeze-and-excitation branch that it feeds runs
+/// in f32 (tiny tensors), so its gradients cannot overflow a 16-bit type.
 pub fn spatial_mean(x: &Tensor) -> Result<Tensor> {
     x.dims4()?;
     crate::tape::op1(x, SpatialMean)
 }
 
 fn sum_rows<T: Elem>(g: &[T], c: usize) -> Vec<T> {
+    sum_rows_f64(g, c).into_iter().map(T::from64).collect()
+}
+
+/// Column sums of a `[rows, c]` buffer, accumulated in f64.
+fn sum_rows_f64<T: Elem>(g: &[T], c: usize) -> Vec<f64> {
     let rows = g.len() / c;
     let chunk = super::chunk_rows(rows, 256) * c;
     let acc = g
@@ -133,17 +160,16 @@ fn sum_rows<T: Elem>(g: &[T], c: usize) -> Vec<T> {
                 a
             },
         );
-    acc.into_iter().map(T::from64).collect()
+    acc
 }
 
-/// CPU forward of a two-input op `$f`: both f64, or an f32/f16/bf16 activation computed in f32
-/// with its second input read by `$second` (`f32_param` for an f32 parameter, `act_f32` for
-/// another activation); the result has the activation's dtype.
-/// An f32 parameter's data (the second reader of [`dispatch2`] for biases).
+/// The data of an f32 per-channel input: a bias or a gate (the second reader of [`dispatch2`]).
 fn f32_param<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     contiguous::<f32>(s, l)
 }
 
+/// CPU forward of a two-input op `$f`: both f64, or an f32/f16/bf16 activation computed in f32
+/// with its second input read by `$second`; the result has the activation's dtype.
 macro_rules! dispatch2 {
     ($name:expr, $s1:expr, $l1:expr, $s2:expr, $l2:expr, $shape:expr, $f:ident, $second:ident) => {
         match $s1 {
@@ -195,15 +221,8 @@ fn cuda_broadcast(
     use super::cuda::{self, PushKernelArg};
     let dev = s1.device();
     let x = cuda::act_view(op, s1, l1)?;
-    // The bias is an f32 parameter; the gate is an activation like `x`.
-    let v = if hw.is_some() {
-        cuda::act_view(op, s2, l2)?
-    } else {
-        cuda::ActView::F32(cuda::f32_view(op, s2, l2)?)
-    };
-    if hw.is_some() && v.dtype() != x.dtype() {
-        candle_core::bail!("{op}: gate and input dtypes differ");
-    }
+    // The bias and the gate are f32 whatever the activations' dtype.
+    let v = cuda::ActView::F32(cuda::f32_view(op, s2, l2)?);
     let out = cuda::ActSlice::alloc(dev, x.dtype(), n)?;
     let k = cuda::kernel_for(dev, kernel, x.dtype())?;
     let (n64, c32) = (n as i64, cuda::int(op, c)?);
@@ -275,8 +294,9 @@ impl CustomOp2 for BiasAdd {
     }
 }
 
-/// `[..., C]` → `[C]` column sums, stored as `out` (the bias's dtype: f32 for f32/f16/bf16
-/// gradients, f64 for f64).
+/// `[..., C]` → `[C]` column sums accumulated in f64, stored as `out` (the bias's dtype: f32
+/// for f32/f16/bf16 gradients, f64 for f64; or f64 for any input, where a caller needs the
+/// digits).
 pub(crate) struct ColumnSum {
     pub(crate) c: usize,
     pub(crate) out: DType,
@@ -298,6 +318,9 @@ impl CustomOp1 for ColumnSum {
         let x = cuda::act_view(self.name(), s, l)?;
         let rows = l.shape().elem_count() / self.c.max(1);
         let sums = cuda::column_sums(dev, &x, rows, self.c, 1)?;
+        if self.out == DType::F64 {
+            return Ok((cuda::wrap(dev, sums), Shape::from(self.c)));
+        }
         let out = cuda::f64_to_act(dev, &sums, self.c, 1.0, self.out)?;
         Ok((out.wrap(dev), Shape::from(self.c)))
     }
@@ -305,6 +328,10 @@ impl CustomOp1 for ColumnSum {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let shape = Shape::from(self.c);
         match s {
+            s if is_f32_family(s) && self.out == DType::F64 => {
+                let sums = sum_rows_f64(&act_f32(s, l)?, self.c);
+                Ok((CpuStorage::F64(sums), shape))
+            }
             s if is_f32_family(s) => Ok((
                 store_f32(sum_rows::<f32>(&act_f32(s, l)?, self.c), self.out)?,
                 shape,
@@ -355,7 +382,7 @@ impl CustomOp2 for Gate {
             l2,
             l1.shape().clone(),
             gate_fwd,
-            act_f32
+            f32_param
         )
     }
 
@@ -391,7 +418,8 @@ impl CustomOp2 for Gate {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = g.contiguous()?;
         let dx = g.apply_op2_no_bwd(gate, &Gate)?;
-        let dgate = spatial_mean(&(x * &g)?)?;
+        // The sum over H·W as H·W times a mean, both in the gate's dtype.
+        let dgate = (&x.contiguous()? * &g)?.apply_op1_no_bwd(&SpatialMean)?;
         let (_, h, w, _) = x.dims4()?;
         Ok((Some(dx), Some((dgate * (h * w) as f64)?)))
     }
@@ -422,7 +450,7 @@ impl CustomOp1 for SpatialMean {
         let shape = Shape::from((d[0], d[3]));
         match s {
             s if is_f32_family(s) => Ok((
-                store_f32(mean_fwd::<f32>(&act_f32(s, l)?, l), s.dtype())?,
+                store_f32(mean_fwd::<f32>(&act_f32(s, l)?, l), DType::F32)?,
                 shape,
             )),
             CpuStorage::F64(_) => Ok((
@@ -445,14 +473,14 @@ impl CustomOp1 for SpatialMean {
         let dev = s.device();
         let x = cuda::act_view(self.name(), s, l)?;
         let sums = cuda::column_sums(dev, &x, hw, c, b)?;
-        let out = cuda::f64_to_act(dev, &sums, b * c, 1.0 / hw as f64, x.dtype())?;
+        let out = cuda::f64_to_act(dev, &sums, b * c, 1.0 / hw as f64, DType::F32)?;
         Ok((out.wrap(dev), Shape::from((b, c))))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let (b, h, w, c) = x.dims4()?;
-        // g/(H·W) repeated over H and W: one broadcast copy.
-        let scaled = (g / (h * w) as f64)?;
+        // g/(H·W) repeated over H and W in x's dtype: one broadcast copy.
+        let scaled = (g / (h * w) as f64)?.to_dtype(x.dtype())?;
         Ok(Some(
             scaled
                 .reshape((b, 1, 1, c))?
@@ -466,7 +494,7 @@ impl CustomOp1 for SpatialMean {
 mod tests {
     use super::*;
     use crate::ops::fd::{check_gradients, rand_tensor};
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     #[test]
     fn values_by_hand() -> Result<()> {
@@ -482,6 +510,29 @@ mod tests {
         assert_eq!(m, vec![vec![2., 3.], vec![6., 7.]]);
         assert!(add_channel_bias(&x, &Tensor::new(&[1f64], &dev)?).is_err());
         assert!(channel_gate(&x, &b).is_err());
+        Ok(())
+    }
+
+    /// With f16 activations the gate's gradient, a sum over H·W, exceeds f16's range long
+    /// before anything else does (it made every fp16 step at 512² overflow): it is f32.
+    #[test]
+    fn gate_gradient_of_f16_activations_is_an_f32_sum() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = candle_core::Var::from_tensor(
+            &Tensor::full(1f32, (1, 256, 256, 2), &dev)?.to_dtype(DType::F16)?,
+        )?;
+        let gate = candle_core::Var::from_tensor(&Tensor::new(&[[0.5f32, 0.25]], &dev)?)?;
+        let y = channel_gate(x.as_tensor(), gate.as_tensor())?;
+        assert_eq!(y.dtype(), DType::F16);
+        let g = (y.to_dtype(DType::F32)? * 2.0)?.sum_all()?.backward()?;
+        let dgate = g.get(gate.as_tensor()).unwrap();
+        assert_eq!(dgate.dtype(), DType::F32);
+        assert_eq!(dgate.to_vec2::<f32>()?, vec![vec![131072.0, 131072.0]]);
+        // An f16 gate is refused rather than silently overflowing.
+        let gate16 = gate.as_tensor().to_dtype(DType::F16)?;
+        assert!(channel_gate(x.as_tensor(), &gate16).is_err());
+        // The spatial mean feeding the gate's branch is f32 too.
+        assert_eq!(spatial_mean(x.as_tensor())?.dtype(), DType::F32);
         Ok(())
     }
 

@@ -604,9 +604,9 @@ __device__ __forceinline__ void bias_add_t(const T* __restrict__ x, const float*
     GRID_STRIDE(i, n) { y[i] = from_f32<T>(to_f32(x[i]) + b[(u32)i % (u32)C]); }
 }
 
-// y[b, p, c] = x[b, p, c] · gate[b, c] for x [B, HW, C].
+// y[b, p, c] = x[b, p, c] · gate[b, c] for x [B, HW, C] (the gate in f32 for every T).
 template <class T>
-__device__ __forceinline__ void channel_gate_t(const T* __restrict__ x, const T* __restrict__ gate,
+__device__ __forceinline__ void channel_gate_t(const T* __restrict__ x, const float* __restrict__ gate,
                                                T* __restrict__ y, i64 n, i64 hw, int C) {
     GRID_STRIDE(i, n) {
         u32 b = (u32)i / ((u32)hw * (u32)C);
@@ -638,7 +638,8 @@ __device__ __forceinline__ void swish_grad_t(const T* __restrict__ x, const T* _
         bias_add_t<T>(x, b, y, n, C);                                                            \
     }                                                                                            \
     extern "C" __global__ void channel_gate##SFX(const T* __restrict__ x,                        \
-                                                 const T* __restrict__ gate, T* __restrict__ y,  \
+                                                 const float* __restrict__ gate,                 \
+                                                 T* __restrict__ y,                              \
                                                  i64 n, i64 hw, int C) {                         \
         channel_gate_t<T>(x, gate, y, n, hw, C);                                                 \
     }                                                                                            \

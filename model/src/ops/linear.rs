@@ -61,7 +61,7 @@ pub fn linear(
             None => (xd.apply_op2_no_bwd(&wd, &op)?, vec![x, weight]),
         };
         let bias_dtype = bias.map(|b| b.dtype());
-        tape.push(&inputs, &y, move |g| {
+        tape.push("linear", &inputs, &y, move |g| {
             op.backward(&xd, &wd, bias_dtype, g, want_x)
         });
         return Ok(y);

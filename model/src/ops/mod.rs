@@ -52,7 +52,8 @@ pub use batch_norm::{
     batch_norm_eval, batch_norm_eval_resident, batch_norm_train, batch_norm_train_resident,
     Activation, BatchStats,
 };
-pub use channel::{add_channel_bias, channel_gate, scale_samples, spatial_mean};
+pub(crate) use channel::ColumnSum;
+pub use channel::{add_channel_bias, channel_gate, reduced_dtype, scale_samples, spatial_mean};
 pub use depthwise::depthwise_conv2d;
 pub use focal::{focal_loss_grad, focal_loss_sum, FocalParams};
 pub use linear::{linear, linear_unfused};

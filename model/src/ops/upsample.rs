@@ -14,7 +14,7 @@ pub fn upsample_nearest(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor
     let (b, h, w, c) = x.dims4()?;
     let y = resize(&x.detach(), out_h, out_w)?;
     let dev = x.device().clone();
-    tape.push(&[x], &y, move |g| {
+    tape.push("upsample", &[x], &y, move |g| {
         if out_h == 2 * h && out_w == 2 * w {
             let gx = g
                 .reshape((b, h, 2, w, 2, c))?

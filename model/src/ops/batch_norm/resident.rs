@@ -69,7 +69,7 @@ fn apply_resident(
         let op = Apply { act, train };
         let y = xd.apply_op2_no_bwd(&params, &op)?;
         let (yc, gdt, bdt) = (y.clone(), gamma.dtype(), beta.dtype());
-        tape.push(&[x, gamma, beta], &y, move |g| {
+        tape.push("batch_norm_resident", &[x, gamma, beta], &y, move |g| {
             let (dx, dp) = op.bwd(&xd, &params, &yc, g)?;
             let dp =
                 dp.ok_or_else(|| candle_core::Error::Msg("batch norm: no γ/β gradient".into()))?;
