@@ -1865,3 +1865,171 @@ fn every_kernel_the_rust_side_launches_exists() {
         "kernels missing from kernels.cu: {missing:?}"
     );
 }
+
+fn refs(v: &[Tensor]) -> Vec<&Tensor> {
+    v.iter().collect()
+}
+
+/// kernels.cu's `MtTable` with host addresses (the kernels only dereference them).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct MtTable {
+    g: [u64; 32],
+    w: [u64; 32],
+    m: [u64; 32],
+    n: [i64; 32],
+    a: [f32; 32],
+    b: [f32; 32],
+    block_start: [i32; 33],
+    count: i32,
+}
+
+/// The multi-tensor optimizer kernels (one launch for many tensors, a block per 4096-element
+/// chunk) against the CPU path of `ops::multi_tensor`: sums of squares to f64 rounding (the
+/// block reduction sums in another order), the SGD and moving-average updates bit for bit.
+#[test]
+fn multi_tensor_kernels_equal_the_cpu_path() {
+    use effdet_model::ops::multi_tensor as mt;
+    let Some(lib) = library() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(31);
+    // Sizes straddling the 4096-element chunk, and one empty-ish tensor.
+    let sizes = [5000usize, 3, 4097, 1];
+    let mk =
+        |rng: &mut ChaCha8Rng| -> Vec<Vec<f32>> { sizes.iter().map(|&n| random(rng, n)).collect() };
+    let (gs, ws, ms) = (mk(&mut rng), mk(&mut rng), mk(&mut rng));
+    let coef: Vec<(f32, f32)> = vec![(0.5, 4e-5), (2.0, 0.0), (0.125, 1e-3), (1.0, 1.0)];
+    let tensors = |v: &[Vec<f32>]| -> Vec<Tensor> {
+        v.iter()
+            .map(|x| Tensor::from_vec(x.clone(), x.len(), &Device::Cpu).unwrap())
+            .collect()
+    };
+    let (gt, wt, mtn) = (tensors(&gs), tensors(&ws), tensors(&ms));
+    let (gr, wr, mr) = (gt.clone(), wt.clone(), mtn.clone());
+    let want_sq: Vec<f64> = mt::sums_of_squares(&refs(&gr), &refs(&wr), &coef)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+
+    let starts = {
+        let mut s = vec![0i32];
+        for &n in &sizes {
+            s.push(s.last().unwrap() + n.div_ceil(4096).max(1) as i32);
+        }
+        s
+    };
+    let (mut gk, mut wk, mut mk_) = (gs.clone(), ws.clone(), ms.clone());
+    let table = |g: &mut [Vec<f32>], w: &mut [Vec<f32>], m: &mut [Vec<f32>]| {
+        let mut t = MtTable {
+            g: [0; 32],
+            w: [0; 32],
+            m: [0; 32],
+            n: [0; 32],
+            a: [0.0; 32],
+            b: [0.0; 32],
+            block_start: [0; 33],
+            count: sizes.len() as i32,
+        };
+        for i in 0..sizes.len() {
+            t.g[i] = g[i].as_mut_ptr() as u64;
+            t.w[i] = w[i].as_mut_ptr() as u64;
+            t.m[i] = m[i].as_mut_ptr() as u64;
+            t.n[i] = sizes[i] as i64;
+            t.a[i] = coef[i].0;
+            t.b[i] = coef[i].1;
+        }
+        t.block_start[..starts.len()].copy_from_slice(&starts);
+        t
+    };
+    let grid = (*starts.last().unwrap() as u32, 1, 1, 256, 1, 1);
+    let tab = table(&mut gk, &mut wk, &mut mk_);
+    let mut sq = vec![0f64; sizes.len()];
+    run!(
+        lib,
+        "mt_sum_squares",
+        grid,
+        (MtTable, *mut f64),
+        tab,
+        sq.as_mut_ptr()
+    );
+    for (i, (&got, &want)) in sq.iter().zip(&want_sq).enumerate() {
+        assert!(
+            (got - want).abs() <= 1e-12 * want.abs(),
+            "sum {i}: {got} vs {want}"
+        );
+    }
+
+    // SGD: the kernel (fewer threads than a chunk, so the in-chunk loop wraps) vs the CPU.
+    let small = (grid.0, 1, 1, 64, 1, 1);
+    run!(
+        lib,
+        "mt_sgd",
+        small,
+        (MtTable, f32, f32),
+        tab,
+        0.9f32,
+        -0.08f32
+    );
+    mt::sgd_momentum(&refs(&wr), &refs(&mr), &refs(&gr), &coef, 0.9, 0.08).unwrap();
+    for i in 0..sizes.len() {
+        assert_eq!(wk[i], vec_of(&wr[i]), "weight {i}");
+        assert_eq!(mk_[i], vec_of(&mr[i]), "momentum {i}");
+    }
+
+    // Moving average: x in w, y in g.
+    run!(
+        lib,
+        "mt_axpby",
+        small,
+        (MtTable, f32, f32),
+        tab,
+        0.99f32,
+        0.01f32
+    );
+    mt::axpby_all(&refs(&wr), &refs(&gr), 0.99, 1.0 - 0.99).unwrap();
+    for i in 0..sizes.len() {
+        assert_eq!(wk[i], vec_of(&wr[i]), "average {i}");
+    }
+}
+
+/// The batch-norm running-average kernel against `batch_norm_update_running` on the CPU, bit
+/// for bit (grid smaller than the channels, so the loop wraps).
+#[test]
+fn bn_running_update_kernel_equals_the_cpu_op() {
+    let Some(lib) = library() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(41);
+    let c = 77usize;
+    let mean0 = random(&mut rng, c);
+    let var0: Vec<f32> = random(&mut rng, c).iter().map(|v| v.abs() + 0.5).collect();
+    let moments: Vec<f64> = (0..2 * c)
+        .map(|i| {
+            if i < c {
+                rng.gen_range(-1.0..1.0)
+            } else {
+                rng.gen_range(0.5..3.0)
+            }
+        })
+        .collect();
+    let (m, eps, bessel) = (0.99f64, 1e-3f64, 64.0 / 63.0);
+    let (mut mean, mut var) = (mean0.clone(), var0.clone());
+    run!(
+        lib,
+        "bn_running_update",
+        (1, 1, 1, 32, 1, 1),
+        (*mut f32, *mut f32, *const f64, i32, f64, f64, f64, f64),
+        mean.as_mut_ptr(),
+        var.as_mut_ptr(),
+        moments.as_ptr(),
+        c as i32,
+        m,
+        1.0 - m,
+        eps,
+        bessel
+    );
+    let dev = Device::Cpu;
+    let mt = Tensor::from_vec(mean0, c, &dev).unwrap();
+    let vt = Tensor::from_vec(var0, c, &dev).unwrap();
+    let mom = Tensor::from_vec(moments, (2, c), &dev).unwrap();
+    effdet_model::ops::batch_norm_update_running(&mt, &vt, &mom, m, eps, bessel).unwrap();
+    assert_eq!(mean, vec_of(&mt), "mean");
+    assert_eq!(var, vec_of(&vt), "var");
+}

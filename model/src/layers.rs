@@ -213,6 +213,18 @@ impl BatchNorm {
         let n = (x.elem_count() / self.gamma.elem_count().max(1)) as f64;
         let bessel = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
         let m = self.momentum;
+        if self.mean.dtype() == DType::F32 && self.var.dtype() == DType::F32 {
+            // One launch for both averages (the composition below takes ~16).
+            ops::batch_norm_update_running(
+                self.mean.as_tensor(),
+                self.var.as_tensor(),
+                &moments,
+                m,
+                self.eps,
+                bessel,
+            )?;
+            return Ok(y);
+        }
         let batch_mean = moments.get(0)?;
         let batch_var = ((moments.get(1)?.sqr()?.recip()? - self.eps)? * bessel)?;
         for (stat, batch) in [(&self.mean, batch_mean), (&self.var, batch_var)] {

@@ -72,28 +72,44 @@ pub fn clip_gradients(grads: &mut [Tensor], clip: f64) -> Result<f64> {
     let squares: Vec<f64> = Tensor::stack(&squares, 0)?
         .to_dtype(candle_core::DType::F64)?
         .to_vec1()?;
-    if clip <= 0.0 {
-        return Ok(squares.iter().sum::<f64>().sqrt());
+    let (factors, norm) = clip_factors(&squares, clip);
+    for (g, f) in grads.iter_mut().zip(factors) {
+        if f != 1.0 {
+            *g = (&*g * f)?;
+        }
     }
+    Ok(norm)
+}
+
+/// The multipliers [`clip_gradients`] applies, from the gradients' squared norms: each tensor
+/// is first clipped to norm `clip` on its own, then all of them together to global norm
+/// `clip`. Returns them with the global norm reported (`clip` when the global clip applied;
+/// with `clip` ≤ 0 nothing is clipped and the plain global norm is reported).
+pub fn clip_factors(squares: &[f64], clip: f64) -> (Vec<f64>, f64) {
+    if clip <= 0.0 {
+        return (vec![1.0; squares.len()], squares.iter().sum::<f64>().sqrt());
+    }
+    let mut factors = Vec::with_capacity(squares.len());
     let mut sq_total = 0.0;
-    for (g, sq) in grads.iter_mut().zip(&squares) {
+    for sq in squares {
         let n = sq.sqrt();
         if n > clip {
-            *g = (&*g * (clip / n))?;
+            factors.push(clip / n);
             sq_total += clip * clip;
         } else {
+            factors.push(1.0);
             sq_total += n * n;
         }
     }
     let global = sq_total.sqrt();
     if global > clip {
         let scale = clip / global;
-        for g in grads.iter_mut() {
-            *g = (&*g * scale)?;
+        for f in factors.iter_mut() {
+            *f *= scale;
         }
-        return Ok(clip);
+        return (factors, clip);
     }
-    Ok(global)
+    (factors, global)
 }
 
 /// Dynamic loss scaling for fp16 training (PyTorch `GradScaler` semantics).
@@ -363,6 +379,32 @@ impl Sgd {
     }
 }
 
+impl Sgd {
+    /// [`Sgd::step`] fused with the gradients' preparation, for the variables at `index`
+    /// (those that got a gradient; the others stay as they are): the update uses
+    /// `u = a·g + b·w` with `coef[k] = (a, b)` for `grads[k]`, e.g. `a` = unscaling × clipping
+    /// factor and `b` = the L2 weight decay for kernels. One multi-tensor pass (see
+    /// [`crate::ops::multi_tensor::sgd_momentum`]).
+    pub fn fused_step(
+        &mut self,
+        index: &[usize],
+        grads: &[Tensor],
+        coef: &[crate::ops::multi_tensor::Coef],
+        lr: f64,
+    ) -> Result<()> {
+        if index.len() != grads.len() || index.iter().any(|&i| i >= self.vars.len()) {
+            candle_core::bail!(
+                "fused_step: {} gradients for indices {index:?}",
+                grads.len()
+            );
+        }
+        let ws: Vec<&Tensor> = index.iter().map(|&i| self.vars[i].1.as_tensor()).collect();
+        let ms: Vec<&Tensor> = index.iter().map(|&i| &self.accum[i]).collect();
+        let gs: Vec<&Tensor> = grads.iter().collect();
+        crate::ops::multi_tensor::sgd_momentum(&ws, &ms, &gs, coef, self.momentum, lr)
+    }
+}
+
 /// Exponential moving average of a set of variables (TF `ExponentialMovingAverage` with
 /// `num_updates` = the global step after the update, as automl's estimator applies it).
 pub struct Ema {
@@ -394,8 +436,14 @@ impl Ema {
     /// `shadow = d·shadow + (1 − d)·var` with `d = decay_at(num_updates)`.
     pub fn update(&mut self, num_updates: u64) -> Result<()> {
         let d = self.decay_at(num_updates);
-        for (s, (_, v)) in self.shadow.iter().zip(&self.vars) {
-            crate::ops::axpby_inplace(s, v.as_tensor(), d, 1.0 - d)?;
+        // One multi-tensor pass (the per-variable axpby's arithmetic).
+        let xs: Vec<&Tensor> = self.shadow.iter().collect();
+        let ys: Vec<&Tensor> = self.vars.iter().map(|(_, v)| v.as_tensor()).collect();
+        if xs.iter().all(|x| x.dtype() == candle_core::DType::F32) {
+            return crate::ops::multi_tensor::axpby_all(&xs, &ys, d, 1.0 - d);
+        }
+        for (s, y) in xs.iter().zip(ys) {
+            crate::ops::axpby_inplace(s, y, d, 1.0 - d)?;
         }
         Ok(())
     }

@@ -240,6 +240,78 @@ fn op_checks(gpu: &Device) -> anyhow::Result<Vec<Check>> {
             pass: false,
         });
     }
+    // A BN layer's running averages from its batch moments (in place, one launch).
+    {
+        let x = random(&[4, 6, 5, 40], 25)?;
+        let (g, b) = (random(&[40], 26)?, random(&[40], 27)?);
+        let (mean, var) = (random(&[40], 28)?, (random(&[40], 29)?.abs()? + 0.5)?);
+        let run = |dev: &Device| -> anyhow::Result<Tensor> {
+            let (x, g, b) = (x.to_device(dev)?, g.to_device(dev)?, b.to_device(dev)?);
+            let (_, moments) = ops::batch_norm_train_resident(&x, &g, &b, 1e-3, Activation::None)?;
+            let (m, v) = (mean.to_device(dev)?.copy()?, var.to_device(dev)?.copy()?);
+            ops::batch_norm_update_running(&m, &v, &moments, 0.99, 1e-3, 120.0 / 119.0)?;
+            Ok(Tensor::cat(
+                &[m.to_device(&Device::Cpu)?, v.to_device(&Device::Cpu)?],
+                0,
+            )?)
+        };
+        out.push(Check {
+            name: "batch_norm_update_running".into(),
+            output: rel_err(&run(gpu)?, &run(&Device::Cpu)?)?,
+            gradients: 0.0,
+            worst: None,
+            limit: None,
+            pass: false,
+        });
+    }
+    // The multi-tensor optimizer passes over 70 tensors (three launches of ≤ 32, chunks
+    // straddled): sums of squares (`output`), then the SGD step and the moving average
+    // (`gradients`: the updated weights, momenta and averages).
+    {
+        let sizes: Vec<usize> = (0..70).map(|i| [1, 37, 4096, 5000, 9][i % 5] + i).collect();
+        let set = |seed: u64| -> anyhow::Result<Vec<Tensor>> {
+            sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| random(&[n], seed * 100 + i as u64))
+                .collect()
+        };
+        let (g, w, m, e) = (set(21)?, set(22)?, set(23)?, set(24)?);
+        let coef: Vec<(f32, f32)> = (0..70)
+            .map(|i| (0.5 + i as f32 / 64.0, 4e-5 * (i % 2) as f32))
+            .collect();
+        let run = |dev: &Device| -> anyhow::Result<(Tensor, Tensor)> {
+            let on = |v: &[Tensor]| -> anyhow::Result<Vec<Tensor>> {
+                Ok(v.iter()
+                    .map(|t| t.to_device(dev)?.copy())
+                    .collect::<candle_core::Result<_>>()?)
+            };
+            let (g, w, m, e) = (on(&g)?, on(&w)?, on(&m)?, on(&e)?);
+            fn r(v: &[Tensor]) -> Vec<&Tensor> {
+                v.iter().collect()
+            }
+            let sums = ops::multi_tensor::sums_of_squares(&r(&g), &r(&w), &coef)?;
+            ops::multi_tensor::sgd_momentum(&r(&w), &r(&m), &r(&g), &coef, 0.9, 0.08)?;
+            ops::multi_tensor::axpby_all(&r(&e), &r(&w), 0.999, 1.0 - 0.999)?;
+            let all: Vec<Tensor> = w
+                .iter()
+                .chain(&m)
+                .chain(&e)
+                .map(|t| t.to_device(&Device::Cpu))
+                .collect::<candle_core::Result<_>>()?;
+            Ok((sums.to_device(&Device::Cpu)?, Tensor::cat(&all, 0)?))
+        };
+        let (gs, gu) = run(gpu)?;
+        let (cs, cu) = run(&Device::Cpu)?;
+        out.push(Check {
+            name: "multi-tensor sums of squares; SGD + moving average (70 tensors)".into(),
+            output: rel_err(&gs, &cs)?,
+            gradients: rel_err(&gu, &cu)?,
+            worst: None,
+            limit: None,
+            pass: false,
+        });
+    }
     // Class ids: −2 ignored, −1 background, 0..K−1 positives.
     let (anchors, k) = (9usize, 7usize);
     let ids: Vec<i64> = (0..2 * 6 * anchors)

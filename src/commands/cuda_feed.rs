@@ -138,10 +138,27 @@ struct Filled {
 pub struct CudaFeeder {
     rx: Receiver<anyhow::Result<Filled>>,
     free: Sender<Slot>,
+    /// Joined on drop, after both channels are closed (see `Drop`).
+    thread: Option<std::thread::JoinHandle<()>>,
     dev: CudaDevice,
     /// nvJPEG stage counters, when the stage runs (updated by the feeder thread).
     #[cfg(feature = "nvjpeg")]
     pub stage_counts: Arc<std::sync::Mutex<effdet_pipeline::nvjpeg::stage::StageCounts>>,
+}
+
+impl Drop for CudaFeeder {
+    /// Closes both channels (the thread stops at its next send or slot request) and waits for
+    /// the thread, so its pinned buffers, stream and device memory are released before the
+    /// process tears CUDA down.
+    fn drop(&mut self) {
+        let (_, closed_rx) = sync_channel(0);
+        drop(std::mem::replace(&mut self.rx, closed_rx));
+        let (closed_tx, _) = std::sync::mpsc::channel();
+        drop(std::mem::replace(&mut self.free, closed_tx));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl CudaFeeder {
@@ -159,7 +176,7 @@ impl CudaFeeder {
         let stage_counts = Arc::new(std::sync::Mutex::new(Default::default()));
         #[cfg(feature = "nvjpeg")]
         let counts = stage_counts.clone();
-        std::thread::spawn(move || {
+        let thread = std::thread::spawn(move || {
             let mut feeder = FeederThread {
                 copy,
                 slots_made: 0,
@@ -175,6 +192,7 @@ impl CudaFeeder {
         Ok(CudaFeeder {
             rx,
             free: free_tx,
+            thread: Some(thread),
             dev,
             #[cfg(feature = "nvjpeg")]
             stage_counts,

@@ -223,3 +223,36 @@ extern "C" float shim_bf16_to_f32(uint16_t b) { return __bfloat162float(__nv_bfl
     }
 FOCAL_RUNNERS(int, i32)
 FOCAL_RUNNERS(i64, i64)
+
+// The multi-tensor optimizer kernels take their table by value; this is kernels.cu's layout.
+#define MT_MAX 32
+struct MtTable {
+    unsigned long long g[MT_MAX];
+    unsigned long long w[MT_MAX];
+    unsigned long long m[MT_MAX];
+    i64 n[MT_MAX];
+    float a[MT_MAX];
+    float b[MT_MAX];
+    int block_start[MT_MAX + 1];
+    int count;
+};
+extern "C" void mt_sum_squares(const MtTable, double*);
+extern "C" void mt_sgd(const MtTable, float, float);
+extern "C" void mt_axpby(const MtTable, float, float);
+extern "C" void run_mt_sum_squares(GRID, const MtTable tab, double* out) {
+    launch(gx, gy, gz, bx, by, bz, true, [&] { mt_sum_squares(tab, out); });
+}
+extern "C" void run_mt_sgd(GRID, const MtTable tab, float momentum, float neg_lr) {
+    launch(gx, gy, gz, bx, by, bz, false, [&] { mt_sgd(tab, momentum, neg_lr); });
+}
+extern "C" void run_mt_axpby(GRID, const MtTable tab, float alpha, float beta) {
+    launch(gx, gy, gz, bx, by, bz, false, [&] { mt_axpby(tab, alpha, beta); });
+}
+
+extern "C" void bn_running_update(float*, float*, const double*, int, double, double, double,
+                                  double);
+extern "C" void run_bn_running_update(GRID, float* mean, float* var, const double* moments, int C,
+                                      double m, double omm, double eps, double bessel) {
+    launch(gx, gy, gz, bx, by, bz, false,
+           [&] { bn_running_update(mean, var, moments, C, m, omm, eps, bessel); });
+}

@@ -6,7 +6,8 @@
 #       copy-stream feed against the simple feed, the nvJPEG render kernel against its CPU
 #       reference and nvJPEG batches against CPU-decoded ones;
 #   (b) bench-train on one reused batch: 512², batch 16/32/64, fp32 (TF32) and mixed precision,
-#       gradients from the model's tape; CANDLE runs the same with candle's backward (A/B);
+#       gradients from the model's tape; CANDLE runs the same with candle's backward (A/B),
+#       UNFUSED with the per-variable optimizer update instead of the multi-tensor one (A/B);
 #   (c) bench-train fed by the real pipeline (all CPU cores) with its data-wait share: the simple
 #       feed, the copy-stream feed, and the copy-stream feed with nvJPEG decoding;
 #   (d) the input pipeline alone on all cores, CPU decode and nvJPEG decode;
@@ -23,6 +24,7 @@ START=$(date +%s)
 STEPS=${STEPS:-10}
 RUNS=${RUNS:-"fp32:32 fp32:64 fp16:32 fp16:64 bf16:64"}   # bench-train precision:batch
 CANDLE=${CANDLE:-fp16:64}                                # with EFFDET_CANDLE_BACKWARD=1 (A/B)
+UNFUSED=${UNFUSED:-fp16:64 fp16:32}                      # with EFFDET_UNFUSED_UPDATE=1 (A/B)
 FED=${FED:-fp16:64}                                      # the pipeline-fed run
 TORCH=${TORCH:-"fp16:32 fp16:64 fp32:32"}                 # PyTorch effdet precision:batch
 
@@ -76,17 +78,16 @@ fi
 
 # (b) model alone on a reused batch: precision:batch pairs (simple feed: the model's figures do not
 # depend on the copy-stream code, which (a) and (c) check).
-for pb in $RUNS; do
+bench_model() { # name-prefix precision:batch [VAR=value for this run only]
+  local name=$1 pb=$2 p b
   p=${pb%%:*}; b=${pb##*:}
-  run "train_${p}_b${b}" "${RT:-100}" "$BIN" bench-train --device cuda --data "$DATA" --image-size 512 \
+  [[ -n ${3:-} ]] && local -x "$3"
+  run "${name}_${p}_b${b}" "${RT:-100}" "$BIN" bench-train --device cuda --data "$DATA" --image-size 512 \
     --batch-size "$b" --steps "$STEPS" --warmup 3 --precision "$p" --reuse-batch --feed simple
-done
-for pb in $CANDLE; do
-  p=${pb%%:*}; b=${pb##*:}
-  EFFDET_CANDLE_BACKWARD=1 run "train_candle_backward_${p}_b${b}" "${RT:-100}" "$BIN" bench-train \
-    --device cuda --data "$DATA" --image-size 512 --batch-size "$b" --steps "$STEPS" --warmup 3 \
-    --precision "$p" --reuse-batch --feed simple
-done
+}
+for pb in $RUNS; do bench_model train "$pb"; done
+for pb in $CANDLE; do bench_model train_candle_backward "$pb" EFFDET_CANDLE_BACKWARD=1; done
+for pb in $UNFUSED; do bench_model train_unfused_update "$pb" EFFDET_UNFUSED_UPDATE=1; done
 
 # (c) fed by the pipeline on all cores: simple feed, copy stream, copy stream + nvJPEG.
 p=${FED%%:*}; b=${FED##*:}

@@ -48,17 +48,15 @@ impl InplaceOp2 for Axpby {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<()> {
-        let (start, end) = l1
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("axpby: not contiguous".into()))?;
+        let range = super::contiguous_range("axpby", l1)?;
         match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(_)) => {
                 let y = super::contiguous::<f32>(s2, l2)?;
-                run(&mut x[start..end], y, self.a, self.b);
+                run(&mut x[range], y, self.a, self.b);
             }
             (CpuStorage::F64(x), CpuStorage::F64(_)) => {
                 let y = super::contiguous::<f64>(s2, l2)?;
-                run(&mut x[start..end], y, self.a, self.b);
+                run(&mut x[range], y, self.a, self.b);
             }
             (_, s) => return Err(unsupported(self.name(), s)),
         }
@@ -77,12 +75,10 @@ impl InplaceOp2 for Axpby {
         use candle_core::backend::BackendStorage;
         let dev = s1.device().clone();
         let y = cuda::f32_view(self.name(), s2, l2)?;
-        let (start, end) = l1
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("axpby: not contiguous".into()))?;
-        let n = end - start;
+        let range = super::contiguous_range("axpby", l1)?;
+        let n = range.len();
         let x = s1.as_cuda_slice_mut::<f32>()?;
-        let mut x = x.slice_mut(start..end);
+        let mut x = x.slice_mut(range);
         let k = cuda::Kernel::new(&dev, "axpby_f32")?;
         let (a, b, n64) = (self.a as f32, self.b as f32, n as i64);
         let mut bld = k.builder();

@@ -10,7 +10,9 @@ use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
 mod resident;
-pub use resident::{batch_norm_eval_resident, batch_norm_train_resident};
+pub use resident::{
+    batch_norm_eval_resident, batch_norm_train_resident, batch_norm_update_running,
+};
 
 /// Activation applied right after the affine transform.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -311,3 +311,24 @@ pub(crate) fn column_sums(
 pub(crate) fn int(op: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{op}: size {v} exceeds i32")))
 }
+
+/// The device address of a contiguous tensor's first element (multi-tensor kernels take raw
+/// addresses; the tensor must stay alive until the launch that uses it is queued, after which
+/// the stream orders any later free).
+pub(crate) fn address<T: CudaDType + DeviceRepr>(
+    dev: &CudaDevice,
+    t: &candle_core::Tensor,
+) -> Result<u64> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let (s, l) = t.storage_and_layout();
+    let candle_core::Storage::Cuda(c) = &*s else {
+        candle_core::bail!("effdet op: a tensor is not on the GPU");
+    };
+    if !l.is_contiguous() {
+        candle_core::bail!("effdet op: expects contiguous tensors");
+    }
+    let slice = c.as_cuda_slice::<T>()?;
+    let stream = dev.cuda_stream();
+    let (ptr, _sync) = slice.device_ptr(&stream);
+    Ok(ptr + (std::mem::size_of::<T>() * l.start_offset()) as u64)
+}

@@ -23,6 +23,8 @@
 //! - [`focal_loss_sum`]: automl's sigmoid focal loss summed over all entries, with one-hot
 //!   targets built on the fly from class ids;
 //! - [`axpby_inplace`]: `x ← a·x + b·y` in place, the optimizer's and the EMA's update;
+//! - [`multi_tensor`]: the optimizer's per-variable passes (norms + finite check, SGD with
+//!   momentum, the moving average) over whole lists of tensors, a launch per 32 on CUDA;
 //! - [`linear`]: the 1×1 convolution (cast, product, bias) as one node, so candle's backward
 //!   does not materialize zero-filled gradients for each of its five stock ops;
 //! - [`upsample_nearest`]: nearest-neighbour resize (TensorFlow `resize_nearest_neighbor`
@@ -38,6 +40,7 @@ mod focal;
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod launch;
 mod linear;
+pub mod multi_tensor;
 mod pool;
 mod swish;
 mod upsample;
@@ -50,7 +53,7 @@ mod half_tests;
 pub use axpby::axpby_inplace;
 pub use batch_norm::{
     batch_norm_eval, batch_norm_eval_resident, batch_norm_train, batch_norm_train_resident,
-    Activation, BatchStats,
+    batch_norm_update_running, Activation, BatchStats,
 };
 pub(crate) use channel::ColumnSum;
 pub use channel::{add_channel_bias, channel_gate, reduced_dtype, scale_samples, spatial_mean};
@@ -89,6 +92,14 @@ pub fn same_padding(input: usize, kernel: usize, stride: usize) -> (usize, usize
 }
 
 /// The contiguous data of a storage, or an error when the layout has gaps or strides.
+/// The element range of a contiguous layout (in-place ops write through it), or an error naming
+/// `op`.
+pub(crate) fn contiguous_range(op: &str, l: &Layout) -> Result<std::ops::Range<usize>> {
+    l.contiguous_offsets()
+        .map(|(a, b)| a..b)
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: not contiguous")))
+}
+
 pub(crate) fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     let data = T::cpu_storage_as_slice(s)?;
     match l.contiguous_offsets() {
