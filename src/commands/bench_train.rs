@@ -120,7 +120,55 @@ pub fn cuda_device() -> anyhow::Result<Device> {
     if std::env::var("EFFDET_CUDA_EVENT_TRACKING").as_deref() != Ok("1") {
         super::cuda_feed::disable_event_tracking(dev.as_cuda_device()?);
     }
+    // EFFDET_POOL_TRIM=1 keeps the driver's default (for comparison).
+    #[cfg(feature = "cuda")]
+    if std::env::var("EFFDET_POOL_TRIM").as_deref() != Ok("1") {
+        keep_pool_memory(dev.as_cuda_device()?);
+    }
     Ok(dev)
+}
+
+/// The device's default memory pool, which candle's stream-ordered allocations come from.
+#[cfg(feature = "cuda")]
+fn default_pool(
+    c: &candle_core::CudaDevice,
+) -> Option<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let stream = c.cuda_stream();
+    let ctx = stream.context();
+    ctx.bind_to_thread().ok()?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: a plain driver query on the context's own device, into a local.
+    let r = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) };
+    (r == sys::CUresult::CUDA_SUCCESS).then_some(pool)
+}
+
+/// Sets a pool attribute that takes a u64; false when the driver refuses.
+#[cfg(feature = "cuda")]
+fn set_pool_u64(
+    pool: candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool,
+    attr: candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute,
+    mut value: u64,
+) -> bool {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let ptr = &mut value as *mut u64 as *mut std::ffi::c_void;
+    // SAFETY: `attr` takes a u64 (the callers pass such attributes); `value` outlives the call.
+    unsafe { sys::cuMemPoolSetAttribute(pool, attr, ptr) == sys::CUresult::CUDA_SUCCESS }
+}
+
+/// Lets the default pool keep freed memory across synchronizations. Its release threshold is 0
+/// by default: every stream synchronization (a training step has three) hands the freed
+/// activations back to the OS and the next step's allocations map them again, where PyTorch's
+/// caching allocator keeps them. The pool then holds the step's peak (`gpu_peak_mb`).
+#[cfg(feature = "cuda")]
+fn keep_pool_memory(c: &candle_core::CudaDevice) {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    if let Some(pool) = default_pool(c) {
+        let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+        if !set_pool_u64(pool, attr, u64::MAX) {
+            eprintln!("warning: could not raise the CUDA memory pool's release threshold");
+        }
+    }
 }
 
 /// Peak bytes (MiB) in use in the device's default memory pool (the one candle's stream-ordered
@@ -129,31 +177,18 @@ pub fn gpu_pool_peak_mb(dev: &Device, reset: bool) -> Option<f64> {
     #[cfg(feature = "cuda")]
     if let Ok(c) = dev.as_cuda_device() {
         use candle_core::cuda_backend::cudarc::driver::sys;
-        let stream = c.cuda_stream();
-        let ctx = stream.context();
-        ctx.bind_to_thread().ok()?;
+        let pool = default_pool(c)?;
         let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
-        // SAFETY: plain driver queries on the context's own device; `value` outlives the calls.
-        unsafe {
-            let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-            if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
-                != sys::CUresult::CUDA_SUCCESS
-            {
-                return None;
-            }
-            let mut value: u64 = 0;
-            let ptr = &mut value as *mut u64 as *mut std::ffi::c_void;
-            if sys::cuMemPoolGetAttribute(pool, attr, ptr) != sys::CUresult::CUDA_SUCCESS {
-                return None;
-            }
-            let peak = value as f64 / (1024.0 * 1024.0);
-            if reset {
-                let mut zero: u64 = 0;
-                let zptr = &mut zero as *mut u64 as *mut std::ffi::c_void;
-                sys::cuMemPoolSetAttribute(pool, attr, zptr);
-            }
-            return Some(peak);
+        let mut value: u64 = 0;
+        let ptr = &mut value as *mut u64 as *mut std::ffi::c_void;
+        // SAFETY: a plain driver query; `value` outlives the call.
+        if unsafe { sys::cuMemPoolGetAttribute(pool, attr, ptr) } != sys::CUresult::CUDA_SUCCESS {
+            return None;
         }
+        if reset {
+            set_pool_u64(pool, attr, 0);
+        }
+        return Some(value as f64 / (1024.0 * 1024.0));
     }
     let _ = (dev, reset);
     None

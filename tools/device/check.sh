@@ -7,7 +7,8 @@
 #       reference and nvJPEG batches against CPU-decoded ones;
 #   (b) bench-train on one reused batch: 512², batch 16/32/64, fp32 (TF32) and mixed precision,
 #       gradients from the model's tape; CANDLE runs the same with candle's backward (A/B),
-#       UNFUSED with the per-variable optimizer update instead of the multi-tensor one (A/B);
+#       UNFUSED with the per-variable optimizer update instead of the multi-tensor one, TRIM with
+#       the memory pool trimmed at every synchronization (the driver's default) (A/Bs);
 #   (c) bench-train fed by the real pipeline (all CPU cores) with its data-wait share: the simple
 #       feed, the copy-stream feed, and the copy-stream feed with nvJPEG decoding;
 #   (d) the input pipeline alone on all cores, CPU decode and nvJPEG decode;
@@ -25,6 +26,7 @@ STEPS=${STEPS:-10}
 RUNS=${RUNS:-"fp32:32 fp32:64 fp16:32 fp16:64 bf16:64"}   # bench-train precision:batch
 CANDLE=${CANDLE:-fp16:64}                                # with EFFDET_CANDLE_BACKWARD=1 (A/B)
 UNFUSED=${UNFUSED:-fp16:64 fp16:32}                      # with EFFDET_UNFUSED_UPDATE=1 (A/B)
+TRIM=${TRIM:-fp16:64}                                    # with EFFDET_POOL_TRIM=1 (A/B)
 FED=${FED:-fp16:64}                                      # the pipeline-fed run
 TORCH=${TORCH:-"fp16:32 fp16:64 fp32:32"}                 # PyTorch effdet precision:batch
 
@@ -88,6 +90,7 @@ bench_model() { # name-prefix precision:batch [VAR=value for this run only]
 for pb in $RUNS; do bench_model train "$pb"; done
 for pb in $CANDLE; do bench_model train_candle_backward "$pb" EFFDET_CANDLE_BACKWARD=1; done
 for pb in $UNFUSED; do bench_model train_unfused_update "$pb" EFFDET_UNFUSED_UPDATE=1; done
+for pb in $TRIM; do bench_model train_pool_trim "$pb" EFFDET_POOL_TRIM=1; done
 
 # (c) fed by the pipeline on all cores: simple feed, copy stream, copy stream + nvJPEG.
 p=${FED%%:*}; b=${FED##*:}
