@@ -28,6 +28,8 @@ pub struct Trainer {
     /// Dynamic loss scaling (enabled for fp16 only).
     pub scaler: DynamicLossScaler,
     l2: Vec<Tensor>,
+    /// Per `sgd.vars()` entry: whether it is one of the `l2` kernels (weight decay).
+    decayed: Vec<bool>,
     /// Gradients through the tape (else candle's backward).
     use_tape: bool,
     /// With the tape: the optimizer's per-variable work in multi-tensor passes
@@ -164,6 +166,12 @@ impl Trainer {
             .collect();
         let ema = Ema::new(ema_vars, cfg.train.moving_average_decay)?;
         let l2 = model.l2_kernels();
+        let kernel_ids: std::collections::HashSet<_> = l2.iter().map(|k| k.id()).collect();
+        let decayed = sgd
+            .vars()
+            .iter()
+            .map(|(_, v)| kernel_ids.contains(&v.id()))
+            .collect();
         Ok(Trainer {
             cfg: cfg.clone(),
             vars,
@@ -172,6 +180,7 @@ impl Trainer {
             ema,
             scaler: DynamicLossScaler::for_precision(precision),
             l2,
+            decayed,
             use_tape: std::env::var("EFFDET_CANDLE_BACKWARD")
                 .map_or(true, |v| v.is_empty() || v == "0"),
             fuse_update: std::env::var("EFFDET_UNFUSED_UPDATE")
@@ -340,19 +349,23 @@ impl Trainer {
         } else {
             1.0
         };
+        let secs = |a: Instant, b: Instant| (b - a).as_secs_f64();
+        let mut stats = StepStats {
+            loss,
+            cls_loss: cls_l,
+            box_loss: box_l,
+            reg_loss: reg_l,
+            gradient_norm: f64::NAN,
+            skipped: false,
+            loss_scale,
+            phases: PhaseTimes {
+                forward_queued: secs(t0, t_fq),
+                forward: secs(t0, t_f),
+                ..PhaseTimes::default()
+            },
+        };
         if self.use_tape && self.fuse_update {
-            return self.fused_update(&parts.total, scale, lr, step, (t0, t_fq, t_f), {
-                StepStats {
-                    loss,
-                    cls_loss: cls_l,
-                    box_loss: box_l,
-                    reg_loss: reg_l,
-                    gradient_norm: f64::NAN,
-                    skipped: false,
-                    loss_scale,
-                    phases: PhaseTimes::default(),
-                }
-            });
+            return self.fused_update(&parts.total, scale, lr, step, t_f, stats);
         }
         let mut all = self.scaled_gradients(&parts.total, scale)?;
         let t_bq = Instant::now();
@@ -360,19 +373,7 @@ impl Trainer {
         let mut gs: Vec<Tensor> = present.iter().filter_map(|&i| all[i].take()).collect();
         let finite = self.scaler.unscale_and_check(&mut gs)?;
         self.scaler.update(finite);
-        let mut stats = StepStats {
-            loss,
-            cls_loss: cls_l,
-            box_loss: box_l,
-            reg_loss: reg_l,
-            gradient_norm: f64::NAN,
-            skipped: !finite,
-            loss_scale,
-            phases: PhaseTimes::default(),
-        };
-        let secs = |a: Instant, b: Instant| (b - a).as_secs_f64();
-        stats.phases.forward_queued = secs(t0, t_fq);
-        stats.phases.forward = secs(t0, t_f);
+        stats.skipped = !finite;
         stats.phases.backward_queued = secs(t_f, t_bq);
         if !finite {
             stats.phases.backward = secs(t_f, Instant::now());
@@ -403,37 +404,28 @@ impl Trainer {
         scale: f64,
         lr: f64,
         step: u64,
-        (t0, t_fq, t_f): (Instant, Instant, Instant),
+        t_f: Instant,
         mut stats: StepStats,
     ) -> anyhow::Result<StepStats> {
         let all = self.gradients_with(total, scale, false)?;
         let t_bq = Instant::now();
-        let kernels: std::collections::HashSet<candle_core::TensorId> =
-            self.l2.iter().map(|k| k.id()).collect();
         let wd = self.cfg.loss.weight_decay as f32;
-        let mut index = Vec::new();
-        let mut grads = Vec::new();
-        let mut coef = Vec::new();
-        for (i, g) in all.into_iter().enumerate() {
+        let (mut index, mut grads, mut ws, mut coef) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (i, (g, (_, w))) in all.into_iter().zip(self.sgd.vars()).enumerate() {
             let Some(g) = g else { continue };
-            let w = self.sgd.vars()[i].1.as_tensor();
-            let b = if kernels.contains(&w.id()) { wd } else { 0.0 };
+            let b = if self.decayed[i] { wd } else { 0.0 };
             index.push(i);
             grads.push(g);
+            ws.push(w.as_tensor());
             coef.push(((1.0 / scale) as f32, b));
         }
-        let ws: Vec<&Tensor> = index
-            .iter()
-            .map(|&i| self.sgd.vars()[i].1.as_tensor())
-            .collect();
         let gs: Vec<&Tensor> = grads.iter().collect();
         let squares: Vec<f64> = multi_tensor::sums_of_squares(&gs, &ws, &coef)?.to_vec1()?;
         let finite = !self.scaler.is_enabled() || squares.iter().all(|s| s.is_finite());
         self.scaler.update(finite);
         let secs = |a: Instant, b: Instant| (b - a).as_secs_f64();
         stats.skipped = !finite;
-        stats.phases.forward_queued = secs(t0, t_fq);
-        stats.phases.forward = secs(t0, t_f);
         stats.phases.backward_queued = secs(t_f, t_bq);
         let t_b = Instant::now();
         stats.phases.backward = secs(t_f, t_b);
