@@ -2033,3 +2033,309 @@ fn bn_running_update_kernel_equals_the_cpu_op() {
     assert_eq!(mean, vec_of(&mt), "mean");
     assert_eq!(var, vec_of(&vt), "var");
 }
+
+/// The batch-norm parameter stacking and input-gradient constants kernels against the CPU ops'
+/// formulas (`batch_norm/resident.rs`: `StackParams`, `GradConsts`), bit for bit, in training
+/// and evaluation mode (grid smaller than the channels, so the loop wraps).
+#[test]
+fn bn_stack_params_and_grad_consts_kernels_equal_their_formulas() {
+    let Some(lib) = library() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(43);
+    let c = 77usize;
+    let moments: Vec<f64> = (0..2 * c).map(|_| rng.gen_range(0.1..3.0)).collect();
+    let (gamma, beta) = (random(&mut rng, c), random(&mut rng, c));
+    let mut p = vec![f64::NAN; 4 * c];
+    run!(
+        lib,
+        "bn_stack_params",
+        (1, 1, 1, 32, 1, 1),
+        (*const f64, *const f32, *const f32, *mut f64, i32),
+        moments.as_ptr(),
+        gamma.as_ptr(),
+        beta.as_ptr(),
+        p.as_mut_ptr(),
+        c as i32
+    );
+    let widened = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+    let want_p = [moments.clone(), widened(&gamma), widened(&beta)].concat();
+    assert_eq!(p, want_p, "stacked params");
+
+    let sums: Vec<f32> = random(&mut rng, 2 * c).iter().map(|v| v * 300.0).collect();
+    let rows = 4096usize;
+    for train in [true, false] {
+        let mut out = vec![f32::NAN; 7 * c];
+        run!(
+            lib,
+            "bn_grad_consts",
+            (1, 1, 1, 32, 1, 1),
+            (*const f64, *const f32, *mut f32, i32, f64, i32),
+            p.as_ptr(),
+            sums.as_ptr(),
+            out.as_mut_ptr(),
+            c as i32,
+            rows as f64,
+            train as i32
+        );
+        let mut want: Vec<f32> = p.iter().map(|&v| v as f32).collect();
+        let k: Vec<f64> = (0..c).map(|i| p[2 * c + i] * p[c + i]).collect();
+        want.extend(k.iter().map(|&v| v as f32));
+        for row in 0..2 {
+            want.extend((0..c).map(|i| {
+                if train {
+                    (k[i] / rows as f64 * sums[row * c + i] as f64) as f32
+                } else {
+                    0.0
+                }
+            }));
+        }
+        assert_eq!(out, want, "gradient constants, train={train}");
+    }
+}
+
+/// The fusion kernels in `T` against the f32 kernels on the widened inputs: outputs and input
+/// gradients rounded once, bit for bit; the dot products equal (same grid, same order).
+fn fusion_16<T: Act16>(lib: &libloading::Library, xs: &[Vec<f32>], g: &[f32], w: &[f32]) {
+    let sfx = T::SUFFIX;
+    let n = g.len();
+    let k = xs.len();
+    let narrowed: Vec<(Vec<T>, Vec<f32>)> = xs.iter().map(|x| narrow::<T>(x)).collect();
+    let (g16, gw) = narrow::<T>(g);
+    let ptr = |i: usize, wide: bool| -> *const u8 {
+        let i = if i < k { i } else { 0 };
+        if wide {
+            narrowed[i].1.as_ptr() as *const u8
+        } else {
+            narrowed[i].0.as_ptr() as *const u8
+        }
+    };
+    let grid = (3, 1, 1, 256, 1, 1);
+    let mut want = vec![f32::NAN; n];
+    let mut got = nans::<T>(n);
+    run!(
+        lib,
+        "fusion_fwd",
+        grid,
+        (
+            *const u8,
+            *const u8,
+            *const u8,
+            *const u8,
+            *const f32,
+            *mut f32,
+            i64,
+            i32
+        ),
+        ptr(0, true),
+        ptr(1, true),
+        ptr(2, true),
+        ptr(3, true),
+        w.as_ptr(),
+        want.as_mut_ptr(),
+        n as i64,
+        k as i32
+    );
+    run!(
+        lib,
+        format!("fusion_fwd{sfx}"),
+        grid,
+        (
+            *const u8,
+            *const u8,
+            *const u8,
+            *const u8,
+            *const f32,
+            *mut T,
+            i64,
+            i32
+        ),
+        ptr(0, false),
+        ptr(1, false),
+        ptr(2, false),
+        ptr(3, false),
+        w.as_ptr(),
+        got.as_mut_ptr(),
+        n as i64,
+        k as i32
+    );
+    assert_rounded(&got, &want, true, "fusion_fwd");
+    for i in 0..k {
+        let (mut gx_want, mut gx_got) = (vec![f32::NAN; n], nans::<T>(n));
+        let (mut dot_want, mut dot_got) = (vec![0.0f64; k], vec![0.0f64; k]);
+        run!(
+            lib,
+            "fusion_grad",
+            grid,
+            (
+                *const f32,
+                *const f32,
+                *const f32,
+                i32,
+                i32,
+                *mut f32,
+                *mut f64,
+                i64
+            ),
+            gw.as_ptr(),
+            narrowed[i].1.as_ptr(),
+            w.as_ptr(),
+            k as i32,
+            i as i32,
+            gx_want.as_mut_ptr(),
+            dot_want.as_mut_ptr(),
+            n as i64
+        );
+        run!(
+            lib,
+            format!("fusion_grad{sfx}"),
+            grid,
+            (
+                *const T,
+                *const T,
+                *const f32,
+                i32,
+                i32,
+                *mut T,
+                *mut f64,
+                i64
+            ),
+            g16.as_ptr(),
+            narrowed[i].0.as_ptr(),
+            w.as_ptr(),
+            k as i32,
+            i as i32,
+            gx_got.as_mut_ptr(),
+            dot_got.as_mut_ptr(),
+            n as i64
+        );
+        // (A negative weight's input gets exact zeros.)
+        let rounds = w[i] > 0.0;
+        assert_rounded(&gx_got, &gx_want, rounds, "fusion_grad input gradient");
+        assert_bits_eq(&dot_got, &dot_want, "fusion_grad dot");
+    }
+}
+
+/// The BiFPN fusion kernels against the CPU op (`ops::fast_fusion` and its recorded
+/// backward): forward and input gradients bit for bit (f32), the dot products and weight
+/// gradient to f64 summation order; then the 16-bit instantiations against the f32 kernels.
+/// Two and three inputs, a negative weight (relu cut-off), more elements than the grid's threads.
+#[test]
+fn fusion_kernels_equal_the_cpu_op() {
+    use effdet_model::tape::{record, Tape};
+    use std::rc::Rc;
+    let Some(lib) = library() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(47);
+    let dims = [2usize, 9, 11, 16];
+    let n: usize = dims.iter().product();
+    for (k, w) in [(2usize, vec![0.8f32, 1.1]), (3, vec![0.6, -0.4, 1.7])] {
+        let xs: Vec<Vec<f32>> = (0..k)
+            .map(|_| random(&mut rng, n).iter().map(|v| v * 4.0).collect())
+            .collect();
+        let g = random(&mut rng, n);
+        let dev = Device::Cpu;
+        let xt: Vec<Tensor> = xs
+            .iter()
+            .map(|x| Tensor::from_vec(x.clone(), &dims[..], &dev).unwrap())
+            .collect();
+        let vars: Vec<candle_core::Var> = xt
+            .iter()
+            .map(|t| candle_core::Var::from_tensor(t).unwrap())
+            .collect();
+        let wv = candle_core::Var::from_tensor(&Tensor::new(&w[..], &dev).unwrap()).unwrap();
+        let inputs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let tape = Rc::new(Tape::default());
+        let y = record(&tape, || {
+            effdet_model::ops::fast_fusion(&inputs, wv.as_tensor())
+        })
+        .unwrap();
+        let tape = Rc::try_unwrap(tape).ok().unwrap();
+        let gt = Tensor::from_vec(g.clone(), &dims[..], &dev).unwrap();
+        let grads = tape.backward(vec![(y.id(), gt)]).unwrap();
+
+        let ptr = |i: usize| xs[i.min(k - 1)].as_ptr();
+        let grid = (5, 1, 1, 256, 1, 1);
+        let mut yk = vec![f32::NAN; n];
+        run!(
+            lib,
+            "fusion_fwd",
+            grid,
+            (
+                *const f32,
+                *const f32,
+                *const f32,
+                *const f32,
+                *const f32,
+                *mut f32,
+                i64,
+                i32
+            ),
+            ptr(0),
+            ptr(1),
+            ptr(2),
+            ptr(3),
+            w.as_ptr(),
+            yk.as_mut_ptr(),
+            n as i64,
+            k as i32
+        );
+        assert_eq!(yk, vec_of(&y), "fusion_fwd, {k} inputs");
+        let mut dots = vec![0.0f64; k];
+        for i in 0..k {
+            let mut gx = vec![f32::NAN; n];
+            run!(
+                lib,
+                "fusion_grad",
+                grid,
+                (
+                    *const f32,
+                    *const f32,
+                    *const f32,
+                    i32,
+                    i32,
+                    *mut f32,
+                    *mut f64,
+                    i64
+                ),
+                g.as_ptr(),
+                xs[i].as_ptr(),
+                w.as_ptr(),
+                k as i32,
+                i as i32,
+                gx.as_mut_ptr(),
+                dots.as_mut_ptr(),
+                n as i64
+            );
+            assert_eq!(gx, vec_of(&grads[&inputs[i].id()]), "input {i} gradient");
+            let exact: f64 = g
+                .iter()
+                .zip(&xs[i])
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum();
+            assert!(
+                (dots[i] - exact).abs() <= 1e-12 * exact.abs().max(1.0),
+                "dot {i}: {} vs {exact}",
+                dots[i]
+            );
+        }
+        let mut gw = vec![f32::NAN; k];
+        run!(
+            lib,
+            "fusion_weight_grad",
+            (1, 1, 1, 1, 1, 1),
+            (*const f32, *const f64, *mut f32, i32),
+            w.as_ptr(),
+            dots.as_ptr(),
+            gw.as_mut_ptr(),
+            k as i32
+        );
+        let want = vec_of(&grads[&wv.as_tensor().id()]);
+        for (a, b) in gw.iter().zip(&want) {
+            assert!(
+                (a - b).abs() <= 1e-6 * b.abs().max(1e-3),
+                "weight gradient {gw:?} vs {want:?}"
+            );
+        }
+        assert_eq!(gw[k - 1] == 0.0, w[k - 1] < 0.0, "relu cut-off: {gw:?}");
+        fusion_16::<half::f16>(lib, &xs, &g, &w);
+        fusion_16::<half::bf16>(lib, &xs, &g, &w);
+    }
+}

@@ -6,7 +6,7 @@ use crate::layers::{BatchNorm, Conv1x1, SeparableConv};
 use crate::ops::{self, Activation};
 use crate::precision::Precision;
 use crate::vars::{Init, ModelVars};
-use candle_core::{DType, Result, Tensor};
+use candle_core::{Result, Tensor};
 
 /// One fusion node: its pyramid level and the indices of the features it fuses (0..L are the
 /// cell inputs, L.. the nodes created before it in the same cell).
@@ -323,8 +323,9 @@ fn fuse(inputs: &[Tensor], weights: Option<&Tensor>) -> Result<Tensor> {
         }
         return Ok(acc);
     };
-    if let Some(tape) = crate::tape::active() {
-        return fuse_recorded(&tape, inputs, w);
+    if crate::tape::active().is_some() {
+        // One recorded op (one kernel forward) in place of the composition below.
+        return ops::fast_fusion(inputs, w);
     }
     let w = w.relu()?;
     // Normalized in f32, then cast to the activations' dtype (f32 or 16-bit).
@@ -343,57 +344,6 @@ fn fuse(inputs: &[Tensor], weights: Option<&Tensor>) -> Result<Tensor> {
         });
     }
     acc.ok_or_else(|| candle_core::Error::Msg("BiFPN: node without inputs".into()))
-}
-
-/// [`fuse`] recorded on a tape as one op of (inputs…, weights): the same forward arithmetic,
-/// and the gradients candle's backward gives through relu, the normalization and the products
-/// (the weight gradients accumulated in f64).
-fn fuse_recorded(tape: &crate::tape::Tape, inputs: &[Tensor], w: &Tensor) -> Result<Tensor> {
-    let wd = w.detach();
-    let r = wd.relu()?;
-    let s = (r.sum_all()? + 1e-4)?;
-    let norm = r.broadcast_div(&s)?.to_dtype(inputs[0].dtype())?;
-    let xs: Vec<Tensor> = inputs.iter().map(|x| x.detach()).collect();
-    let weight_of = |i: usize| norm.narrow(0, i, 1)?.reshape((1, 1, 1, 1));
-    let mut acc: Option<Tensor> = None;
-    for (i, x) in xs.iter().enumerate() {
-        let term = x.broadcast_mul(&weight_of(i)?)?;
-        acc = Some(match acc {
-            Some(a) => (a + term)?,
-            None => term,
-        });
-    }
-    let y = acc.ok_or_else(|| candle_core::Error::Msg("BiFPN: node without inputs".into()))?;
-    let mut recorded: Vec<&Tensor> = inputs.iter().collect();
-    recorded.push(w);
-    tape.push("bifpn fusion", &recorded, &y, move |g| {
-        let mut out = Vec::with_capacity(xs.len() + 1);
-        let mut g_norm = Vec::with_capacity(xs.len());
-        for (i, x) in xs.iter().enumerate() {
-            let n_i = norm.narrow(0, i, 1)?.reshape((1, 1, 1, 1))?;
-            out.push(Some(g.broadcast_mul(&n_i)?));
-            // Σ g·x accumulated in f64 (per channel, then over the channels), and the
-            // normalization's gradient below in f64 too: the sums reach ~10⁶ while the weight
-            // gradients are their small differences, which f32 would round away.
-            let c = x.dims().last().copied().unwrap_or(1);
-            let per_channel =
-                (g * x)?.apply_op1_no_bwd(&crate::ops::ColumnSum { c, out: DType::F64 })?;
-            g_norm.push(per_channel.sum_all()?);
-        }
-        // n = r / s with s = Σ r + ε: ∂/∂r_j = g_j / s − (Σ_i g_i r_i) / s².
-        let g_norm = Tensor::stack(&g_norm, 0)?;
-        // s again from r in f64: in f32, 1e-4 next to Σ r ≈ 2 keeps only ~3 digits.
-        let r64 = r.to_dtype(DType::F64)?;
-        let s64 = (r64.sum_all()? + 1e-4)?;
-        let direct = g_norm.broadcast_div(&s64)?;
-        let through_sum = (&g_norm * &r64)?.sum_all()?.div(&s64.sqr()?)?;
-        let g_r = direct.broadcast_sub(&through_sum)?.to_dtype(wd.dtype())?;
-        // candle's relu passes the gradient where w ≥ 0.
-        let mask = wd.ge(&wd.zeros_like()?)?.to_dtype(wd.dtype())?;
-        out.push(Some((g_r * mask)?));
-        Ok(out)
-    });
-    Ok(y)
 }
 
 #[cfg(test)]

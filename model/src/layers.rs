@@ -153,7 +153,7 @@ impl BatchNorm {
     /// evaluation mode uses the running averages.
     pub fn forward(&self, x: &Tensor, train: bool, act: Activation) -> Result<Tensor> {
         let dev = x.device();
-        if !dev.is_cpu() {
+        if !dev.is_cpu() || resident_on_cpu() {
             // Statistics stay on the device (no per-layer synchronization).
             return self.forward_resident(x, train, act);
         }
@@ -190,6 +190,14 @@ impl BatchNorm {
             .set(&Tensor::from_vec(new_var, old_var.len(), dev)?.to_dtype(self.var.dtype())?)?;
         Ok(y)
     }
+}
+
+/// `EFFDET_RESIDENT_BN=1`: the CPU takes the GPU's batch-norm path (device-resident statistics;
+/// the same results, bit for bit), so a CPU run counts the tensors a GPU step creates
+/// (`bench-train`'s `tensors_per_step`).
+fn resident_on_cpu() -> bool {
+    static RESIDENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *RESIDENT.get_or_init(|| std::env::var("EFFDET_RESIDENT_BN").is_ok_and(|v| v != "0"))
 }
 
 impl BatchNorm {

@@ -1,8 +1,8 @@
 //! `effdet-model` owns the EfficientDet network (EfficientNet backbone, BiFPN, class/box
 //! heads), its loss, its configuration files, detection post-processing ([`postprocess`])
-//! and the hand-written kernels candle lacks ([`ops`]). It does not depend on the pipeline crate. Engine: candle, CPU by default; the
-//! `cuda` feature only forwards to candle's CUDA backend (the custom ops still need their
-//! `cuda_fwd` written).
+//! and the hand-written kernels candle lacks ([`ops`]). It does not depend on the pipeline crate.
+//! Engine: candle, CPU by default; the `cuda` feature adds candle's CUDA backend and the ops'
+//! own CUDA kernels (`ops/kernels.cu`, compiled to PTX by `build.rs`).
 //!
 //! # Using it from a training loop
 //!

@@ -86,6 +86,8 @@ pub struct Report {
     pub feed_mode: super::step::FeedMode,
     /// Mean host wall time per timed step of each phase (see `PhaseTimes`), milliseconds.
     pub phases_ms: super::step::PhaseTimes,
+    /// Tensors (≈ launches on a GPU) each phase of the last timed step created.
+    pub tensors_per_step: super::step::PhaseTensors,
     pub gpu_decode: Option<serde_json::Value>,
     pub peak_rss_mb: f64,
     pub skipped_steps: u64,
@@ -242,6 +244,7 @@ pub fn bench(a: &Args) -> anyhow::Result<Report> {
     let mut peak_mem: Option<f64> = None;
     let mut skipped_steps = 0;
     let mut phases = super::step::PhaseTimes::default();
+    let mut tensors = super::step::PhaseTensors::default();
     let mut t_timed = Instant::now();
     for i in 0..a.warmup + a.steps {
         if i == a.warmup {
@@ -271,6 +274,7 @@ pub fn bench(a: &Args) -> anyhow::Result<Report> {
             loss_last = s.loss;
             skipped_steps += s.skipped as u64;
             phases.add(&s.phases);
+            tensors = s.tensors;
         }
         let (_, mem) = device_info(&dev);
         peak_mem = match (peak_mem, mem) {
@@ -311,6 +315,7 @@ pub fn bench(a: &Args) -> anyhow::Result<Report> {
         gpu_peak_mb,
         feed_mode: a.feed.feed,
         phases_ms: phases.scaled(1e3 / a.steps as f64),
+        tensors_per_step: tensors,
         gpu_decode: feeder.gpu_decode_counts(),
         peak_rss_mb: peak_rss_mb(),
         loss_first,

@@ -79,12 +79,45 @@ type OpFn = dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>;
 /// Runs `f` on the CPU and the GPU from the same inputs; compares the output and the gradients
 /// of Σ output·r (r random) with respect to every input.
 fn check_op(name: &str, gpu: &Device, inputs: &[Tensor], f: &OpFn) -> anyhow::Result<Check> {
+    check_op_with(name, gpu, inputs, f, false)
+}
+
+/// [`check_op`] with the gradients from the training tape (the ops' recorded backward rules,
+/// as a training step computes them) instead of candle's backward.
+fn check_taped_op(name: &str, gpu: &Device, inputs: &[Tensor], f: &OpFn) -> anyhow::Result<Check> {
+    check_op_with(&format!("{name} (tape)"), gpu, inputs, f, true)
+}
+
+fn check_op_with(
+    name: &str,
+    gpu: &Device,
+    inputs: &[Tensor],
+    f: &OpFn,
+    taped: bool,
+) -> anyhow::Result<Check> {
     let run = |dev: &Device| -> anyhow::Result<(Tensor, Vec<Tensor>)> {
         let vars = inputs
             .iter()
             .map(|t| Var::from_tensor(&t.to_device(dev)?))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        if taped {
+            let tape = std::rc::Rc::new(effdet_model::tape::Tape::default());
+            let y = effdet_model::tape::record(&tape, || f(&ts))?;
+            let tape = std::rc::Rc::try_unwrap(tape)
+                .map_err(|_| anyhow::anyhow!("{name}: the tape is still shared"))?;
+            let r = random(y.dims(), 99)?.to_dtype(y.dtype())?.to_device(dev)?;
+            let mut grads = tape.backward(vec![(y.id(), r)])?;
+            let gs = ts
+                .iter()
+                .map(|t| {
+                    grads
+                        .remove(&t.id())
+                        .ok_or_else(|| anyhow::anyhow!("{name}: no gradient for an input"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            return Ok((y, gs));
+        }
         let y = f(&ts)?;
         let r = random(y.dims(), 99)?.to_dtype(y.dtype())?.to_device(dev)?;
         let grads = (&y * &r)?.sum_all()?.backward()?;
@@ -199,6 +232,29 @@ fn op_checks(gpu: &Device) -> anyhow::Result<Vec<Check>> {
             },
         )?);
     }
+    // Ops whose training gradients come only from their tape rules.
+    for k in [2usize, 3] {
+        let mut inputs: Vec<Tensor> = (0..k)
+            .map(|i| random(&[2, 9, 8, 40], 30 + i as u64))
+            .collect::<anyhow::Result<_>>()?;
+        inputs.push(Tensor::new(&[0.9f32, -0.3, 1.4][..k], &Device::Cpu)?);
+        out.push(check_taped_op(
+            &format!("fast_fusion {k} inputs"),
+            gpu,
+            &inputs,
+            &move |v| ops::fast_fusion(&v[..k], &v[k]),
+        )?);
+    }
+    out.push(check_taped_op(
+        "batch_norm_train_resident Swish",
+        gpu,
+        &[
+            (random(&[3, 6, 5, 48], 4)? * 3.0)?,
+            random(&[48], 5)?,
+            random(&[48], 6)?,
+        ],
+        &|v| Ok(ops::batch_norm_train_resident(&v[0], &v[1], &v[2], 1e-3, Activation::Swish)?.0),
+    )?);
     out.push(check_op(
         "swish",
         gpu,
@@ -398,6 +454,18 @@ fn half_op_checks(gpu: &Device) -> anyhow::Result<Vec<Check>> {
             &[act(&[3, 9, 8, 33], 17, 1.0)?],
             &|v| ops::spatial_mean(&v[0]),
         )?;
+        let mut fusion_inputs: Vec<Tensor> = (0..3)
+            .map(|i| act(&[2, 9, 8, 40], 30 + i, 1.0))
+            .collect::<anyhow::Result<_>>()?;
+        fusion_inputs.push(Tensor::new(&[0.9f32, 0.3, 1.4], &Device::Cpu)?);
+        let mut c = check_taped_op(
+            &format!("fast_fusion 3 inputs {dtype:?}"),
+            gpu,
+            &fusion_inputs,
+            &|v| ops::fast_fusion(&v[..3], &v[3]),
+        )?;
+        c.limit = Some(limit);
+        out.push(c);
     }
     Ok(out)
 }
@@ -747,6 +815,28 @@ mod tests {
 
     /// The model check runs end to end with the CPU standing in for the GPU (the same tape
     /// computation on both sides: exactly zero error, and a report naming the worst tensors).
+    /// Every op check's harness (candle and tape gradients, in-place updates, 16-bit inputs)
+    /// runs with the CPU standing in for the GPU, and finds no difference there.
+    #[test]
+    fn op_checks_run_with_the_cpu_as_the_device() -> anyhow::Result<()> {
+        let mut checks = op_checks(&Device::Cpu)?;
+        checks.extend(half_op_checks(&Device::Cpu)?);
+        assert!(checks.len() >= 40, "{} checks", checks.len());
+        assert!(checks
+            .iter()
+            .any(|c| c.name.contains("fast_fusion 3 inputs (tape)")));
+        for c in &checks {
+            assert!(
+                c.output == 0.0 && c.gradients == 0.0,
+                "{}: output {:e}, gradients {:e}",
+                c.name,
+                c.output,
+                c.gradients
+            );
+        }
+        Ok(())
+    }
+
     #[test]
     fn model_check_runs_with_the_cpu_as_the_device() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;

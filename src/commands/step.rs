@@ -9,7 +9,7 @@
 use candle_core::{DType, Device, Tensor};
 use effdet_model::config::Config;
 use effdet_model::loss::{detection_loss, tape_gradients};
-use effdet_model::ops::multi_tensor;
+use effdet_model::ops::{multi_tensor, tensors_created};
 use effdet_model::optim::{clip_factors, clip_gradients, Ema, Sgd};
 use effdet_model::tape::Tape;
 use effdet_model::{DynamicLossScaler, EfficientDet, ModelVars, Precision};
@@ -65,6 +65,18 @@ pub struct StepStats {
     pub loss_scale: f64,
     /// Host wall time of the step's phases, split at its device reads (no extra syncs).
     pub phases: PhaseTimes,
+    /// Tensors each phase created (`ops::tensors_created`): its launch count, device-free.
+    pub tensors: PhaseTensors,
+}
+
+/// Tensors created by each phase of a step (views included): on a GPU nearly every one is a
+/// launch or an allocation, so this is the step's host overhead in a number any machine can
+/// measure. `backward` runs to the finite check, `update` covers clipping, SGD and the EMA.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct PhaseTensors {
+    pub forward: u64,
+    pub backward: u64,
+    pub update: u64,
 }
 
 /// Where a step's host wall time goes, in seconds. Each `*_queued` is the time to enqueue the
@@ -331,6 +343,7 @@ impl Trainer {
     /// counts `step + 1` updates). Fails on a non-finite loss.
     pub fn step(&mut self, t: &BatchTensors, lr: f64, step: u64) -> anyhow::Result<StepStats> {
         let t0 = Instant::now();
+        let n0 = tensors_created();
         let parts = self.loss(t)?;
         let t_fq = Instant::now();
         let scalars: Vec<f64> =
@@ -363,9 +376,14 @@ impl Trainer {
                 forward: secs(t0, t_f),
                 ..PhaseTimes::default()
             },
+            tensors: PhaseTensors {
+                forward: tensors_created() - n0,
+                ..PhaseTensors::default()
+            },
         };
+        let n_f = tensors_created();
         if self.use_tape && self.fuse_update {
-            return self.fused_update(&parts.total, scale, lr, step, t_f, stats);
+            return self.fused_update(&parts.total, scale, lr, step, (t_f, n_f), stats);
         }
         let mut all = self.scaled_gradients(&parts.total, scale)?;
         let t_bq = Instant::now();
@@ -375,6 +393,8 @@ impl Trainer {
         self.scaler.update(finite);
         stats.skipped = !finite;
         stats.phases.backward_queued = secs(t_f, t_bq);
+        let n_b = tensors_created();
+        stats.tensors.backward = n_b - n_f;
         if !finite {
             stats.phases.backward = secs(t_f, Instant::now());
             return Ok(stats);
@@ -388,6 +408,7 @@ impl Trainer {
         self.sgd.step(&all, lr)?;
         self.ema.update(step + 1)?;
         stats.phases.update_queued = secs(t_b, Instant::now());
+        stats.tensors.update = tensors_created() - n_b;
         Ok(stats)
     }
 }
@@ -404,7 +425,7 @@ impl Trainer {
         scale: f64,
         lr: f64,
         step: u64,
-        t_f: Instant,
+        (t_f, n_f): (Instant, u64),
         mut stats: StepStats,
     ) -> anyhow::Result<StepStats> {
         let all = self.gradients_with(total, scale, false)?;
@@ -429,6 +450,8 @@ impl Trainer {
         stats.phases.backward_queued = secs(t_f, t_bq);
         let t_b = Instant::now();
         stats.phases.backward = secs(t_f, t_b);
+        let n_b = tensors_created();
+        stats.tensors.backward = n_b - n_f;
         if !finite {
             return Ok(stats);
         }
@@ -441,6 +464,7 @@ impl Trainer {
         self.sgd.fused_step(&index, &grads, &coef, lr)?;
         self.ema.update(step + 1)?;
         stats.phases.update_queued = secs(t_b, Instant::now());
+        stats.tensors.update = tensors_created() - n_b;
         Ok(stats)
     }
 }

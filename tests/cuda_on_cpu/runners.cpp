@@ -256,3 +256,36 @@ extern "C" void run_bn_running_update(GRID, float* mean, float* var, const doubl
     launch(gx, gy, gz, bx, by, bz, false,
            [&] { bn_running_update(mean, var, moments, C, m, omm, eps, bessel); });
 }
+
+extern "C" void bn_stack_params(const double*, const float*, const float*, double*, int);
+extern "C" void run_bn_stack_params(GRID, const double* moments, const float* gamma,
+                                    const float* beta, double* p, int C) {
+    launch(gx, gy, gz, bx, by, bz, false, [&] { bn_stack_params(moments, gamma, beta, p, C); });
+}
+extern "C" void bn_grad_consts(const double*, const float*, float*, int, double, int);
+extern "C" void run_bn_grad_consts(GRID, const double* p, const float* sums, float* out, int C,
+                                   double rows, int train) {
+    launch(gx, gy, gz, bx, by, bz, false, [&] { bn_grad_consts(p, sums, out, C, rows, train); });
+}
+
+// BiFPN fast normalized fusion.
+#define FUSION_RUNNERS(T, SFX)                                                                  \
+    extern "C" void fusion_fwd##SFX(const T*, const T*, const T*, const T*, const float*, T*,   \
+                                    i64, int);                                                  \
+    extern "C" void fusion_grad##SFX(const T*, const T*, const float*, int, int, T*, double*,  \
+                                     i64);                                                      \
+    extern "C" void run_fusion_fwd##SFX(GRID, const T* x0, const T* x1, const T* x2,           \
+                                        const T* x3, const float* w, T* y, i64 n, int k) {      \
+        launch(gx, gy, gz, bx, by, bz, false,                                                   \
+               [&] { fusion_fwd##SFX(x0, x1, x2, x3, w, y, n, k); });                           \
+    }                                                                                           \
+    extern "C" void run_fusion_grad##SFX(GRID, const T* g, const T* x, const float* w, int k,   \
+                                         int i, T* gx_, double* dot, i64 n) {                   \
+        launch(gx, gy, gz, bx, by, bz, true,                                                    \
+               [&] { fusion_grad##SFX(g, x, w, k, i, gx_, dot, n); });                          \
+    }
+FOR_EACH_ACT(FUSION_RUNNERS)
+extern "C" void fusion_weight_grad(const float*, const double*, float*, int);
+extern "C" void run_fusion_weight_grad(GRID, const float* w, const double* dot, float* gw, int k) {
+    launch(gx, gy, gz, bx, by, bz, false, [&] { fusion_weight_grad(w, dot, gw, k); });
+}

@@ -151,9 +151,10 @@ print("\nstep phases, ms (queued / total; queued ≈ total: launch-bound)")
 for k, v in summary.items():
     ph = v.get("phases_ms") if isinstance(v, dict) else None
     if ph:
-        print("  %-34s fwd %7.1f / %7.1f  bwd %7.1f / %7.1f  update queued %6.1f" % (
+        tn = v.get("tensors_per_step") or {}
+        print("  %-34s fwd %7.1f / %7.1f  bwd %7.1f / %7.1f  update queued %6.1f  tensors %s/%s/%s" % (
             k, ph["forward_queued"], ph["forward"], ph["backward_queued"], ph["backward"],
-            ph["update_queued"]))
+            ph["update_queued"], tn.get("forward", "-"), tn.get("backward", "-"), tn.get("update", "-")))
 c = summary.get("cuda_check")
 if isinstance(c, dict) and "checks" in c:
     print("\ncuda-check pass=%s (tolerance %g)" % (c["pass"], c["tolerance"]))

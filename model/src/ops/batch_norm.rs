@@ -240,26 +240,49 @@ fn cuda_moments(
     candle_core::cuda_backend::cudarc::driver::CudaSlice<f64>,
     candle_core::cuda_backend::cudarc::driver::CudaSlice<f64>,
 )> {
+    let mean = super::cuda::zeros::<f64>(dev, c)?;
+    let inv = super::cuda::zeros::<f64>(dev, c)?;
+    let halves = (&mean.slice(0..c), &inv.slice(0..c));
+    cuda_moments_into(op, dev, x, (rows, c), eps, halves)?;
+    Ok((mean, inv))
+}
+
+/// [`cuda_moments`] into zeroed buffers `mean` and `inv` (`[C]` each; they may be the two
+/// halves of one `[2, C]` buffer): four launches.
+#[cfg(feature = "cuda")]
+fn cuda_moments_into(
+    op: &str,
+    dev: &candle_core::CudaDevice,
+    x: &super::cuda::ActView<'_>,
+    (rows, c): (usize, usize),
+    eps: f64,
+    (mean, inv): (
+        &candle_core::cuda_backend::cudarc::driver::CudaView<'_, f64>,
+        &candle_core::cuda_backend::cudarc::driver::CudaView<'_, f64>,
+    ),
+) -> Result<()> {
     use super::cuda::{self, PushKernelArg};
     let (c32, c64, rows64) = (cuda::int(op, c)?, c as i64, rows as i64);
-    let mean = cuda::column_sums(dev, x, rows, c, 1)?;
+    let k = cuda::kernel_for(dev, "col_sum", x.dtype())?;
+    let mut b = k.builder();
+    x.push(&mut b);
+    b.arg(mean).arg(&rows64).arg(&c32);
+    cuda::launch(b, cuda::column_reduction(rows, c, 1))?;
     let k = cuda::Kernel::new(dev, "scale_f64")?;
     let inv_n = 1.0 / rows as f64;
     let mut b = k.builder();
-    b.arg(&mean).arg(&inv_n).arg(&c64);
+    b.arg(mean).arg(&inv_n).arg(&c64);
     cuda::launch(b, cuda::elementwise(c))?;
-    let inv = cuda::zeros::<f64>(dev, c)?;
     let k = cuda::kernel_for(dev, "col_sq_dev", x.dtype())?;
     let mut b = k.builder();
     x.push(&mut b);
-    b.arg(&mean).arg(&inv).arg(&rows64).arg(&c32);
+    b.arg(mean).arg(inv).arg(&rows64).arg(&c32);
     cuda::launch(b, cuda::column_reduction(rows, c, 1))?;
     let k = cuda::Kernel::new(dev, "bn_inv_std")?;
     let n_f = rows as f64;
     let mut b = k.builder();
-    b.arg(&inv).arg(&n_f).arg(&eps).arg(&c32);
-    cuda::launch(b, cuda::elementwise(c))?;
-    Ok((mean, inv))
+    b.arg(inv).arg(&n_f).arg(&eps).arg(&c32);
+    cuda::launch(b, cuda::elementwise(c))
 }
 
 /// y = act(γ·(x − mean)·inv_std + β) on the GPU, from device-side f64 statistics.

@@ -57,6 +57,11 @@ pub(crate) fn elementwise(n: usize) -> LaunchConfig {
     config(super::launch::elementwise(n))
 }
 
+/// Grid-stride launch whose blocks reduce to one value each (see `launch::block_reduction`).
+pub(crate) fn block_reduction(n: usize) -> LaunchConfig {
+    config(super::launch::block_reduction(n))
+}
+
 /// Row-walking launch: `rows` rows (grid y, grid-stride past the limit) of `row_len` elements.
 pub(crate) fn rows(rows: usize, row_len: usize) -> LaunchConfig {
     config(super::launch::rows(rows, row_len))

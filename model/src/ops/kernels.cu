@@ -743,6 +743,126 @@ extern "C" __global__ void bn_scale_shift_params(const double* __restrict__ p,
     }
 }
 
+// ---------------------------------------------------------------- BiFPN fast normalized fusion
+// n_i = relu(w_i) / (Σ relu(w) + 1e-4) in f32, summed in input order (as the CPU op).
+__device__ __forceinline__ float fusion_weight(const float* __restrict__ w, int k, int i) {
+    float s = 0.0f;
+    for (int j = 0; j < k; ++j) s = __fadd_rn(s, fmaxf(w[j], 0.0f));
+    s = __fadd_rn(s, 1e-4f);
+    return __fdiv_rn(fmaxf(w[i], 0.0f), s);
+}
+
+// y = Σ_{i<k} n_i·x_i (k ≤ 4; unused input pointers are never read), products and sums in f32
+// in input order, rounded once.
+template <class T>
+__device__ __forceinline__ void fusion_fwd_t(const T* __restrict__ x0, const T* __restrict__ x1,
+                                             const T* __restrict__ x2, const T* __restrict__ x3,
+                                             const float* __restrict__ w, T* __restrict__ y,
+                                             i64 n, int k) {
+    const float n0 = fusion_weight(w, k, 0);
+    const float n1 = k > 1 ? fusion_weight(w, k, 1) : 0.0f;
+    const float n2 = k > 2 ? fusion_weight(w, k, 2) : 0.0f;
+    const float n3 = k > 3 ? fusion_weight(w, k, 3) : 0.0f;
+    GRID_STRIDE(j, n) {
+        float acc = __fmul_rn(n0, to_f32(x0[j]));
+        if (k > 1) acc = __fadd_rn(acc, __fmul_rn(n1, to_f32(x1[j])));
+        if (k > 2) acc = __fadd_rn(acc, __fmul_rn(n2, to_f32(x2[j])));
+        if (k > 3) acc = __fadd_rn(acc, __fmul_rn(n3, to_f32(x3[j])));
+        y[j] = from_f32<T>(acc);
+    }
+}
+
+// Input i's gradient gx = n_i·g, and dot[i] += Σ g·x_i (f64 products and sums; dot zeroed by the
+// caller). Launched with FUSION_THREADS threads per block.
+#define FUSION_THREADS 256
+template <class T>
+__device__ __forceinline__ void fusion_grad_t(const T* __restrict__ g, const T* __restrict__ x,
+                                              const float* __restrict__ w, int k, int i,
+                                              T* __restrict__ gx, double* __restrict__ dot,
+                                              i64 n) {
+    __shared__ double part[FUSION_THREADS];
+    const float ni = fusion_weight(w, k, i);
+    double acc = 0.0;
+    GRID_STRIDE(j, n) {
+        const float gj = to_f32(g[j]);
+        gx[j] = from_f32<T>(__fmul_rn(gj, ni));
+        acc = __dadd_rn(acc, __dmul_rn((double)gj, (double)to_f32(x[j])));
+    }
+    part[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = FUSION_THREADS / 2; s > 0; s >>= 1) {
+        if ((int)threadIdx.x < s) part[threadIdx.x] += part[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) atomicAdd(dot + i, part[0]);
+}
+
+#define FUSION_KERNELS(T, SFX)                                                                   \
+    extern "C" __global__ void fusion_fwd##SFX(                                                  \
+        const T* __restrict__ x0, const T* __restrict__ x1, const T* __restrict__ x2,            \
+        const T* __restrict__ x3, const float* __restrict__ w, T* __restrict__ y, i64 n, int k) { \
+        fusion_fwd_t<T>(x0, x1, x2, x3, w, y, n, k);                                             \
+    }                                                                                            \
+    extern "C" __global__ void fusion_grad##SFX(                                                 \
+        const T* __restrict__ g, const T* __restrict__ x, const float* __restrict__ w, int k,    \
+        int i, T* __restrict__ gx, double* __restrict__ dot, i64 n) {                            \
+        fusion_grad_t<T>(g, x, w, k, i, gx, dot, n);                                             \
+    }
+FOR_EACH_ACT(FUSION_KERNELS)
+
+// The fusion weights' gradient from dot[i] = Σ g·x_i: through n = r/s (r = relu(w),
+// s = Σ r + 1e-4), dL/dr_i = dot_i/s − (Σ_j dot_j·r_j)/s², passed where w ≥ 0; f64, one thread.
+extern "C" __global__ void fusion_weight_grad(const float* __restrict__ w,
+                                              const double* __restrict__ dot,
+                                              float* __restrict__ gw, int k) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    double s = 0.0, through = 0.0;
+    for (int j = 0; j < k; ++j) s = __dadd_rn(s, (double)fmaxf(w[j], 0.0f));
+    s = __dadd_rn(s, 1e-4);
+    for (int j = 0; j < k; ++j)
+        through = __dadd_rn(through, __dmul_rn(dot[j], (double)fmaxf(w[j], 0.0f)));
+    through = through / __dmul_rn(s, s);
+    for (int i = 0; i < k; ++i) gw[i] = w[i] >= 0.0f ? (float)__dadd_rn(dot[i] / s, -through) : 0.0f;
+}
+
+// params [4, C] f64 = (mean, inv_std, γ, β) from the moments [2, C] f64 and γ, β (f32).
+extern "C" __global__ void bn_stack_params(const double* __restrict__ moments,
+                                           const float* __restrict__ gamma,
+                                           const float* __restrict__ beta,
+                                           double* __restrict__ p, int C) {
+    GRID_STRIDE(i, C) {
+        p[i] = moments[i];
+        p[C + i] = moments[C + i];
+        p[2 * C + i] = (double)gamma[i];
+        p[3 * C + i] = (double)beta[i];
+    }
+}
+
+// The batch-norm input gradient's constants [7, C] f32 = (mean, inv_std, γ, β, k, off, slope)
+// from params [4, C] f64 and the reduction sums [2, C] f32 (Σ g_z, Σ g_z·x̂): k = γ·inv_std,
+// and in training mode off = (k/rows)·Σ g_z, slope = (k/rows)·Σ g_z·x̂ (else 0), in f64 and
+// rounded once, as the CPU op computes them.
+extern "C" __global__ void bn_grad_consts(const double* __restrict__ p,
+                                          const float* __restrict__ sums, float* __restrict__ out,
+                                          int C, double rows, int train) {
+    GRID_STRIDE(i, C) {
+        const double k = __dmul_rn(p[2 * C + i], p[C + i]);
+        double off = 0.0, slope = 0.0;
+        if (train) {
+            const double kk = k / rows;
+            off = __dmul_rn(kk, (double)sums[i]);
+            slope = __dmul_rn(kk, (double)sums[C + i]);
+        }
+        out[i] = (float)p[i];
+        out[C + i] = (float)p[C + i];
+        out[2 * C + i] = (float)p[2 * C + i];
+        out[3 * C + i] = (float)p[3 * C + i];
+        out[4 * C + i] = (float)k;
+        out[5 * C + i] = (float)off;
+        out[6 * C + i] = (float)slope;
+    }
+}
+
 // x ← a·x + b·y (optimizer and moving-average updates); no fused multiply-add, as on the CPU.
 extern "C" __global__ void axpby_f32(float* __restrict__ x, const float* __restrict__ y, float a,
                                      float b, i64 n) {

@@ -21,6 +21,13 @@ pub(crate) fn elementwise(n: usize) -> Shape3 {
     ((blocks, 1, 1), (THREADS, 1, 1))
 }
 
+/// Grid-stride launch over `n` elements whose blocks each reduce to one value (one atomic add
+/// per block): THREADS threads, at most 1024 blocks.
+pub(crate) fn block_reduction(n: usize) -> Shape3 {
+    let blocks = n.div_ceil(THREADS as usize).clamp(1, 1024) as u32;
+    ((blocks, 1, 1), (THREADS, 1, 1))
+}
+
 /// Row-walking kernels: grid y over `rows` rows (the kernel strides past CUDA's 65535), grid x
 /// over one row's `row_len` elements, one per thread up to 2^16 blocks.
 pub(crate) fn rows(rows: usize, row_len: usize) -> Shape3 {
@@ -67,6 +74,14 @@ mod tests {
         assert!(gx >= 1 && gy >= 1 && gz >= 1);
         assert!(gy as usize <= GRID_YZ_MAX && gz as usize <= GRID_YZ_MAX);
         assert!(bx * by * bz <= 1024);
+    }
+
+    #[test]
+    fn block_reductions_cover_small_and_cap_large() {
+        assert_eq!(block_reduction(0), ((1, 1, 1), (THREADS, 1, 1)));
+        assert_eq!(block_reduction(300).0 .0, 2);
+        assert_eq!(block_reduction(64 * 64 * 64 * 64).0 .0, 1024);
+        within_limits(block_reduction(usize::MAX / 2));
     }
 
     #[test]

@@ -52,17 +52,20 @@ pub fn linear(
         // Recorded by hand: whether x needs a gradient is the tape's knowledge (every
         // activation is detached while recording).
         let want_x = tape.tracks(x);
-        let (xd, wd) = (x.detach().contiguous()?, weight.detach().contiguous()?);
+        // The weight is cast to the compute type once, here, and the backward's input
+        // gradient reuses the cast (a launch per layer less; the product skips its own cast).
+        let xd = x.detach().contiguous()?;
+        let wc = weight.detach().contiguous()?.to_dtype(compute)?;
         let (y, inputs) = match bias {
             Some(b) => {
                 let bd = b.detach().contiguous()?;
-                (xd.apply_op3_no_bwd(&wd, &bd, &op)?, vec![x, weight, b])
+                (xd.apply_op3_no_bwd(&wc, &bd, &op)?, vec![x, weight, b])
             }
-            None => (xd.apply_op2_no_bwd(&wd, &op)?, vec![x, weight]),
+            None => (xd.apply_op2_no_bwd(&wc, &op)?, vec![x, weight]),
         };
-        let bias_dtype = bias.map(|b| b.dtype());
+        let (w_dtype, bias_dtype) = (weight.dtype(), bias.map(|b| b.dtype()));
         tape.push("linear", &inputs, &y, move |g| {
-            op.backward(&xd, &wd, bias_dtype, g, want_x)
+            op.backward(&xd, &wc, w_dtype, bias_dtype, g, want_x)
         });
         return Ok(y);
     }
@@ -159,10 +162,12 @@ impl Linear {
     /// composed layer), plus the upstream gradient as `[rows, C_out]` for the bias. No
     /// gradient for an `x` that tracks none (the stem's image patches): candle would compute
     /// it, zero-fill a buffer for it and add it there, then drop it.
+    /// `w` may already be in the compute type; the weight gradient comes back in `w_dtype`.
     fn grads(
         &self,
         x: &Tensor,
         w: &Tensor,
+        w_dtype: DType,
         grad: &Tensor,
         want_x: bool,
     ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
@@ -180,7 +185,7 @@ impl Linear {
             None
         };
         let xc = x.reshape((rows, self.cin))?.to_dtype(self.compute)?;
-        let gw = xc.t()?.matmul(&gc)?.to_dtype(w.dtype())?;
+        let gw = xc.t()?.matmul(&gc)?.to_dtype(w_dtype)?;
         Ok((gx, gw, g))
     }
 
@@ -190,11 +195,12 @@ impl Linear {
         &self,
         x: &Tensor,
         w: &Tensor,
+        w_dtype: DType,
         bias_dtype: Option<DType>,
         grad: &Tensor,
         want_x: bool,
     ) -> Result<Vec<Option<Tensor>>> {
-        let (gx, gw, g) = self.grads(x, w, grad, want_x)?;
+        let (gx, gw, g) = self.grads(x, w, w_dtype, grad, want_x)?;
         let mut out = vec![gx, Some(gw)];
         if let Some(dtype) = bias_dtype {
             let c = self.cout;
@@ -239,7 +245,9 @@ impl CustomOp2 for Linear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let mut g = self.backward(x, w, None, grad, x.track_op())?.into_iter();
+        let mut g = self
+            .backward(x, w, w.dtype(), None, grad, x.track_op())?
+            .into_iter();
         Ok((g.next().flatten(), g.next().flatten()))
     }
 }
@@ -289,7 +297,7 @@ impl CustomOp3 for Linear {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let mut g = self
-            .backward(x, w, Some(b.dtype()), grad, x.track_op())?
+            .backward(x, w, w.dtype(), Some(b.dtype()), grad, x.track_op())?
             .into_iter();
         Ok((g.next().flatten(), g.next().flatten(), g.next().flatten()))
     }

@@ -25,6 +25,8 @@
 //! - [`axpby_inplace`]: `x ← a·x + b·y` in place, the optimizer's and the EMA's update;
 //! - [`multi_tensor`]: the optimizer's per-variable passes (norms + finite check, SGD with
 //!   momentum, the moving average) over whole lists of tensors, a launch per 32 on CUDA;
+//! - [`fast_fusion`]: BiFPN's fast normalized fusion, forward in one pass, backward in one per
+//!   input plus one for the weights;
 //! - [`linear`]: the 1×1 convolution (cast, product, bias) as one node, so candle's backward
 //!   does not materialize zero-filled gradients for each of its five stock ops;
 //! - [`upsample_nearest`]: nearest-neighbour resize (TensorFlow `resize_nearest_neighbor`
@@ -37,6 +39,7 @@ mod channel;
 mod cuda;
 mod depthwise;
 mod focal;
+mod fusion;
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod launch;
 mod linear;
@@ -55,10 +58,10 @@ pub use batch_norm::{
     batch_norm_eval, batch_norm_eval_resident, batch_norm_train, batch_norm_train_resident,
     batch_norm_update_running, Activation, BatchStats,
 };
-pub(crate) use channel::ColumnSum;
 pub use channel::{add_channel_bias, channel_gate, reduced_dtype, scale_samples, spatial_mean};
 pub use depthwise::depthwise_conv2d;
 pub use focal::{focal_loss_grad, focal_loss_sum, FocalParams};
+pub use fusion::{fast_fusion, MAX_FUSION_INPUTS};
 pub use linear::{linear, linear_unfused};
 pub use pool::max_pool2d_same;
 pub use swish::swish;
@@ -83,6 +86,24 @@ pub(crate) trait Elem:
 }
 impl Elem for f32 {}
 impl Elem for f64 {}
+
+/// How many tensors candle has created in this process so far (its tensor-id counter), views
+/// included. Differences between two calls count the tensors a piece of code made: on a GPU
+/// nearly every one is a launch or an allocation paid in host time, so the count is the
+/// device-independent measure of a step's launch overhead (`bench-train` reports it per phase).
+pub fn tensors_created() -> u64 {
+    // `TensorId` keeps its counter private; its Debug form is `TensorId(N)`.
+    candle_core::Tensor::zeros((), DType::U8, &candle_core::Device::Cpu)
+        .ok()
+        .and_then(|probe| {
+            format!("{:?}", probe.id())
+                .trim_start_matches("TensorId(")
+                .trim_end_matches(')')
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
 
 /// Output size and (before, after) padding of TensorFlow "same" padding along one axis.
 pub fn same_padding(input: usize, kernel: usize, stride: usize) -> (usize, usize, usize) {

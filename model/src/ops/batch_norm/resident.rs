@@ -186,16 +186,16 @@ fn apply_resident(
         let xd = x.detach().contiguous()?;
         let op = Apply { act, train };
         let y = xd.apply_op2_no_bwd(&params, &op)?;
-        let (yc, gdt, bdt) = (y.clone(), gamma.dtype(), beta.dtype());
+        let (gdt, bdt) = (gamma.dtype(), beta.dtype());
         tape.push("batch_norm_resident", &[x, gamma, beta], &y, move |g| {
-            let (dx, dp) = op.bwd(&xd, &params, &yc, g)?;
-            let dp =
-                dp.ok_or_else(|| candle_core::Error::Msg("batch norm: no γ/β gradient".into()))?;
-            debug_assert_eq!(dp.dims(), [4, c]);
+            let (dx, sums) = op.grads(&xd, &params, g)?;
+            debug_assert_eq!(sums.dims(), [2, c]);
+            // dγ = Σ g_z·x̂, dβ = Σ g_z: rows of the reduction, as the f64 parameter gradient
+            // of `bwd` passes them back (the same rounding: its rows hold these values).
             Ok(vec![
-                dx,
-                Some(dp.get(2)?.to_dtype(gdt)?),
-                Some(dp.get(3)?.to_dtype(bdt)?),
+                Some(dx),
+                Some(sums.get(1)?.to_dtype(gdt)?),
+                Some(sums.get(0)?.to_dtype(bdt)?),
             ])
         });
         return Ok(y);
@@ -205,16 +205,98 @@ fn apply_resident(
     x.apply_op2(&params, Apply { act, train })
 }
 
-/// The f64 `[4, C]` parameter rows (mean, inv_std, γ, β) the apply op reads.
+/// The f64 `[4, C]` parameter rows (mean, inv_std, γ, β) the apply op reads: one op (one
+/// launch) where two casts, two reshapes and a concatenation took five tensors and four.
 fn stacked_params(moments: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {
-    Tensor::cat(
-        &[
-            moments.clone(),
-            gamma.to_dtype(DType::F64)?.unsqueeze(0)?,
-            beta.to_dtype(DType::F64)?.unsqueeze(0)?,
-        ],
-        0,
-    )
+    let c = gamma.elem_count();
+    if moments.dims() != [2, c] || moments.dtype() != DType::F64 || beta.elem_count() != c {
+        candle_core::bail!(
+            "batch norm: moments {:?} {:?} do not fit γ {:?} / β {:?}",
+            moments.dims(),
+            moments.dtype(),
+            gamma.dims(),
+            beta.dims()
+        );
+    }
+    // Untaped, candle's graph takes γ's and β's gradients through `StackParams::bwd`; the
+    // taped caller passes detached tensors.
+    moments
+        .contiguous()?
+        .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, StackParams { c })
+}
+
+/// (moments f64 `[2, C]`, γ `[C]`, β `[C]`) → f64 `[4, C]` = (mean, inv_std, γ, β), γ and β
+/// widened exactly. Its backward passes rows 2 and 3 of the gradient to γ and β (the moments
+/// carry none), as the casts and concatenation it replaces did.
+struct StackParams {
+    c: usize,
+}
+
+impl CustomOp3 for StackParams {
+    fn name(&self) -> &'static str {
+        "effdet-batch-norm-stack-params"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let widen = |s: &CpuStorage, l: &Layout| -> Result<Vec<f64>> {
+            Ok(match s {
+                CpuStorage::F32(_) => contiguous::<f32>(s, l)?.iter().map(|&v| v as f64).collect(),
+                CpuStorage::F64(_) => contiguous::<f64>(s, l)?.to_vec(),
+                s => return Err(unsupported(self.name(), s)),
+            })
+        };
+        let mut out = contiguous::<f64>(s1, l1)?.to_vec();
+        out.extend(widen(s2, l2)?);
+        out.extend(widen(s3, l3)?);
+        Ok((CpuStorage::F64(out), Shape::from((4, self.c))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::ops::cuda::{self, PushKernelArg};
+        let dev = s1.device();
+        let moments = cuda::view::<f64>(self.name(), s1, l1)?;
+        let gamma = cuda::f32_view(self.name(), s2, l2)?;
+        let beta = cuda::f32_view(self.name(), s3, l3)?;
+        let out = cuda::alloc::<f64>(dev, 4 * self.c)?;
+        let c32 = cuda::int(self.name(), self.c)?;
+        let k = cuda::Kernel::new(dev, "bn_stack_params")?;
+        let mut b = k.builder();
+        b.arg(&moments).arg(&gamma).arg(&beta).arg(&out).arg(&c32);
+        cuda::launch(b, cuda::elementwise(self.c))?;
+        Ok((cuda::wrap(dev, out), Shape::from((4, self.c))))
+    }
+
+    fn bwd(
+        &self,
+        _moments: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        Ok((
+            None,
+            Some(grad.get(2)?.to_dtype(gamma.dtype())?),
+            Some(grad.get(3)?.to_dtype(beta.dtype())?),
+        ))
+    }
 }
 
 /// x `[rows, C]` → f64 `[2, C]`: mean and 1/√(var + ε) (biased variance, two passes).
@@ -249,12 +331,10 @@ impl CustomOp1 for Moments {
         let c = self.c;
         let rows = l.shape().elem_count() / c.max(1);
         let x = cuda::act_view(self.name(), s, l)?;
-        let (mean, inv) = cuda_moments(self.name(), dev, &x, rows, c, self.eps)?;
-        let mut out = cuda::alloc::<f64>(dev, 2 * c)?;
-        let stream = dev.cuda_stream();
-        use candle_core::cuda_backend::WrapErr;
-        stream.memcpy_dtod(&mean, &mut out.slice_mut(0..c)).w()?;
-        stream.memcpy_dtod(&inv, &mut out.slice_mut(c..2 * c)).w()?;
+        // Written in place: the mean into row 0, the centered squares (then inv_std) into row 1.
+        let out = cuda::zeros::<f64>(dev, 2 * c)?;
+        let halves = (&out.slice(0..c), &out.slice(c..2 * c));
+        cuda_moments_into(self.name(), dev, &x, (rows, c), self.eps, halves)?;
         Ok((cuda::wrap(dev, out), Shape::from((2, c))))
     }
 }
@@ -343,6 +423,27 @@ impl CustomOp2 for Apply {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, sums) = self.grads(x, params, grad)?;
+        let sums64 = sums.to_dtype(DType::F64)?;
+        let zeros = sums64.get(0)?.zeros_like()?.unsqueeze(0)?;
+        let dparams = Tensor::cat(
+            &[
+                zeros.clone(),
+                zeros,
+                sums64.get(1)?.unsqueeze(0)?,
+                sums64.get(0)?.unsqueeze(0)?,
+            ],
+            0,
+        )?;
+        Ok((Some(dx), Some(dparams)))
+    }
+}
+
+impl Apply {
+    /// The input gradient and the reduction sums `[2, C]` (Σ g_z = dβ, Σ g_z·x̂ = dγ, in the
+    /// compute type) in four ops, all on x's device: the constants cast, the reduction, the
+    /// per-channel coefficients ([`GradConsts`]), the input gradient.
+    fn grads(&self, x: &Tensor, params: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
         let c = params.dim(1)?;
         let rows = x.elem_count() / c.max(1);
         let grad = grad.contiguous()?;
@@ -355,32 +456,107 @@ impl CustomOp2 for Apply {
         };
         let chan = params.to_dtype(compute)?;
         let sums = x.apply_op3_no_bwd(&grad, &chan, &GradReduce { act: self.act, c })?;
-        // As the parent: coefficients from the sums rounded to the compute type, in f64.
-        let sums64 = sums.to_dtype(DType::F64)?;
-        let (gamma, inv) = (params.get(2)?, params.get(1)?);
-        let k64 = (&gamma * &inv)?;
-        let zeros = k64.zeros_like()?;
-        let (off, slope) = if self.train {
-            // A true division (a scalar `/` would multiply by the reciprocal: 1 ulp off the CPU).
-            let n = Tensor::new(&[rows as f64], k64.device())?;
-            let kk = k64.broadcast_div(&n)?;
-            ((&kk * sums64.get(0)?)?, (&kk * sums64.get(1)?)?)
-        } else {
-            (zeros.clone(), zeros.clone())
-        };
-        let coef = Tensor::stack(&[k64, off, slope], 0)?.to_dtype(compute)?;
-        let consts = Tensor::cat(&[chan, coef], 0)?;
-        let dx = x.apply_op3_no_bwd(&grad, &consts, &GradInput { act: self.act, c })?;
-        let dparams = Tensor::cat(
-            &[
-                zeros.unsqueeze(0)?,
-                zeros.unsqueeze(0)?,
-                sums64.get(1)?.unsqueeze(0)?,
-                sums64.get(0)?.unsqueeze(0)?,
-            ],
-            0,
+        let consts = params.apply_op2_no_bwd(
+            &sums,
+            &GradConsts {
+                c,
+                rows,
+                train: self.train,
+            },
         )?;
-        Ok((Some(dx), Some(dparams)))
+        let dx = x.apply_op3_no_bwd(&grad, &consts, &GradInput { act: self.act, c })?;
+        Ok((dx, sums))
+    }
+}
+
+/// (params f64 `[4, C]`, sums `[2, C]` in the compute type) → `[7, C]` in the compute type:
+/// mean, inv_std, γ, β, then the input gradient's coefficients k = γ·inv_std, and in training
+/// mode off = k/rows·Σg_z and slope = k/rows·Σg_z·x̂ (0 in evaluation mode), computed in f64
+/// from the sums as stored (the parent's formulas) and rounded once. One launch per layer for
+/// what took ~15 small stock ops.
+struct GradConsts {
+    c: usize,
+    rows: usize,
+    train: bool,
+}
+
+impl GradConsts {
+    /// The seven rows in f64 (each then rounded to the compute type).
+    fn rows_f64(&self, p: &[f64], sums: impl Fn(usize) -> f64) -> Vec<f64> {
+        let c = self.c;
+        let mut out = p[..4 * c].to_vec();
+        out.resize(7 * c, 0.0);
+        let n = self.rows as f64;
+        for i in 0..c {
+            let k = p[2 * c + i] * p[c + i];
+            out[4 * c + i] = k;
+            if self.train {
+                // A true division (a multiplication by 1/n would be 1 ulp off the CPU path).
+                let kk = k / n;
+                out[5 * c + i] = kk * sums(i);
+                out[6 * c + i] = kk * sums(c + i);
+            }
+        }
+        out
+    }
+}
+
+impl CustomOp2 for GradConsts {
+    fn name(&self) -> &'static str {
+        "effdet-batch-norm-grad-consts"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let p = contiguous::<f64>(s1, l1)?;
+        let shape = Shape::from((7, self.c));
+        Ok(match s2 {
+            CpuStorage::F32(_) => {
+                let sums = contiguous::<f32>(s2, l2)?;
+                let v = self.rows_f64(p, |i| sums[i] as f64);
+                (
+                    CpuStorage::F32(v.iter().map(|&x| x as f32).collect()),
+                    shape,
+                )
+            }
+            CpuStorage::F64(_) => {
+                let sums = contiguous::<f64>(s2, l2)?;
+                (CpuStorage::F64(self.rows_f64(p, |i| sums[i])), shape)
+            }
+            s => return Err(unsupported(self.name(), s)),
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::ops::cuda::{self, PushKernelArg};
+        let dev = s1.device();
+        let params = cuda::view::<f64>(self.name(), s1, l1)?;
+        let sums = cuda::f32_view(self.name(), s2, l2)?;
+        let out = cuda::alloc::<f32>(dev, 7 * self.c)?;
+        let c32 = cuda::int(self.name(), self.c)?;
+        let (n, train) = (self.rows as f64, self.train as i32);
+        let k = cuda::Kernel::new(dev, "bn_grad_consts")?;
+        let mut b = k.builder();
+        b.arg(&params)
+            .arg(&sums)
+            .arg(&out)
+            .arg(&c32)
+            .arg(&n)
+            .arg(&train);
+        cuda::launch(b, cuda::elementwise(self.c))?;
+        Ok((cuda::wrap(dev, out), Shape::from((7, self.c))))
     }
 }
 
