@@ -2092,6 +2092,79 @@ fn bn_stack_params_and_grad_consts_kernels_equal_their_formulas() {
     }
 }
 
+/// Runs `fusion_fwd{sfx}` on `inputs` (k of them; the unused slots repeat the first) into `y`.
+#[allow(clippy::too_many_arguments)]
+fn fusion_fwd_run(
+    lib: &libloading::Library,
+    name: &str,
+    grid: Grid,
+    inputs: &[*const u8],
+    w: &[f32],
+    y: *mut u8,
+    n: usize,
+) {
+    let x = |i: usize| *inputs.get(i).unwrap_or(&inputs[0]);
+    run!(
+        lib,
+        name,
+        grid,
+        (
+            *const u8,
+            *const u8,
+            *const u8,
+            *const u8,
+            *const f32,
+            *mut u8,
+            i64,
+            i32
+        ),
+        x(0),
+        x(1),
+        x(2),
+        x(3),
+        w.as_ptr(),
+        y,
+        n as i64,
+        inputs.len() as i32
+    );
+}
+
+/// Runs `fusion_grad{sfx}` for input `i` of `w.len()` over `n` elements: its gradient into `gx`,
+/// Σ g·x added into `dot[i]`.
+fn fusion_grad_run(
+    lib: &libloading::Library,
+    name: &str,
+    grid: Grid,
+    (g, x): (*const u8, *const u8),
+    (w, i): (&[f32], usize),
+    (gx, n): (*mut u8, usize),
+    dot: &mut [f64],
+) {
+    run!(
+        lib,
+        name,
+        grid,
+        (
+            *const u8,
+            *const u8,
+            *const f32,
+            i32,
+            i32,
+            *mut u8,
+            *mut f64,
+            i64
+        ),
+        g,
+        x,
+        w.as_ptr(),
+        w.len() as i32,
+        i as i32,
+        gx,
+        dot.as_mut_ptr(),
+        n as i64
+    );
+}
+
 /// The fusion kernels in `T` against the f32 kernels on the widened inputs: outputs and input
 /// gradients rounded once, bit for bit; the dot products equal (same grid, same order).
 fn fusion_16<T: Act16>(lib: &libloading::Library, xs: &[Vec<f32>], g: &[f32], w: &[f32]) {
@@ -2101,7 +2174,6 @@ fn fusion_16<T: Act16>(lib: &libloading::Library, xs: &[Vec<f32>], g: &[f32], w:
     let narrowed: Vec<(Vec<T>, Vec<f32>)> = xs.iter().map(|x| narrow::<T>(x)).collect();
     let (g16, gw) = narrow::<T>(g);
     let ptr = |i: usize, wide: bool| -> *const u8 {
-        let i = if i < k { i } else { 0 };
         if wide {
             narrowed[i].1.as_ptr() as *const u8
         } else {
@@ -2111,101 +2183,53 @@ fn fusion_16<T: Act16>(lib: &libloading::Library, xs: &[Vec<f32>], g: &[f32], w:
     let grid = (3, 1, 1, 256, 1, 1);
     let mut want = vec![f32::NAN; n];
     let mut got = nans::<T>(n);
-    run!(
+    let wide: Vec<*const u8> = (0..k).map(|i| ptr(i, true)).collect();
+    fusion_fwd_run(
         lib,
         "fusion_fwd",
         grid,
-        (
-            *const u8,
-            *const u8,
-            *const u8,
-            *const u8,
-            *const f32,
-            *mut f32,
-            i64,
-            i32
-        ),
-        ptr(0, true),
-        ptr(1, true),
-        ptr(2, true),
-        ptr(3, true),
-        w.as_ptr(),
-        want.as_mut_ptr(),
-        n as i64,
-        k as i32
+        &wide,
+        w,
+        want.as_mut_ptr() as *mut u8,
+        n,
     );
-    run!(
+    let narrow_in: Vec<*const u8> = (0..k).map(|i| ptr(i, false)).collect();
+    fusion_fwd_run(
         lib,
-        format!("fusion_fwd{sfx}"),
+        &format!("fusion_fwd{sfx}"),
         grid,
-        (
-            *const u8,
-            *const u8,
-            *const u8,
-            *const u8,
-            *const f32,
-            *mut T,
-            i64,
-            i32
-        ),
-        ptr(0, false),
-        ptr(1, false),
-        ptr(2, false),
-        ptr(3, false),
-        w.as_ptr(),
-        got.as_mut_ptr(),
-        n as i64,
-        k as i32
+        &narrow_in,
+        w,
+        got.as_mut_ptr() as *mut u8,
+        n,
     );
     assert_rounded(&got, &want, true, "fusion_fwd");
     for i in 0..k {
         let (mut gx_want, mut gx_got) = (vec![f32::NAN; n], nans::<T>(n));
         let (mut dot_want, mut dot_got) = (vec![0.0f64; k], vec![0.0f64; k]);
-        run!(
+        fusion_grad_run(
             lib,
             "fusion_grad",
             grid,
             (
-                *const f32,
-                *const f32,
-                *const f32,
-                i32,
-                i32,
-                *mut f32,
-                *mut f64,
-                i64
+                gw.as_ptr() as *const u8,
+                narrowed[i].1.as_ptr() as *const u8,
             ),
-            gw.as_ptr(),
-            narrowed[i].1.as_ptr(),
-            w.as_ptr(),
-            k as i32,
-            i as i32,
-            gx_want.as_mut_ptr(),
-            dot_want.as_mut_ptr(),
-            n as i64
+            (w, i),
+            (gx_want.as_mut_ptr() as *mut u8, n),
+            &mut dot_want,
         );
-        run!(
+        fusion_grad_run(
             lib,
-            format!("fusion_grad{sfx}"),
+            &format!("fusion_grad{sfx}"),
             grid,
             (
-                *const T,
-                *const T,
-                *const f32,
-                i32,
-                i32,
-                *mut T,
-                *mut f64,
-                i64
+                g16.as_ptr() as *const u8,
+                narrowed[i].0.as_ptr() as *const u8,
             ),
-            g16.as_ptr(),
-            narrowed[i].0.as_ptr(),
-            w.as_ptr(),
-            k as i32,
-            i as i32,
-            gx_got.as_mut_ptr(),
-            dot_got.as_mut_ptr(),
-            n as i64
+            (w, i),
+            (gx_got.as_mut_ptr() as *mut u8, n),
+            &mut dot_got,
         );
         // (A negative weight's input gets exact zeros.)
         let rounds = w[i] > 0.0;
@@ -2251,58 +2275,30 @@ fn fusion_kernels_equal_the_cpu_op() {
         let gt = Tensor::from_vec(g.clone(), &dims[..], &dev).unwrap();
         let grads = tape.backward(vec![(y.id(), gt)]).unwrap();
 
-        let ptr = |i: usize| xs[i.min(k - 1)].as_ptr();
         let grid = (5, 1, 1, 256, 1, 1);
         let mut yk = vec![f32::NAN; n];
-        run!(
+        let inputs_in: Vec<*const u8> = xs.iter().map(|x| x.as_ptr() as *const u8).collect();
+        fusion_fwd_run(
             lib,
             "fusion_fwd",
             grid,
-            (
-                *const f32,
-                *const f32,
-                *const f32,
-                *const f32,
-                *const f32,
-                *mut f32,
-                i64,
-                i32
-            ),
-            ptr(0),
-            ptr(1),
-            ptr(2),
-            ptr(3),
-            w.as_ptr(),
-            yk.as_mut_ptr(),
-            n as i64,
-            k as i32
+            &inputs_in,
+            &w,
+            yk.as_mut_ptr() as *mut u8,
+            n,
         );
         assert_eq!(yk, vec_of(&y), "fusion_fwd, {k} inputs");
         let mut dots = vec![0.0f64; k];
         for i in 0..k {
             let mut gx = vec![f32::NAN; n];
-            run!(
+            fusion_grad_run(
                 lib,
                 "fusion_grad",
                 grid,
-                (
-                    *const f32,
-                    *const f32,
-                    *const f32,
-                    i32,
-                    i32,
-                    *mut f32,
-                    *mut f64,
-                    i64
-                ),
-                g.as_ptr(),
-                xs[i].as_ptr(),
-                w.as_ptr(),
-                k as i32,
-                i as i32,
-                gx.as_mut_ptr(),
-                dots.as_mut_ptr(),
-                n as i64
+                (g.as_ptr() as *const u8, xs[i].as_ptr() as *const u8),
+                (&w, i),
+                (gx.as_mut_ptr() as *mut u8, n),
+                &mut dots,
             );
             assert_eq!(gx, vec_of(&grads[&inputs[i].id()]), "input {i} gradient");
             let exact: f64 = g

@@ -315,7 +315,7 @@ impl BiFpn {
 }
 
 /// Fast normalized fusion Σ relu(w_i)·x_i / (Σ relu(w) + 1e-4), or a plain sum.
-fn fuse(inputs: &[Tensor], weights: Option<&Tensor>) -> Result<Tensor> {
+pub(crate) fn fuse(inputs: &[Tensor], weights: Option<&Tensor>) -> Result<Tensor> {
     let Some(w) = weights else {
         let mut acc = inputs[0].clone();
         for x in &inputs[1..] {

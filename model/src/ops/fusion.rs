@@ -328,21 +328,6 @@ mod tests {
         Ok((y, out))
     }
 
-    /// The stock-op composition the op replaces (what candle's backward differentiates).
-    fn composed(xs: &[Tensor], w: &Tensor) -> Result<Tensor> {
-        let r = w.relu()?;
-        let n = r.broadcast_div(&(r.sum_all()? + 1e-4)?)?;
-        let mut acc: Option<Tensor> = None;
-        for (i, x) in xs.iter().enumerate() {
-            let t = x.broadcast_mul(&n.narrow(0, i, 1)?.reshape((1, 1, 1, 1))?)?;
-            acc = Some(match acc {
-                Some(a) => (a + t)?,
-                None => t,
-            });
-        }
-        acc.ok_or_else(|| candle_core::Error::Msg("no inputs".into()))
-    }
-
     #[test]
     fn by_hand() -> Result<()> {
         let dev = Device::Cpu;
@@ -375,7 +360,8 @@ mod tests {
             let vars: Vec<Var> = xs.iter().map(Var::from_tensor).collect::<Result<_>>()?;
             let wv = Var::from_tensor(&w)?;
             let inputs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-            let yc = composed(&inputs, wv.as_tensor())?;
+            // Untaped, the BiFPN fuses with the stock-op composition this op replaces.
+            let yc = crate::bifpn::fuse(&inputs, Some(wv.as_tensor()))?;
             assert_eq!(
                 y.flatten_all()?.to_vec1::<f32>()?,
                 yc.flatten_all()?.to_vec1::<f32>()?
