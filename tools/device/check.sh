@@ -8,7 +8,9 @@
 #   (b) bench-train on one reused batch: 512², batch 16/32/64, fp32 (TF32) and mixed precision,
 #       gradients from the model's tape; CANDLE runs the same with candle's backward (A/B),
 #       UNFUSED with the per-variable optimizer update instead of the multi-tensor one, TRIM with
-#       the memory pool trimmed at every synchronization (the driver's default) (A/Bs);
+#       the memory pool trimmed at every synchronization (the driver's default) (A/Bs); BASE runs
+#       a baseline binary (target/device/effdet-base.xz, built from an earlier commit) on the same
+#       machine in the same call, so a change's speed-up is a same-run ratio;
 #   (c) bench-train fed by the real pipeline (all CPU cores) with its data-wait share: the simple
 #       feed, the copy-stream feed, and the copy-stream feed with nvJPEG decoding;
 #   (d) the input pipeline alone on all cores, CPU decode and nvJPEG decode;
@@ -27,6 +29,7 @@ RUNS=${RUNS:-"fp32:32 fp32:64 fp16:32 fp16:64 bf16:64"}   # bench-train precisio
 CANDLE=${CANDLE:-fp16:64}                                # with EFFDET_CANDLE_BACKWARD=1 (A/B)
 UNFUSED=${UNFUSED:-fp16:64 fp16:32}                      # with EFFDET_UNFUSED_UPDATE=1 (A/B)
 TRIM=${TRIM:-fp16:64}                                    # with EFFDET_POOL_TRIM=1 (A/B)
+BASE=${BASE:-fp16:64}                                    # with the baseline binary, if carried
 FED=${FED:-fp16:64}                                      # the pipeline-fed run
 TORCH=${TORCH:-"fp16:32 fp16:64 fp32:32"}                 # PyTorch effdet precision:batch
 
@@ -42,6 +45,12 @@ else
   cp "$DEV/effdet" "$BIN"
 fi
 chmod +x "$BIN"
+if [[ -f $DEV/effdet-base.xz ]]; then
+  python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" "$DEV/effdet-base.xz" /tmp/effdet-base
+  chmod +x /tmp/effdet-base
+else
+  BASE=""
+fi
 
 # CUDA libraries: those of the machine's PyTorch install (CUDA 13 wheels), the driver's libcuda.
 NV=$(python3 -c "import nvidia; print(list(nvidia.__path__)[0])" 2>/dev/null)
@@ -84,13 +93,14 @@ bench_model() { # name-prefix precision:batch [VAR=value for this run only]
   local name=$1 pb=$2 p b
   p=${pb%%:*}; b=${pb##*:}
   [[ -n ${3:-} ]] && local -x "$3"
-  run "${name}_${p}_b${b}" "${RT:-100}" "$BIN" bench-train --device cuda --data "$DATA" --image-size 512 \
+  run "${name}_${p}_b${b}" "${RT:-100}" "${BENCH_BIN:-$BIN}" bench-train --device cuda --data "$DATA" --image-size 512 \
     --batch-size "$b" --steps "$STEPS" --warmup 3 --precision "$p" --reuse-batch --feed simple
 }
 for pb in $RUNS; do bench_model train "$pb"; done
 for pb in $CANDLE; do bench_model train_candle_backward "$pb" EFFDET_CANDLE_BACKWARD=1; done
 for pb in $UNFUSED; do bench_model train_unfused_update "$pb" EFFDET_UNFUSED_UPDATE=1; done
 for pb in $TRIM; do bench_model train_pool_trim "$pb" EFFDET_POOL_TRIM=1; done
+for pb in $BASE; do BENCH_BIN=/tmp/effdet-base bench_model train_baseline_binary "$pb"; done
 
 # (c) fed by the pipeline on all cores: simple feed, copy stream, copy stream + nvJPEG.
 p=${FED%%:*}; b=${FED##*:}

@@ -121,7 +121,7 @@ fn forward(xs: &[Tensor], w: &Tensor) -> Result<Tensor> {
         candle_core::Device::Cpu => {
             let guards: Vec<_> = xs.iter().map(|x| x.storage_and_layout()).collect();
             let (ws, wl) = w.storage_and_layout();
-            let (Storage::Cpu(wc), Storage::Cpu(first)) = (&*ws, &*guards[0].0) else {
+            let Storage::Cpu(wc) = &*ws else {
                 candle_core::bail!("fast_fusion: inputs and weights on different devices");
             };
             let dtype = xs[0].dtype();
@@ -133,7 +133,7 @@ fn forward(xs: &[Tensor], w: &Tensor) -> Result<Tensor> {
                 let n = normalized(&weights_f32(wc, wl)?);
                 let data = cpu_inputs(&guards, act_f32)?;
                 let refs: Vec<&[f32]> = data.iter().map(|c| c.as_ref()).collect();
-                store_f32(fuse_cpu(&refs, &n), first_dtype(first)?)?
+                store_f32(fuse_cpu(&refs, &n), dtype)?
             };
             Ok(tensor_from(Storage::Cpu(storage), &xs[0]))
         }
@@ -222,11 +222,6 @@ fn weights_f32(s: &CpuStorage, l: &candle_core::Layout) -> Result<Vec<f32>> {
         CpuStorage::F32(_) => Ok(contiguous::<f32>(s, l)?.to_vec()),
         s => Err(unsupported("fast_fusion weights", s)),
     }
-}
-
-fn first_dtype(s: &CpuStorage) -> Result<DType> {
-    use candle_core::backend::BackendStorage;
-    Ok(s.dtype())
 }
 
 #[cfg(feature = "cuda")]
