@@ -48,6 +48,81 @@ struct Report {
     tolerance: f64,
     checks: Vec<Check>,
     pass: bool,
+    /// What one op costs the host (informational; not part of `pass`).
+    host_costs: Vec<HostCost>,
+}
+
+/// The host time of one op on a tiny tensor, where the device's work is negligible: what a
+/// training step pays per launch when it is launch-bound (its `tensors_per_step` times this).
+#[derive(Serialize, Debug)]
+struct HostCost {
+    op: &'static str,
+    /// Host time per op while enqueueing `count` of them, µs.
+    enqueue_us: f64,
+    /// Per op until the device has run them all, µs (above `enqueue_us`: the device's own
+    /// per-kernel time is the limit for ops this small).
+    completed_us: f64,
+    count: usize,
+}
+
+/// Times `count` repetitions of each kind of op a step is made of, on tiny tensors: an own
+/// kernel updating in place (lookup + launch), an own op with a new output (+ allocation and
+/// free), a stock candle op with a new output, and a stock broadcasting op (+ a host-to-device
+/// copy of its shape and strides).
+fn host_costs(dev: &Device, count: usize) -> anyhow::Result<Vec<HostCost>> {
+    let x = Tensor::ones(4usize, DType::F32, dev)?;
+    let y = Tensor::ones(4usize, DType::F32, dev)?;
+    let (col, row) = (x.reshape((4, 1))?, y.reshape((1, 4))?);
+    type Op<'a> = Box<dyn Fn() -> anyhow::Result<()> + 'a>;
+    let cases: Vec<(&'static str, Op)> = vec![
+        (
+            "own kernel in place (axpby)",
+            Box::new(|| Ok(ops::axpby_inplace(&x, &y, 1.0, 0.0)?)),
+        ),
+        (
+            "own op, new output (swish)",
+            Box::new(|| {
+                ops::swish(&x)?;
+                Ok(())
+            }),
+        ),
+        (
+            "candle op, new output (affine)",
+            Box::new(|| {
+                x.affine(1.0, 0.0)?;
+                Ok(())
+            }),
+        ),
+        (
+            "candle broadcast op (broadcast_add)",
+            Box::new(|| {
+                col.broadcast_add(&row)?;
+                Ok(())
+            }),
+        ),
+    ];
+    let mut out = Vec::new();
+    for (op, f) in cases {
+        for _ in 0..count.min(200) {
+            f()?;
+        }
+        dev.synchronize()?;
+        let t0 = std::time::Instant::now();
+        for _ in 0..count {
+            f()?;
+        }
+        let enqueued = t0.elapsed();
+        dev.synchronize()?;
+        let completed = t0.elapsed();
+        let per = |d: std::time::Duration| d.as_secs_f64() * 1e6 / count.max(1) as f64;
+        out.push(HostCost {
+            op,
+            enqueue_us: per(enqueued),
+            completed_us: per(completed),
+            count,
+        });
+    }
+    Ok(out)
 }
 
 /// ‖a − b‖ / ‖b‖ (both moved to the CPU as f64).
@@ -787,6 +862,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         tolerance: a.tolerance,
         checks,
         pass,
+        host_costs: host_costs(&gpu, 5000)?,
     };
     println!("{}", serde_json::to_string(&report)?);
     Ok(if pass { 0 } else { 1 })
@@ -832,6 +908,21 @@ mod tests {
                 c.name,
                 c.output,
                 c.gradients
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn host_costs_time_each_kind_of_op() -> anyhow::Result<()> {
+        let costs = host_costs(&Device::Cpu, 50)?;
+        assert_eq!(costs.len(), 4);
+        for c in &costs {
+            assert_eq!(c.count, 50);
+            assert!(
+                c.enqueue_us > 0.0 && c.completed_us >= c.enqueue_us,
+                "{}: {c:?}",
+                c.op
             );
         }
         Ok(())

@@ -9,12 +9,15 @@
 #       gradients from the model's tape; CANDLE runs the same with candle's backward (A/B),
 #       UNFUSED with the per-variable optimizer update instead of the multi-tensor one, TRIM with
 #       the memory pool trimmed at every synchronization (the driver's default) (A/Bs); BASE runs
-#       a baseline binary (target/device/effdet-base.xz, built from an earlier commit) on the same
-#       machine in the same call, so a change's speed-up is a same-run ratio;
+#       each carried baseline binary (target/device/effdet-<commit>.xz, built from an earlier
+#       commit) on the same machine in the same call, so a change's speed-up is a same-run ratio;
 #   (c) bench-train fed by the real pipeline (all CPU cores) with its data-wait share: the simple
 #       feed, the copy-stream feed, and the copy-stream feed with nvJPEG decoding;
 #   (d) the input pipeline alone on all cores, CPU decode and nvJPEG decode;
-#   (e) PyTorch effdet tf_efficientdet_d0 training step, same batch sizes, AMP and fp32.
+#   (e) PyTorch effdet tf_efficientdet_d0 training step, same batch sizes, AMP and fp32;
+#   (f) PROFILE=precision:batch: per-kernel GPU time of one step, ours under Nsight Compute (one
+#       metric, clocks left alone) and PyTorch's under torch.profiler, side by side by kernel
+#       family (tools/device/kernel_table.py; ~1-2 min).
 # Writes summary.json and results.tgz (every JSON line and log) under $OUT and prints a table
 # last. Each step has a timeout so the whole script ends well inside 10 minutes.
 set -uo pipefail
@@ -29,9 +32,10 @@ RUNS=${RUNS:-"fp32:32 fp32:64 fp16:32 fp16:64 bf16:64"}   # bench-train precisio
 CANDLE=${CANDLE:-fp16:64}                                # with EFFDET_CANDLE_BACKWARD=1 (A/B)
 UNFUSED=${UNFUSED:-fp16:64 fp16:32}                      # with EFFDET_UNFUSED_UPDATE=1 (A/B)
 TRIM=${TRIM:-fp16:64}                                    # with EFFDET_POOL_TRIM=1 (A/B)
-BASE=${BASE:-fp16:64}                                    # with the baseline binary, if carried
+BASE=${BASE:-fp16:64}                                    # with each baseline binary carried
 FED=${FED:-fp16:64}                                      # the pipeline-fed run
 TORCH=${TORCH:-"fp16:32 fp16:64 fp32:32"}                 # PyTorch effdet precision:batch
+PROFILE=${PROFILE:-}                                     # (f) per-kernel profile, e.g. fp16:64
 
 log() { echo "[$(($(date +%s) - START))s] $*"; }
 
@@ -45,12 +49,15 @@ else
   cp "$DEV/effdet" "$BIN"
 fi
 chmod +x "$BIN"
-if [[ -f $DEV/effdet-base.xz ]]; then
-  python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" "$DEV/effdet-base.xz" /tmp/effdet-base
-  chmod +x /tmp/effdet-base
-else
-  BASE=""
-fi
+# Baseline binaries: target/device/effdet-<commit>.xz, each run as /tmp/effdet-<commit>.
+BASELINES=()
+for f in "$DEV"/effdet-*.xz; do
+  [[ -f $f ]] || continue
+  tag=$(basename "$f" .xz); tag=${tag#effdet-}
+  python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" "$f" "/tmp/effdet-$tag"
+  chmod +x "/tmp/effdet-$tag"; BASELINES+=("$tag")
+done
+log "baseline binaries: ${BASELINES[*]:-none}"
 
 # CUDA libraries: those of the machine's PyTorch install (CUDA 13 wheels), the driver's libcuda.
 NV=$(python3 -c "import nvidia; print(list(nvidia.__path__)[0])" 2>/dev/null)
@@ -100,7 +107,9 @@ for pb in $RUNS; do bench_model train "$pb"; done
 for pb in $CANDLE; do bench_model train_candle_backward "$pb" EFFDET_CANDLE_BACKWARD=1; done
 for pb in $UNFUSED; do bench_model train_unfused_update "$pb" EFFDET_UNFUSED_UPDATE=1; done
 for pb in $TRIM; do bench_model train_pool_trim "$pb" EFFDET_POOL_TRIM=1; done
-for pb in $BASE; do BENCH_BIN=/tmp/effdet-base bench_model train_baseline_binary "$pb"; done
+for tag in "${BASELINES[@]}"; do
+  for pb in $BASE; do BENCH_BIN=/tmp/effdet-$tag bench_model "train_baseline_$tag" "$pb"; done
+done
 
 # (c) fed by the pipeline on all cores: simple feed, copy stream, copy stream + nvJPEG.
 p=${FED%%:*}; b=${FED##*:}
@@ -130,6 +139,43 @@ if ls .whl/*.whl > /dev/null 2>&1; then
   done
 else
   log "no .whl folder: PyTorch baseline skipped"
+fi
+
+# (f) where a step's device time goes, per kernel: ours under Nsight Compute (gpu__time_duration
+# only, so no replay; --clock-control none leaves the GPU's clocks alone), one step from the start
+# (warm-up 0: the first step's few one-time casts are in it); PyTorch's one step after its warm-up.
+if [[ -n $PROFILE ]]; then
+  p=${PROFILE%%:*}; b=${PROFILE##*:}
+  NCU=$(command -v ncu || ls -d /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | tail -1)
+  if [[ -n $NCU ]]; then
+    log "profile_${p}_b${b}: $NCU"
+    timeout -k 5 "${PT:-150}" "$NCU" --clock-control none --metrics gpu__time_duration.sum -f \
+      -o "$OUT/profile_${p}_b${b}" "$BIN" bench-train --device cuda --data "$DATA" --image-size 512 \
+      --batch-size "$b" --steps 1 --warmup 0 --precision "$p" --reuse-batch --feed simple \
+      > "$OUT/profile_run.out" 2> "$OUT/profile_run.err"
+    log "ncu exited $?"; tail -3 "$OUT/profile_run.err"
+    "$NCU" -i "$OUT/profile_${p}_b${b}.ncu-rep" --csv --page raw --print-units base \
+      > "$OUT/profile_${p}_b${b}.csv" 2>> "$OUT/profile_run.err"
+  else
+    log "no ncu on this machine: our kernel profile skipped"
+  fi
+  if [[ -n ${PYTHONPATH:-} ]]; then
+    amp=""; [[ $p == fp16 ]] && amp=--amp
+    timeout -k 5 "${RT:-120}" python3 tools/device/torch_baseline.py --device cuda --batch-size "$b" \
+      --image-size 512 --steps 2 --warmup 3 $amp --timeout 110 --profile "$OUT/profile_torch_${p}_b${b}.csv" \
+      > "$OUT/profile_torch_run.out" 2> "$OUT/profile_torch_run.err"
+    tail -c 300 "$OUT/profile_torch_run.out"
+  fi
+  if [[ -s $OUT/profile_${p}_b${b}.csv ]]; then
+    extra=(); [[ -s $OUT/profile_torch_${p}_b${b}.csv ]] && extra=(--torch "$OUT/profile_torch_${p}_b${b}.csv")
+    # The unprofiled step times of (b) and (e), for the GPU-busy share.
+    for pair in "step-ms train_${p}_b${b}" "torch-step-ms torch_${p}_b${b}"; do
+      ms=$(python3 -c "import json,sys; print(json.loads(open(sys.argv[1]).read().splitlines()[-1])['step_ms'])" \
+        "$OUT/${pair#* }.json" 2>/dev/null) && extra+=(--"${pair%% *}" "$ms")
+    done
+    python3 tools/device/kernel_table.py --ours "$OUT/profile_${p}_b${b}.csv" "${extra[@]}" \
+      > "$OUT/kernels_${p}_b${b}.txt" 2>&1
+  fi
 fi
 
 # Summary: every JSON result in one file, then a table.
@@ -170,12 +216,18 @@ if isinstance(c, dict) and "checks" in c:
     print("\ncuda-check pass=%s (tolerance %g)" % (c["pass"], c["tolerance"]))
     for ch in c["checks"]:
         print("  %-45s out %.2e grad %.2e %s" % (ch["name"], ch["output"], ch["gradients"], "ok" if ch["pass"] else "FAIL " + str(ch.get("worst"))))
+    for h in c.get("host_costs") or []:
+        print("  host cost %-38s enqueue %6.2f µs/op, completed %6.2f µs/op" % (h["op"], h["enqueue_us"], h["completed_us"]))
 g = summary.get("pipeline_nvjpeg_b32")
 if isinstance(g, dict) and isinstance(g.get("gpu_decode"), dict):
     d = g["gpu_decode"]
     print("\nnvJPEG %s: stage %.0f img/s, decoders %s, hardware note: %s" % (
         d.get("nvjpeg_version"), d.get("gpu_stage_images_per_sec", 0), d.get("counts"), d.get("hardware_unavailable")))
 PY
+for k in "$OUT"/kernels_*.txt; do
+  [[ -f $k ]] || continue
+  echo; echo "== $(basename "$k") (whole table in results.tgz)"; head -40 "$k"; cp "$k" "$FINAL/"
+done
 cp "$OUT/summary.json" "$FINAL/summary.json"
 tar czf "$FINAL/results.tgz" -C "$OUT" .
 log "done"

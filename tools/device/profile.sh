@@ -16,7 +16,7 @@ fi
 DATA="target/device/data/train-*.tfrecord"
 NVIDIA_TF32_OVERRIDE=0 timeout 60 "$BIN" cuda-check --data "$DATA" --image-size 256 --batch-size 2 | tee "$OUT/cuda_check.json"
 B=${B:-16}
-timeout -k 5 "${PT:-150}" ncu --metrics gpu__time_duration.sum --print-summary per-kernel --launch-count "${LC:-20000}" \
+timeout -k 5 "${PT:-150}" ncu --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel --launch-count "${LC:-20000}" \
   "$BIN" bench-train --device cuda --data "$DATA" --image-size 512 --batch-size "$B" --steps 1 --warmup 0 \
   --reuse-batch --feed simple > "$OUT/ncu.txt" 2> "$OUT/ncu.err"
 echo "ncu rc=$?"; tail -3 "$OUT/ncu.err"; wc -l "$OUT/ncu.txt"

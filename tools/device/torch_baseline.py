@@ -55,6 +55,9 @@ def parse_args(argv):
     p.add_argument("--clip-grad", type=float, default=10.0, help="global grad-norm clip, 0 = off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=int, default=480, help="seconds before giving up, 0 = never")
+    p.add_argument("--profile", metavar="CSV",
+                   help="after timing, profile one more step (torch.profiler) and write its GPU "
+                        "kernels to CSV: name,launches,total_us (tools/device/kernel_table.py)")
     a = p.parse_args(argv)
     for name in ("batch_size", "image_size", "steps", "boxes", "num_classes"):
         if getattr(a, name) < 1:
@@ -205,6 +208,12 @@ def run(args, result):
     sync()
     elapsed = time.perf_counter() - t0
 
+    if args.profile and device.type == "cuda":
+        try:  # the profile is extra: its failure must not lose the timing above
+            result["profiled_kernels"] = profile_one_step(torch, step, sync, args.profile)
+        except Exception as e:  # noqa: BLE001
+            result["profile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+
     loss_first, loss_last = float(first), float(last)
     if not (math.isfinite(loss_first) and math.isfinite(loss_last)):
         raise RuntimeError(f"non-finite loss (first {loss_first}, last {loss_last})")
@@ -215,6 +224,34 @@ def run(args, result):
         loss_first=round(loss_first, 5),
         loss_last=round(loss_last, 5),
     )
+
+
+def profile_one_step(torch, step, sync, csv_path):
+    """One step under torch.profiler; its GPU kernels summed by name into `csv_path`. Returns
+    the number of kernel launches seen."""
+    import csv
+    import tempfile
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        sync()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(trace)
+        with open(trace) as f:
+            events = json.load(f).get("traceEvents", [])
+    kernels = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") == "kernel":
+            n, t = kernels.get(e["name"], (0, 0.0))
+            kernels[e["name"]] = (n + 1, t + float(e.get("dur", 0.0)))
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["name", "launches", "total_us"])
+        for name, (n, t) in sorted(kernels.items(), key=lambda kv: -kv[1][1]):
+            w.writerow([name, n, round(t, 3)])
+    return sum(n for n, _ in kernels.values())
 
 
 def _dist_version(name):

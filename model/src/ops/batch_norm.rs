@@ -324,7 +324,7 @@ fn cuda_apply(
     b.arg(&scale).arg(&shift);
     y.push(&mut b);
     b.arg(&n64).arg(&c32).arg(&act32);
-    cuda::launch(b, cuda::elementwise(n))?;
+    cuda::launch(b, cuda::elementwise_ilp(n))?;
     Ok(y.wrap(dev))
 }
 
@@ -788,7 +788,7 @@ impl CustomOp2 for BnGradInput {
         b.arg(&chan).arg(&coef);
         dx.push(&mut b);
         b.arg(&n64).arg(&c32).arg(&act32);
-        cuda::launch(b, cuda::elementwise(n))?;
+        cuda::launch(b, cuda::elementwise_ilp(n))?;
         Ok((dx.wrap(dev), l1.shape().clone()))
     }
 

@@ -236,7 +236,7 @@ fn cuda_broadcast(
         b.arg(&hw64);
     }
     b.arg(&c32);
-    cuda::launch(b, cuda::elementwise(n))?;
+    cuda::launch(b, cuda::elementwise_ilp(n))?;
     Ok(out.wrap(dev))
 }
 

@@ -57,6 +57,11 @@ pub(crate) fn elementwise(n: usize) -> LaunchConfig {
     config(super::launch::elementwise(n))
 }
 
+/// Grid-stride launch for the kernels taking `ILP` elements per thread per round.
+pub(crate) fn elementwise_ilp(n: usize) -> LaunchConfig {
+    config(super::launch::elementwise_ilp(n))
+}
+
 /// Grid-stride launch whose blocks reduce to one value each (see `launch::block_reduction`).
 pub(crate) fn block_reduction(n: usize) -> LaunchConfig {
     config(super::launch::block_reduction(n))

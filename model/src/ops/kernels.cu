@@ -32,6 +32,19 @@ typedef unsigned int u32;
 // Column-reduction blocks are 32 channels wide and RED_Y rows tall.
 #define RED_Y 8
 
+// Loads in flight per thread. A 16-bit activation is 2 bytes: with one load per thread at a
+// time, even a full GPU keeps too few bytes in flight to cover memory latency (PyTorch's
+// elementwise kernels vectorize for the same reason). The hot bandwidth-bound kernels below
+// therefore take ILP elements per thread per round, blockDim.x apart (each warp's accesses stay
+// contiguous), and issue all their loads before using any; per element the arithmetic, and in
+// the reductions the order of the sums, is unchanged. Their launches use `launch::
+// elementwise_ilp` (ILP there must equal this).
+#define ILP 4
+#define ILP_ROUNDS(base, n)                                                      \
+    for (i64 base = (i64)blockIdx.x * blockDim.x * ILP + threadIdx.x; base < (n); \
+         base += (i64)blockDim.x * gridDim.x * ILP)
+#define ILP_AT(base, k) ((base) + (i64)(k) * blockDim.x)
+
 // Activation loads (exact widening) and stores (round to nearest even).
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
@@ -420,8 +433,18 @@ __device__ __forceinline__ void col_sum_t(const T* __restrict__ x, double* __res
     const T* xz = x + (i64)blockIdx.z * rows * C;
     double acc = 0.0;
     if (c < C) {
-        for (i64 r = (i64)blockIdx.y * RED_Y + threadIdx.y; r < rows; r += (i64)gridDim.y * RED_Y)
-            acc += (double)to_f32(xz[r * C + c]);
+        const i64 stride = (i64)gridDim.y * RED_Y;
+        for (i64 r = (i64)blockIdx.y * RED_Y + threadIdx.y; r < rows; r += stride * ILP) {
+            float v[ILP];
+#pragma unroll
+            for (int k = 0; k < ILP; ++k) {
+                const i64 rk = r + k * stride;
+                v[k] = rk < rows ? to_f32(xz[rk * C + c]) : 0.0f;
+            }
+#pragma unroll
+            for (int k = 0; k < ILP; ++k)
+                if (r + k * stride < rows) acc += (double)v[k];
+        }
     }
     double total = block_col_sum(acc, sh);
     if (threadIdx.y == 0 && c < C) atomicAdd(&out[(i64)blockIdx.z * C + c], total);
@@ -436,10 +459,22 @@ __device__ __forceinline__ void col_sq_dev_t(const T* __restrict__ x,
     int c = blockIdx.x * 32 + threadIdx.x;
     double acc = 0.0;
     if (c < C) {
-        double m = mean[c];
-        for (i64 r = (i64)blockIdx.y * RED_Y + threadIdx.y; r < rows; r += (i64)gridDim.y * RED_Y) {
-            double d = (double)to_f32(x[r * C + c]) - m;
-            acc += d * d;
+        const double m = mean[c];
+        const i64 stride = (i64)gridDim.y * RED_Y;
+        for (i64 r = (i64)blockIdx.y * RED_Y + threadIdx.y; r < rows; r += stride * ILP) {
+            float v[ILP];
+#pragma unroll
+            for (int k = 0; k < ILP; ++k) {
+                const i64 rk = r + k * stride;
+                v[k] = rk < rows ? to_f32(x[rk * C + c]) : 0.0f;
+            }
+#pragma unroll
+            for (int k = 0; k < ILP; ++k) {
+                if (r + k * stride < rows) {
+                    const double d = (double)v[k] - m;
+                    acc += d * d;
+                }
+            }
         }
     }
     double total = block_col_sum(acc, sh);
@@ -517,10 +552,24 @@ template <class T>
 __device__ __forceinline__ void bn_apply_t(const T* __restrict__ x, const float* __restrict__ scale,
                                            const float* __restrict__ shift, T* __restrict__ y,
                                            i64 n, int C, int act) {
-    GRID_STRIDE(i, n) {
-        int c = (int)((u32)i % (u32)C);
-        float z = to_f32(x[i]) * scale[c] + shift[c];
-        y[i] = from_f32<T>(act ? z / (1.0f + expf(-z)) : z);
+    ILP_ROUNDS(base, n) {
+        float v[ILP], sc[ILP], sf[ILP];
+#pragma unroll
+        for (int k = 0; k < ILP; ++k) {
+            const i64 i = ILP_AT(base, k);
+            const int c = (int)((u32)i % (u32)C);
+            const bool in = i < n;
+            v[k] = in ? to_f32(x[i]) : 0.0f;
+            sc[k] = in ? scale[c] : 0.0f;
+            sf[k] = in ? shift[c] : 0.0f;
+        }
+#pragma unroll
+        for (int k = 0; k < ILP; ++k) {
+            const i64 i = ILP_AT(base, k);
+            if (i >= n) continue;
+            const float z = v[k] * sc[k] + sf[k];
+            y[i] = from_f32<T>(act ? z / (1.0f + expf(-z)) : z);
+        }
     }
 }
 
@@ -548,11 +597,24 @@ __device__ __forceinline__ void bn_grad_reduce_t(const T* __restrict__ x, const 
     int c = blockIdx.x * 32 + threadIdx.x;
     double sg = 0.0, sgx = 0.0;
     if (c < C) {
-        for (i64 r = (i64)blockIdx.y * RED_Y + threadIdx.y; r < rows; r += (i64)gridDim.y * RED_Y) {
-            float xh, gz;
-            bn_xhat_gz(to_f32(x[r * C + c]), to_f32(g[r * C + c]), c, chan, C, act, &xh, &gz);
-            sg += (double)gz;
-            sgx += (double)(gz * xh);
+        const i64 stride = (i64)gridDim.y * RED_Y;
+        for (i64 r = (i64)blockIdx.y * RED_Y + threadIdx.y; r < rows; r += stride * ILP) {
+            float xv[ILP], gv[ILP];
+#pragma unroll
+            for (int k = 0; k < ILP; ++k) {
+                const i64 rk = r + k * stride;
+                const bool in = rk < rows;
+                xv[k] = in ? to_f32(x[rk * C + c]) : 0.0f;
+                gv[k] = in ? to_f32(g[rk * C + c]) : 0.0f;
+            }
+#pragma unroll
+            for (int k = 0; k < ILP; ++k) {
+                if (r + k * stride >= rows) continue;
+                float xh, gz;
+                bn_xhat_gz(xv[k], gv[k], c, chan, C, act, &xh, &gz);
+                sg += (double)gz;
+                sgx += (double)(gz * xh);
+            }
         }
     }
     double t0 = block_col_sum(sg, sh);
@@ -569,11 +631,23 @@ __device__ __forceinline__ void bn_grad_input_t(const T* __restrict__ x, const T
                                                 const float* __restrict__ chan,
                                                 const float* __restrict__ coef,
                                                 T* __restrict__ dx, i64 n, int C, int act) {
-    GRID_STRIDE(i, n) {
-        int c = (int)((u32)i % (u32)C);
-        float xh, gz;
-        bn_xhat_gz(to_f32(x[i]), to_f32(g[i]), c, chan, C, act, &xh, &gz);
-        dx[i] = from_f32<T>(coef[c] * gz - coef[C + c] - xh * coef[2 * C + c]);
+    ILP_ROUNDS(base, n) {
+        float xv[ILP], gv[ILP];
+#pragma unroll
+        for (int k = 0; k < ILP; ++k) {
+            const i64 i = ILP_AT(base, k);
+            xv[k] = i < n ? to_f32(x[i]) : 0.0f;
+            gv[k] = i < n ? to_f32(g[i]) : 0.0f;
+        }
+#pragma unroll
+        for (int k = 0; k < ILP; ++k) {
+            const i64 i = ILP_AT(base, k);
+            if (i >= n) continue;
+            const int c = (int)((u32)i % (u32)C);
+            float xh, gz;
+            bn_xhat_gz(xv[k], gv[k], c, chan, C, act, &xh, &gz);
+            dx[i] = from_f32<T>(coef[c] * gz - coef[C + c] - xh * coef[2 * C + c]);
+        }
     }
 }
 
@@ -601,34 +675,78 @@ FOR_EACH_ACT(BN_KERNELS)
 template <class T>
 __device__ __forceinline__ void bias_add_t(const T* __restrict__ x, const float* __restrict__ b,
                                            T* __restrict__ y, i64 n, int C) {
-    GRID_STRIDE(i, n) { y[i] = from_f32<T>(to_f32(x[i]) + b[(u32)i % (u32)C]); }
+    ILP_ROUNDS(base, n) {
+        float v[ILP], bv[ILP];
+#pragma unroll
+        for (int k = 0; k < ILP; ++k) {
+            const i64 i = ILP_AT(base, k);
+            v[k] = i < n ? to_f32(x[i]) : 0.0f;
+            bv[k] = i < n ? b[(u32)i % (u32)C] : 0.0f;
+        }
+#pragma unroll
+        for (int k = 0; k < ILP; ++k) {
+            const i64 i = ILP_AT(base, k);
+            if (i < n) y[i] = from_f32<T>(v[k] + bv[k]);
+        }
+    }
 }
 
 // y[b, p, c] = x[b, p, c] · gate[b, c] for x [B, HW, C] (the gate in f32 for every T).
 template <class T>
 __device__ __forceinline__ void channel_gate_t(const T* __restrict__ x, const float* __restrict__ gate,
                                                T* __restrict__ y, i64 n, i64 hw, int C) {
-    GRID_STRIDE(i, n) {
-        u32 b = (u32)i / ((u32)hw * (u32)C);
-        y[i] = from_f32<T>(to_f32(x[i]) * to_f32(gate[(i64)b * C + (u32)i % (u32)C]));
+    ILP_ROUNDS(base, n) {
+        float v[ILP], gv[ILP];
+#pragma unroll
+        for (int k = 0; k < ILP; ++k) {
+            const i64 i = ILP_AT(base, k);
+            const u32 b = (u32)i / ((u32)hw * (u32)C);
+            v[k] = i < n ? to_f32(x[i]) : 0.0f;
+            gv[k] = i < n ? to_f32(gate[(i64)b * C + (u32)i % (u32)C]) : 0.0f;
+        }
+#pragma unroll
+        for (int k = 0; k < ILP; ++k) {
+            const i64 i = ILP_AT(base, k);
+            if (i < n) y[i] = from_f32<T>(v[k] * gv[k]);
+        }
     }
 }
 
 template <class T>
 __device__ __forceinline__ void swish_fwd_t(const T* __restrict__ x, T* __restrict__ y, i64 n) {
-    GRID_STRIDE(i, n) {
-        float v = to_f32(x[i]);
-        y[i] = from_f32<T>(v / (1.0f + expf(-v)));
+    ILP_ROUNDS(base, n) {
+        float v[ILP];
+#pragma unroll
+        for (int k = 0; k < ILP; ++k) {
+            const i64 i = ILP_AT(base, k);
+            v[k] = i < n ? to_f32(x[i]) : 0.0f;
+        }
+#pragma unroll
+        for (int k = 0; k < ILP; ++k) {
+            const i64 i = ILP_AT(base, k);
+            if (i < n) y[i] = from_f32<T>(v[k] / (1.0f + expf(-v[k])));
+        }
     }
 }
 
 template <class T>
 __device__ __forceinline__ void swish_grad_t(const T* __restrict__ x, const T* __restrict__ g,
                                              T* __restrict__ d, i64 n) {
-    GRID_STRIDE(i, n) {
-        float v = to_f32(x[i]);
-        float s = sigmoid_f(v);
-        d[i] = from_f32<T>(to_f32(g[i]) * s * (1.0f + v * (1.0f - s)));
+    ILP_ROUNDS(base, n) {
+        float v[ILP], gv[ILP];
+#pragma unroll
+        for (int k = 0; k < ILP; ++k) {
+            const i64 i = ILP_AT(base, k);
+            v[k] = i < n ? to_f32(x[i]) : 0.0f;
+            gv[k] = i < n ? to_f32(g[i]) : 0.0f;
+        }
+#pragma unroll
+        for (int k = 0; k < ILP; ++k) {
+            const i64 i = ILP_AT(base, k);
+            if (i >= n) continue;
+            const float s = sigmoid_f(v[k]);
+            d[i] = from_f32<T>(gv[k] * s * (1.0f + v[k] * (1.0f - s)));
+        }
     }
 }
 

@@ -7,6 +7,8 @@ pub(crate) const THREADS: u32 = 256;
 /// Width (channels) and height (rows) of the column-reduction blocks (`RED_Y` in kernels.cu).
 pub(crate) const RED_X: u32 = 32;
 pub(crate) const RED_Y: u32 = 8;
+/// Elements each thread of the ILP kernels takes per round (`ILP` in kernels.cu).
+pub(crate) const ILP: u32 = 4;
 /// CUDA's limit on grid y and z.
 const GRID_YZ_MAX: usize = 65535;
 /// Blocks a reduction aims for (a few per SM on an H100's 132).
@@ -18,6 +20,13 @@ pub(crate) type Shape3 = ((u32, u32, u32), (u32, u32, u32));
 /// Grid-stride launch over `n` elements: one thread per element up to 2^20 blocks.
 pub(crate) fn elementwise(n: usize) -> Shape3 {
     let blocks = n.div_ceil(THREADS as usize).clamp(1, 1 << 20) as u32;
+    ((blocks, 1, 1), (THREADS, 1, 1))
+}
+
+/// Grid-stride launch over `n` elements for the kernels that take [`ILP`] elements per thread
+/// per round (`ILP_ROUNDS` in kernels.cu): one round per thread up to 2^20 blocks.
+pub(crate) fn elementwise_ilp(n: usize) -> Shape3 {
+    let blocks = n.div_ceil((THREADS * ILP) as usize).clamp(1, 1 << 20) as u32;
     ((blocks, 1, 1), (THREADS, 1, 1))
 }
 
@@ -74,6 +83,22 @@ mod tests {
         assert!(gx >= 1 && gy >= 1 && gz >= 1);
         assert!(gy as usize <= GRID_YZ_MAX && gz as usize <= GRID_YZ_MAX);
         assert!(bx * by * bz <= 1024);
+    }
+
+    #[test]
+    fn ilp_launches_give_each_thread_one_round() {
+        assert_eq!(elementwise_ilp(0).0 .0, 1);
+        assert_eq!(elementwise_ilp(1024).0 .0, 1);
+        assert_eq!(elementwise_ilp(1025).0 .0, 2);
+        assert_eq!(elementwise_ilp(64 * 256 * 256 * 96).0 .0, 393_216);
+        assert_eq!(elementwise_ilp(1 << 32).0 .0, 1 << 20);
+        within_limits(elementwise_ilp(usize::MAX / 2));
+        // kernels.cu's ILP is this constant.
+        let cu = include_str!("kernels.cu");
+        assert!(
+            cu.contains(&format!("\n#define ILP {ILP}\n")),
+            "ILP differs from kernels.cu"
+        );
     }
 
     #[test]

@@ -72,7 +72,7 @@ impl CustomOp1 for Swish {
         x.push(&mut b);
         out.push(&mut b);
         b.arg(&n64);
-        cuda::launch(b, cuda::elementwise(n))?;
+        cuda::launch(b, cuda::elementwise_ilp(n))?;
         Ok((out.wrap(dev), l.shape().clone()))
     }
 
@@ -110,7 +110,7 @@ impl CustomOp2 for SwishGrad {
         g.push(&mut b);
         out.push(&mut b);
         b.arg(&n64);
-        cuda::launch(b, cuda::elementwise(n))?;
+        cuda::launch(b, cuda::elementwise_ilp(n))?;
         Ok((out.wrap(dev), l1.shape().clone()))
     }
 

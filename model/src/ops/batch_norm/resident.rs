@@ -412,7 +412,7 @@ impl CustomOp2 for Apply {
         b.arg(&scale).arg(&shift);
         y.push(&mut b);
         b.arg(&n64).arg(&c32).arg(&act32);
-        cuda::launch(b, cuda::elementwise(n))?;
+        cuda::launch(b, cuda::elementwise_ilp(n))?;
         Ok((y.wrap(dev), l1.shape().clone()))
     }
 
@@ -726,7 +726,7 @@ impl CustomOp3 for GradInput {
         b.arg(&chan).arg(&coef);
         dx.push(&mut b);
         b.arg(&n64).arg(&c32).arg(&act32);
-        cuda::launch(b, cuda::elementwise(n))?;
+        cuda::launch(b, cuda::elementwise_ilp(n))?;
         Ok((dx.wrap(dev), l1.shape().clone()))
     }
 }
