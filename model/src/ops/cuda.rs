@@ -20,11 +20,36 @@ pub(crate) struct Kernel {
     stream: std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
 }
 
+type FunctionCache = std::collections::HashMap<
+    candle_core::cuda_backend::DeviceId,
+    std::collections::HashMap<String, candle_core::cuda_backend::cudarc::driver::CudaFunction>,
+>;
+
+thread_local! {
+    /// Kernels this thread has looked up, per device: candle's lookup takes a lock and asks the
+    /// driver (`cuModuleGetFunction`, with a fresh C string) on every call, i.e. every launch.
+    static FUNCTIONS: std::cell::RefCell<FunctionCache> = std::cell::RefCell::default();
+}
+
 impl Kernel {
     pub(crate) fn new(dev: &CudaDevice, name: &str) -> Result<Kernel> {
-        let func = dev
-            .get_or_load_custom_func(name, MODULE, PTX)?
-            .into_cuda_function();
+        let cached =
+            FUNCTIONS.with(|f| f.borrow().get(&dev.id()).and_then(|m| m.get(name)).cloned());
+        let func = match cached {
+            Some(func) => func,
+            None => {
+                let func = dev
+                    .get_or_load_custom_func(name, MODULE, PTX)?
+                    .into_cuda_function();
+                FUNCTIONS.with(|f| {
+                    f.borrow_mut()
+                        .entry(dev.id())
+                        .or_default()
+                        .insert(name.to_string(), func.clone())
+                });
+                func
+            }
+        };
         Ok(Kernel {
             func,
             stream: dev.cuda_stream(),
