@@ -64,6 +64,29 @@ __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
     return __float2bfloat16_rn(v);
 }
 
+// The ILP elements of one round starting at `base`, widened (0 past the end): every load of a
+// round is issued before any of them is used.
+template <class T>
+__device__ __forceinline__ void ilp_load(const T* __restrict__ p, i64 base, i64 n, float* v) {
+#pragma unroll
+    for (int k = 0; k < ILP; ++k) {
+        const i64 i = ILP_AT(base, k);
+        v[k] = i < n ? to_f32(p[i]) : 0.0f;
+    }
+}
+
+// Column c of the ILP rows r, r + stride, … of a [rows, C] buffer, widened (0 past the end):
+// the column reductions' round, loads first as in `ilp_load`.
+template <class T>
+__device__ __forceinline__ void ilp_load_column(const T* __restrict__ p, i64 r, i64 stride,
+                                                i64 rows, int C, int c, float* v) {
+#pragma unroll
+    for (int k = 0; k < ILP; ++k) {
+        const i64 rk = r + k * stride;
+        v[k] = rk < rows ? to_f32(p[rk * C + c]) : 0.0f;
+    }
+}
+
 // M(T, SUFFIX) for each activation storage type: the extern "C" kernels of one template.
 #define FOR_EACH_ACT(M) \
     M(float, )          \
@@ -436,11 +459,7 @@ __device__ __forceinline__ void col_sum_t(const T* __restrict__ x, double* __res
         const i64 stride = (i64)gridDim.y * RED_Y;
         for (i64 r = (i64)blockIdx.y * RED_Y + threadIdx.y; r < rows; r += stride * ILP) {
             float v[ILP];
-#pragma unroll
-            for (int k = 0; k < ILP; ++k) {
-                const i64 rk = r + k * stride;
-                v[k] = rk < rows ? to_f32(xz[rk * C + c]) : 0.0f;
-            }
+            ilp_load_column(xz, r, stride, rows, C, c, v);
 #pragma unroll
             for (int k = 0; k < ILP; ++k)
                 if (r + k * stride < rows) acc += (double)v[k];
@@ -463,11 +482,7 @@ __device__ __forceinline__ void col_sq_dev_t(const T* __restrict__ x,
         const i64 stride = (i64)gridDim.y * RED_Y;
         for (i64 r = (i64)blockIdx.y * RED_Y + threadIdx.y; r < rows; r += stride * ILP) {
             float v[ILP];
-#pragma unroll
-            for (int k = 0; k < ILP; ++k) {
-                const i64 rk = r + k * stride;
-                v[k] = rk < rows ? to_f32(x[rk * C + c]) : 0.0f;
-            }
+            ilp_load_column(x, r, stride, rows, C, c, v);
 #pragma unroll
             for (int k = 0; k < ILP; ++k) {
                 if (r + k * stride < rows) {
@@ -554,14 +569,13 @@ __device__ __forceinline__ void bn_apply_t(const T* __restrict__ x, const float*
                                            i64 n, int C, int act) {
     ILP_ROUNDS(base, n) {
         float v[ILP], sc[ILP], sf[ILP];
+        ilp_load(x, base, n, v);
 #pragma unroll
         for (int k = 0; k < ILP; ++k) {
             const i64 i = ILP_AT(base, k);
             const int c = (int)((u32)i % (u32)C);
-            const bool in = i < n;
-            v[k] = in ? to_f32(x[i]) : 0.0f;
-            sc[k] = in ? scale[c] : 0.0f;
-            sf[k] = in ? shift[c] : 0.0f;
+            sc[k] = i < n ? scale[c] : 0.0f;
+            sf[k] = i < n ? shift[c] : 0.0f;
         }
 #pragma unroll
         for (int k = 0; k < ILP; ++k) {
@@ -600,13 +614,8 @@ __device__ __forceinline__ void bn_grad_reduce_t(const T* __restrict__ x, const 
         const i64 stride = (i64)gridDim.y * RED_Y;
         for (i64 r = (i64)blockIdx.y * RED_Y + threadIdx.y; r < rows; r += stride * ILP) {
             float xv[ILP], gv[ILP];
-#pragma unroll
-            for (int k = 0; k < ILP; ++k) {
-                const i64 rk = r + k * stride;
-                const bool in = rk < rows;
-                xv[k] = in ? to_f32(x[rk * C + c]) : 0.0f;
-                gv[k] = in ? to_f32(g[rk * C + c]) : 0.0f;
-            }
+            ilp_load_column(x, r, stride, rows, C, c, xv);
+            ilp_load_column(g, r, stride, rows, C, c, gv);
 #pragma unroll
             for (int k = 0; k < ILP; ++k) {
                 if (r + k * stride >= rows) continue;
@@ -633,12 +642,8 @@ __device__ __forceinline__ void bn_grad_input_t(const T* __restrict__ x, const T
                                                 T* __restrict__ dx, i64 n, int C, int act) {
     ILP_ROUNDS(base, n) {
         float xv[ILP], gv[ILP];
-#pragma unroll
-        for (int k = 0; k < ILP; ++k) {
-            const i64 i = ILP_AT(base, k);
-            xv[k] = i < n ? to_f32(x[i]) : 0.0f;
-            gv[k] = i < n ? to_f32(g[i]) : 0.0f;
-        }
+        ilp_load(x, base, n, xv);
+        ilp_load(g, base, n, gv);
 #pragma unroll
         for (int k = 0; k < ILP; ++k) {
             const i64 i = ILP_AT(base, k);
@@ -677,10 +682,10 @@ __device__ __forceinline__ void bias_add_t(const T* __restrict__ x, const float*
                                            T* __restrict__ y, i64 n, int C) {
     ILP_ROUNDS(base, n) {
         float v[ILP], bv[ILP];
+        ilp_load(x, base, n, v);
 #pragma unroll
         for (int k = 0; k < ILP; ++k) {
             const i64 i = ILP_AT(base, k);
-            v[k] = i < n ? to_f32(x[i]) : 0.0f;
             bv[k] = i < n ? b[(u32)i % (u32)C] : 0.0f;
         }
 #pragma unroll
@@ -697,11 +702,11 @@ __device__ __forceinline__ void channel_gate_t(const T* __restrict__ x, const fl
                                                T* __restrict__ y, i64 n, i64 hw, int C) {
     ILP_ROUNDS(base, n) {
         float v[ILP], gv[ILP];
+        ilp_load(x, base, n, v);
 #pragma unroll
         for (int k = 0; k < ILP; ++k) {
             const i64 i = ILP_AT(base, k);
             const u32 b = (u32)i / ((u32)hw * (u32)C);
-            v[k] = i < n ? to_f32(x[i]) : 0.0f;
             gv[k] = i < n ? to_f32(gate[(i64)b * C + (u32)i % (u32)C]) : 0.0f;
         }
 #pragma unroll
@@ -716,11 +721,7 @@ template <class T>
 __device__ __forceinline__ void swish_fwd_t(const T* __restrict__ x, T* __restrict__ y, i64 n) {
     ILP_ROUNDS(base, n) {
         float v[ILP];
-#pragma unroll
-        for (int k = 0; k < ILP; ++k) {
-            const i64 i = ILP_AT(base, k);
-            v[k] = i < n ? to_f32(x[i]) : 0.0f;
-        }
+        ilp_load(x, base, n, v);
 #pragma unroll
         for (int k = 0; k < ILP; ++k) {
             const i64 i = ILP_AT(base, k);
@@ -734,12 +735,8 @@ __device__ __forceinline__ void swish_grad_t(const T* __restrict__ x, const T* _
                                              T* __restrict__ d, i64 n) {
     ILP_ROUNDS(base, n) {
         float v[ILP], gv[ILP];
-#pragma unroll
-        for (int k = 0; k < ILP; ++k) {
-            const i64 i = ILP_AT(base, k);
-            v[k] = i < n ? to_f32(x[i]) : 0.0f;
-            gv[k] = i < n ? to_f32(g[i]) : 0.0f;
-        }
+        ilp_load(x, base, n, v);
+        ilp_load(g, base, n, gv);
 #pragma unroll
         for (int k = 0; k < ILP; ++k) {
             const i64 i = ILP_AT(base, k);
