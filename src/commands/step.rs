@@ -9,6 +9,7 @@
 use candle_core::{DType, Device, Tensor};
 use effdet_model::config::Config;
 use effdet_model::loss::{detection_loss, tape_gradients};
+use effdet_model::ops::marker::{phase_end, Phase};
 use effdet_model::ops::{multi_tensor, tensors_created};
 use effdet_model::optim::{clip_factors, clip_gradients, Ema, Sgd};
 use effdet_model::tape::Tape;
@@ -345,11 +346,11 @@ impl Trainer {
         let t0 = Instant::now();
         let n0 = tensors_created();
         let parts = self.loss(t)?;
+        let scalars = Tensor::stack(&[&parts.total, &parts.cls, &parts.box_loss, &parts.reg], 0)?
+            .to_dtype(DType::F64)?;
+        phase_end(t.images.device(), Phase::Forward)?;
         let t_fq = Instant::now();
-        let scalars: Vec<f64> =
-            Tensor::stack(&[&parts.total, &parts.cls, &parts.box_loss, &parts.reg], 0)?
-                .to_dtype(DType::F64)?
-                .to_vec1()?;
+        let scalars: Vec<f64> = scalars.to_vec1()?;
         let (loss, cls_l, box_l, reg_l) = (scalars[0], scalars[1], scalars[2], scalars[3]);
         let t_f = Instant::now();
         anyhow::ensure!(
@@ -386,6 +387,7 @@ impl Trainer {
             return self.fused_update(&parts.total, scale, lr, step, (t_f, n_f), stats);
         }
         let mut all = self.scaled_gradients(&parts.total, scale)?;
+        phase_end(t.images.device(), Phase::Backward)?;
         let t_bq = Instant::now();
         let present: Vec<usize> = (0..all.len()).filter(|&i| all[i].is_some()).collect();
         let mut gs: Vec<Tensor> = present.iter().filter_map(|&i| all[i].take()).collect();
@@ -407,6 +409,7 @@ impl Trainer {
         }
         self.sgd.step(&all, lr)?;
         self.ema.update(step + 1)?;
+        phase_end(t.images.device(), Phase::Update)?;
         stats.phases.update_queued = secs(t_b, Instant::now());
         stats.tensors.update = tensors_created() - n_b;
         Ok(stats)
@@ -442,7 +445,9 @@ impl Trainer {
             coef.push(((1.0 / scale) as f32, b));
         }
         let gs: Vec<&Tensor> = grads.iter().collect();
-        let squares: Vec<f64> = multi_tensor::sums_of_squares(&gs, &ws, &coef)?.to_vec1()?;
+        let squares = multi_tensor::sums_of_squares(&gs, &ws, &coef)?;
+        phase_end(total.device(), Phase::Backward)?;
+        let squares: Vec<f64> = squares.to_vec1()?;
         let finite = !self.scaler.is_enabled() || squares.iter().all(|s| s.is_finite());
         self.scaler.update(finite);
         let secs = |a: Instant, b: Instant| (b - a).as_secs_f64();
@@ -463,6 +468,7 @@ impl Trainer {
         }
         self.sgd.fused_step(&index, &grads, &coef, lr)?;
         self.ema.update(step + 1)?;
+        phase_end(total.device(), Phase::Update)?;
         stats.phases.update_queued = secs(t_b, Instant::now());
         stats.tensors.update = tensors_created() - n_b;
         Ok(stats)

@@ -17,7 +17,7 @@
 #   (e) PyTorch effdet tf_efficientdet_d0 training step, same batch sizes, AMP and fp32;
 #   (f) PROFILE=precision:batch: per-kernel GPU time of one step, ours under Nsight Compute (one
 #       metric, clocks left alone) and PyTorch's under torch.profiler, side by side by kernel
-#       family (tools/device/kernel_table.py; ~1-2 min).
+#       family (tools/device/kernel_table.py; ~1-2 min); phase markers split ours by phase.
 # Writes summary.json and results.tgz (every JSON line and log) under $OUT and prints a table
 # last. Each step has a timeout so the whole script ends well inside 10 minutes.
 set -uo pipefail
@@ -149,7 +149,7 @@ if [[ -n $PROFILE ]]; then
   NCU=$(command -v ncu || ls -d /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | tail -1)
   if [[ -n $NCU ]]; then
     log "profile_${p}_b${b}: $NCU"
-    timeout -k 5 "${PT:-150}" "$NCU" --clock-control none --metrics gpu__time_duration.sum -f \
+    EFFDET_PHASE_MARKERS=1 timeout -k 5 "${PT:-150}" "$NCU" --clock-control none --metrics gpu__time_duration.sum -f \
       -o "$OUT/profile_${p}_b${b}" "$BIN" bench-train --device cuda --data "$DATA" --image-size 512 \
       --batch-size "$b" --steps 1 --warmup 0 --precision "$p" --reuse-batch --feed simple \
       > "$OUT/profile_run.out" 2> "$OUT/profile_run.err"

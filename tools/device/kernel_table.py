@@ -71,6 +71,27 @@ def read_ncu(text):
     return launches
 
 
+MARKERS = {"phase_end_forward": "backward", "phase_end_backward": "update",
+           "phase_end_update": "after the step"}
+
+
+def by_phase(launches):
+    """Our launches split at the phase markers (EFFDET_PHASE_MARKERS=1: empty kernels named
+    phase_end_<phase>, launched last in each phase) → [(phase, launches, µs)], markers left out;
+    empty when the profile has no markers."""
+    if not any(name in MARKERS for name, *_ in launches):
+        return []
+    phase, out = "forward", {}
+    for name, _, _, t in launches:
+        if name in MARKERS:
+            phase = MARKERS[name]
+            continue
+        n, s = out.get(phase, (0, 0.0))
+        out[phase] = (n + 1, s + t)
+    order = ["forward", "backward", "update", "after the step"]
+    return [(p, *out[p]) for p in order if p in out]
+
+
 def read_torch(text):
     """torch_baseline.py --profile CSV → {name: (launches, µs)}."""
     out = {}
@@ -112,6 +133,8 @@ def table(ours, torch=None, top=25, step_ms=None, torch_step_ms=None):
 
     lines.append(f"ours: {len(ours)} launches, {total_ms:.1f} ms of kernel time in the step"
                  + busy(total_ms, step_ms))
+    for phase, n, t in by_phase(ours):
+        lines.append(f"  {phase}: {n} launches, {t / 1e3:.1f} ms of kernel time")
     if torch:
         t_ms = sum(t for _, t in torch.values()) / 1e3
         t_n = sum(n for n, _ in torch.values())
@@ -170,6 +193,11 @@ def self_test():
     assert by_family(torch)["depthwise conv"] == (2, 6.0)
     assert family("sm90_xmma_fprop_implicit_gemm_f16") == "other conv"
     assert family("ucopy_f16") == "copy / cast / fill"
+    marked = launches[:1] + [("phase_end_forward", "", "", 0.0)] + launches[1:3] + [
+        ("phase_end_backward", "", "", 0.0)] + launches[3:]
+    assert by_phase(marked) == [("forward", 1, 2.0), ("backward", 2, 1.5), ("update", 1, 0.25)]
+    assert by_phase(launches) == []
+    assert "  backward: 2 launches" in table(marked)
     report = table(launches, torch, top=5, step_ms=0.01)
     assert "depthwise conv" in report and "0.50" in report, report  # ours 3 µs vs torch 6 µs
     assert "= 38 % of the 0.0 ms step" in report, report  # 3.75 µs of kernels in 10 µs

@@ -1080,3 +1080,11 @@ extern "C" __global__ void bn_running_update(float* __restrict__ mean, float* __
         var[i] = (float)__dadd_rn(__dmul_rn((double)var[i], m), __dmul_rn(bv, one_minus_m));
     }
 }
+
+// ---------------------------------------------------------------- profile markers
+
+// Empty kernels launched at the end of each training-step phase under EFFDET_PHASE_MARKERS=1
+// (ops/marker.rs): their names split a profile's launch list by phase.
+extern "C" __global__ void phase_end_forward() {}
+extern "C" __global__ void phase_end_backward() {}
+extern "C" __global__ void phase_end_update() {}

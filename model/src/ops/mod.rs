@@ -43,6 +43,7 @@ mod fusion;
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod launch;
 mod linear;
+pub mod marker;
 pub mod multi_tensor;
 mod pool;
 mod swish;
