@@ -640,7 +640,8 @@ fn close(a: &[f64], b: &[f64], tol: f64, what: &str) {
 fn reduction_and_batch_norm_kernels_equal_their_formulas() {
     let Some(lib) = library() else { return };
     let mut rng = ChaCha8Rng::seed_from_u64(13);
-    let (groups, rows, c) = (2usize, 37usize, 40usize);
+    // 77 rows: with 2 × 8 row threads, every ILP lane of the column reductions gets rows, twice.
+    let (groups, rows, c) = (2usize, 77usize, 40usize);
     let x = random(&mut rng, groups * rows * c);
     let g = random(&mut rng, rows * c);
     let reduce = (2u32, 2u32, groups as u32, 32u32, 8u32, 1u32);
@@ -665,6 +666,33 @@ fn reduction_and_batch_norm_kernels_equal_their_formulas() {
         })
         .collect();
     close(&sums, &want, 1e-12, "col_sum");
+
+    // Per-group column dot products (the gate's gradient): products exact in f64.
+    let y = random(&mut rng, groups * rows * c);
+    let mut dots = vec![0.0f64; groups * c];
+    run!(
+        lib,
+        "col_dot",
+        reduce,
+        (*const f32, *const f32, *mut f64, i64, i32),
+        x.as_ptr(),
+        y.as_ptr(),
+        dots.as_mut_ptr(),
+        rows as i64,
+        c as i32
+    );
+    let want_dots: Vec<f64> = (0..groups * c)
+        .map(|zc| {
+            let (z, ch) = (zc / c, zc % c);
+            (0..rows)
+                .map(|r| {
+                    let i = (z * rows + r) * c + ch;
+                    x[i] as f64 * y[i] as f64
+                })
+                .sum()
+        })
+        .collect();
+    close(&dots, &want_dots, 1e-12, "col_dot");
 
     // Moments of group 0 → inverse std → folded scale/shift, both ways.
     let n = rows as f64;
@@ -1435,7 +1463,8 @@ fn elementwise_kernels_in_16_bit_equal_the_rounded_f32_kernels() {
 /// same order, so equal bit for bit).
 fn reductions_16<T: Act16>(lib: &libloading::Library) {
     let mut rng = ChaCha8Rng::seed_from_u64(23);
-    let (groups, rows, c) = (2usize, 37usize, 40usize);
+    // 77 rows: with 2 × 8 row threads, every ILP lane of the column reductions gets rows, twice.
+    let (groups, rows, c) = (2usize, 77usize, 40usize);
     let (x, xw) = narrow::<T>(&random(&mut rng, groups * rows * c));
     let (g, gw) = narrow::<T>(&random(&mut rng, rows * c));
     let reduce = (2u32, 2u32, groups as u32, 32u32, 8u32, 1u32);
@@ -1466,6 +1495,32 @@ fn reductions_16<T: Act16>(lib: &libloading::Library) {
         c as i32
     );
     assert_bits_eq(&got, &want, &format!("col_sum{sfx}"));
+
+    let (y, yw) = narrow::<T>(&random(&mut rng, groups * rows * c));
+    let (mut want, mut got) = (vec![0.0f64; groups * c], vec![0.0f64; groups * c]);
+    run!(
+        lib,
+        "col_dot",
+        reduce,
+        (*const f32, *const f32, *mut f64, i64, i32),
+        xw.as_ptr(),
+        yw.as_ptr(),
+        want.as_mut_ptr(),
+        rows as i64,
+        c as i32
+    );
+    run!(
+        lib,
+        format!("col_dot{sfx}"),
+        reduce,
+        (*const T, *const T, *mut f64, i64, i32),
+        x.as_ptr(),
+        y.as_ptr(),
+        got.as_mut_ptr(),
+        rows as i64,
+        c as i32
+    );
+    assert_bits_eq(&got, &want, &format!("col_dot{sfx}"));
 
     let mean: Vec<f64> = want[..c].iter().map(|s| s / rows as f64).collect();
     let (mut want, mut got) = (vec![0.0f64; c], vec![0.0f64; c]);

@@ -133,6 +133,11 @@ extern "C" void run_axpby_f32(GRID, float* x, const float* y, float a, float b, 
 #define COL_BN_RUNNERS(T, SFX)                                                                  \
     extern "C" void col_sum##SFX(const T*, double*, i64, int);                                  \
     extern "C" void col_sq_dev##SFX(const T*, const double*, double*, i64, int);                \
+    extern "C" void col_dot##SFX(const T*, const T*, double*, i64, int);                        \
+    extern "C" void run_col_dot##SFX(GRID, const T* x, const T* g, double* out, i64 rows,       \
+                                     int C) {                                                   \
+        launch(gx, gy, gz, bx, by, bz, true, [&] { col_dot##SFX(x, g, out, rows, C); });        \
+    }                                                                                           \
     extern "C" void bn_apply##SFX(const T*, const float*, const float*, T*, i64, int, int);     \
     extern "C" void bn_grad_reduce##SFX(const T*, const T*, const float*, double*, i64, int,    \
                                         int);                                                   \

@@ -418,10 +418,87 @@ impl CustomOp2 for Gate {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = g.contiguous()?;
         let dx = g.apply_op2_no_bwd(gate, &Gate)?;
-        // The sum over H·W as H·W times a mean, both in the gate's dtype.
-        let dgate = (&x.contiguous()? * &g)?.apply_op1_no_bwd(&SpatialMean)?;
-        let (_, h, w, _) = x.dims4()?;
-        Ok((Some(dx), Some((dgate * (h * w) as f64)?)))
+        let dgate = x.contiguous()?.apply_op2_no_bwd(&g, &GateGrad)?;
+        Ok((Some(dx), Some(dgate)))
+    }
+}
+
+/// The gate's gradient: (x, g) `[B, H, W, C]` → Σ over H and W of x·g, `[B, C]`, in the gate's
+/// dtype (f32 for f32/f16/bf16 activations, f64 for f64). Each product is exact in f64 and the
+/// sums are f64, in one pass over x and g: no activation-sized product is stored (the composed
+/// form, a product in the activation dtype and then a spatial mean, wrote and re-read one and
+/// rounded each product to 16 bits under mixed precision).
+struct GateGrad;
+
+/// Σ_hw x·g per (batch, channel) in f64.
+fn dot_fwd(x: &[f64], g: &[f64], l: &Layout) -> Vec<f64> {
+    let d = l.dims();
+    let (b, hw, c) = (d[0], d[1] * d[2], d[3]);
+    let mut out = vec![0f64; b * c];
+    out.par_chunks_mut(c).enumerate().for_each(|(bi, o)| {
+        let (xs, gs) = (&x[bi * hw * c..][..hw * c], &g[bi * hw * c..][..hw * c]);
+        for (xr, gr) in xs.chunks_exact(c).zip(gs.chunks_exact(c)) {
+            for ((o, &xv), &gv) in o.iter_mut().zip(xr).zip(gr) {
+                *o += xv * gv;
+            }
+        }
+    });
+    out
+}
+
+impl CustomOp2 for GateGrad {
+    fn name(&self) -> &'static str {
+        "effdet-channel-gate-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = l1.shape().dims4()?;
+        if l2.dims() != l1.dims() || s1.dtype() != s2.dtype() {
+            candle_core::bail!("gate gradient: x {:?} vs g {:?}", l1.dims(), l2.dims());
+        }
+        let shape = Shape::from((d.0, d.3));
+        let widen = |s: &CpuStorage, l: &Layout| -> Result<Vec<f64>> {
+            Ok(match s {
+                s if is_f32_family(s) => act_f32(s, l)?.iter().map(|&v| v as f64).collect(),
+                CpuStorage::F64(_) => contiguous::<f64>(s, l)?.to_vec(),
+                s => return Err(unsupported(self.name(), s)),
+            })
+        };
+        let sums = dot_fwd(&widen(s1, l1)?, &widen(s2, l2)?, l1);
+        Ok(match s1 {
+            CpuStorage::F64(_) => (CpuStorage::F64(sums), shape),
+            _ => (
+                CpuStorage::F32(sums.into_iter().map(|v| v as f32).collect()),
+                shape,
+            ),
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        let (b, h, w, c) = l1.shape().dims4()?;
+        if l2.dims() != l1.dims() || s1.dtype() != s2.dtype() {
+            candle_core::bail!("gate gradient: x {:?} vs g {:?}", l1.dims(), l2.dims());
+        }
+        let dev = s1.device();
+        let x = cuda::act_view(self.name(), s1, l1)?;
+        let g = cuda::act_view(self.name(), s2, l2)?;
+        let sums = cuda::column_dots(dev, &x, &g, h * w, c, b)?;
+        let out = cuda::f64_to_act(dev, &sums, b * c, 1.0, DType::F32)?;
+        Ok((out.wrap(dev), Shape::from((b, c))))
     }
 }
 
@@ -533,6 +610,32 @@ mod tests {
         assert!(channel_gate(x.as_tensor(), &gate16).is_err());
         // The spatial mean feeding the gate's branch is f32 too.
         assert_eq!(spatial_mean(x.as_tensor())?.dtype(), DType::F32);
+        Ok(())
+    }
+
+    /// The gate's gradient in one op equals the composition it replaced (product, spatial mean,
+    /// times H·W) in f64, and under f16 activations is the f64 sum of the exact products.
+    #[test]
+    fn gate_gradient_equals_the_composed_sum() -> Result<()> {
+        let x = rand_tensor(&[2, 3, 4, 5], 95)?;
+        let g = rand_tensor(&[2, 3, 4, 5], 96)?;
+        let got = x.apply_op2_no_bwd(&g, &GateGrad)?;
+        let want = ((&x * &g)?.apply_op1_no_bwd(&SpatialMean)? * 12.0)?;
+        let d = (&got - &want)?
+            .abs()?
+            .max_keepdim(1)?
+            .max(0)?
+            .to_vec1::<f64>()?[0];
+        assert!(d < 1e-12, "{d}");
+        let (x16, g16) = (x.to_dtype(DType::F16)?, g.to_dtype(DType::F16)?);
+        let got16 = x16.apply_op2_no_bwd(&g16, &GateGrad)?;
+        assert_eq!(got16.dtype(), DType::F32);
+        let exact = x16
+            .to_dtype(DType::F64)?
+            .apply_op2_no_bwd(&g16.to_dtype(DType::F64)?, &GateGrad)?
+            .to_dtype(DType::F32)?;
+        assert_eq!(got16.to_vec2::<f32>()?, exact.to_vec2::<f32>()?);
+        assert!(x.apply_op2_no_bwd(&g.narrow(3, 0, 4)?, &GateGrad).is_err());
         Ok(())
     }
 

@@ -342,6 +342,26 @@ pub(crate) fn column_sums(
     Ok(out)
 }
 
+/// Per-channel dot products `[groups, C]` (f64) of two activation `[groups, rows, C]` buffers.
+pub(crate) fn column_dots(
+    dev: &CudaDevice,
+    x: &ActView<'_>,
+    g: &ActView<'_>,
+    rows: usize,
+    c: usize,
+    groups: usize,
+) -> Result<CudaSlice<f64>> {
+    let k = kernel_for(dev, "col_dot", x.dtype())?;
+    let out = zeros::<f64>(dev, groups * c)?;
+    let (rows64, c32) = (rows as i64, c as i32);
+    let mut b = k.builder();
+    x.push(&mut b);
+    g.push(&mut b);
+    b.arg(&out).arg(&rows64).arg(&c32);
+    launch(b, column_reduction(rows, c, groups))?;
+    Ok(out)
+}
+
 /// Converts a size to the kernels' `int`, refusing tensors too large for it.
 pub(crate) fn int(op: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{op}: size {v} exceeds i32")))

@@ -496,6 +496,30 @@ __device__ __forceinline__ void col_sq_dev_t(const T* __restrict__ x,
     if (threadIdx.y == 0 && c < C) atomicAdd(&out[c], total);
 }
 
+// out[z, c] += Σ_r x[z, r, c]·g[z, r, c] (f64, zeroed; each product exact in f64) for x, g
+// [Z, rows, C]: the channel gate's gradient in one pass, without an activation-sized product.
+template <class T>
+__device__ __forceinline__ void col_dot_t(const T* __restrict__ x, const T* __restrict__ g,
+                                          double* __restrict__ out, i64 rows, int C) {
+    __shared__ double sh[RED_Y][33];
+    int c = blockIdx.x * 32 + threadIdx.x;
+    const i64 off = (i64)blockIdx.z * rows * C;
+    double acc = 0.0;
+    if (c < C) {
+        const i64 stride = (i64)gridDim.y * RED_Y;
+        for (i64 r = (i64)blockIdx.y * RED_Y + threadIdx.y; r < rows; r += stride * ILP) {
+            float xv[ILP], gv[ILP];
+            ilp_load_column(x + off, r, stride, rows, C, c, xv);
+            ilp_load_column(g + off, r, stride, rows, C, c, gv);
+#pragma unroll
+            for (int k = 0; k < ILP; ++k)
+                if (r + k * stride < rows) acc += (double)xv[k] * (double)gv[k];
+        }
+    }
+    double total = block_col_sum(acc, sh);
+    if (threadIdx.y == 0 && c < C) atomicAdd(&out[(i64)blockIdx.z * C + c], total);
+}
+
 // dst = src·scale, rounded to float (and then to T, as every activation store).
 template <class T>
 __device__ __forceinline__ void scale_f64_to_t(const double* __restrict__ src,
@@ -512,6 +536,10 @@ __device__ __forceinline__ void scale_f64_to_t(const double* __restrict__ src,
                                                const double* __restrict__ mean,                  \
                                                double* __restrict__ out, i64 rows, int C) {      \
         col_sq_dev_t<T>(x, mean, out, rows, C);                                                  \
+    }                                                                                            \
+    extern "C" __global__ void col_dot##SFX(const T* __restrict__ x, const T* __restrict__ g,    \
+                                            double* __restrict__ out, i64 rows, int C) {         \
+        col_dot_t<T>(x, g, out, rows, C);                                                        \
     }
 FOR_EACH_ACT(COL_KERNELS)
 
