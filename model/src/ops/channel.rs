@@ -446,6 +446,21 @@ fn dot_fwd(x: &[f64], g: &[f64], l: &Layout) -> Vec<f64> {
     out
 }
 
+/// (B, H, W, C) of the gate gradient's inputs, which must agree in shape and dtype.
+fn gate_grad_dims(
+    (l1, d1): (&Layout, DType),
+    (l2, d2): (&Layout, DType),
+) -> Result<(usize, usize, usize, usize)> {
+    if l2.dims() != l1.dims() || d1 != d2 {
+        candle_core::bail!(
+            "gate gradient: x {:?} {d1:?} vs g {:?} {d2:?}",
+            l1.dims(),
+            l2.dims()
+        );
+    }
+    l1.shape().dims4()
+}
+
 impl CustomOp2 for GateGrad {
     fn name(&self) -> &'static str {
         "effdet-channel-gate-grad"
@@ -458,11 +473,8 @@ impl CustomOp2 for GateGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let d = l1.shape().dims4()?;
-        if l2.dims() != l1.dims() || s1.dtype() != s2.dtype() {
-            candle_core::bail!("gate gradient: x {:?} vs g {:?}", l1.dims(), l2.dims());
-        }
-        let shape = Shape::from((d.0, d.3));
+        let (b, _, _, c) = gate_grad_dims((l1, s1.dtype()), (l2, s2.dtype()))?;
+        let shape = Shape::from((b, c));
         let widen = |s: &CpuStorage, l: &Layout| -> Result<Vec<f64>> {
             Ok(match s {
                 s if is_f32_family(s) => act_f32(s, l)?.iter().map(|&v| v as f64).collect(),
@@ -489,10 +501,7 @@ impl CustomOp2 for GateGrad {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use super::cuda;
-        let (b, h, w, c) = l1.shape().dims4()?;
-        if l2.dims() != l1.dims() || s1.dtype() != s2.dtype() {
-            candle_core::bail!("gate gradient: x {:?} vs g {:?}", l1.dims(), l2.dims());
-        }
+        let (b, h, w, c) = gate_grad_dims((l1, s1.dtype()), (l2, s2.dtype()))?;
         let dev = s1.device();
         let x = cuda::act_view(self.name(), s1, l1)?;
         let g = cuda::act_view(self.name(), s2, l2)?;
