@@ -333,13 +333,7 @@ pub(crate) fn column_sums(
     groups: usize,
 ) -> Result<CudaSlice<f64>> {
     let k = kernel_for(dev, "col_sum", x.dtype())?;
-    let out = zeros::<f64>(dev, groups * c)?;
-    let (rows64, c32) = (rows as i64, c as i32);
-    let mut b = k.builder();
-    x.push(&mut b);
-    b.arg(&out).arg(&rows64).arg(&c32);
-    launch(b, column_reduction(rows, c, groups))?;
-    Ok(out)
+    column_reduce(dev, &k, &[x], (rows, c, groups))
 }
 
 /// Per-channel dot products `[groups, C]` (f64) of two activation `[groups, rows, C]` buffers.
@@ -352,11 +346,22 @@ pub(crate) fn column_dots(
     groups: usize,
 ) -> Result<CudaSlice<f64>> {
     let k = kernel_for(dev, "col_dot", x.dtype())?;
+    column_reduce(dev, &k, &[x, g], (rows, c, groups))
+}
+
+/// Runs column-reduction kernel `k(inputs…, out, rows, C)` into a zeroed f64 `[groups, C]`.
+fn column_reduce(
+    dev: &CudaDevice,
+    k: &Kernel,
+    inputs: &[&ActView<'_>],
+    (rows, c, groups): (usize, usize, usize),
+) -> Result<CudaSlice<f64>> {
     let out = zeros::<f64>(dev, groups * c)?;
     let (rows64, c32) = (rows as i64, c as i32);
     let mut b = k.builder();
-    x.push(&mut b);
-    g.push(&mut b);
+    for x in inputs {
+        x.push(&mut b);
+    }
     b.arg(&out).arg(&rows64).arg(&c32);
     launch(b, column_reduction(rows, c, groups))?;
     Ok(out)
