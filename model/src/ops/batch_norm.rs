@@ -160,18 +160,25 @@ fn apply<T: Elem>(x: &[T], s: &Saved, gamma: &[T], beta: &[T], act: Activation) 
     let chunk = super::chunk_rows(x.len() / c, 256) * c;
     y.par_chunks_mut(chunk)
         .zip(x.par_chunks(chunk))
-        .for_each(|(yc, xc)| {
-            for (yr, xr) in yc.chunks_exact_mut(c).zip(xc.chunks_exact(c)) {
-                for i in 0..c {
-                    let z = xr[i] * scale[i] + shift[i];
-                    yr[i] = match act {
-                        Activation::None => z,
-                        Activation::Swish => z / (T::one() + (-z).exp()),
-                    };
-                }
+        .for_each(|(yc, xc)| match act {
+            Activation::None => affine_rows(yc, xc, &scale, &shift, |z| z),
+            Activation::Swish => {
+                affine_rows(yc, xc, &scale, &shift, |z| z / (T::one() + (-z).exp_fast()))
             }
         });
     y
+}
+
+/// y = f(x·scale + shift) row by row, with one monomorphized loop per `f` over zipped slices so
+/// that it vectorizes.
+#[inline(always)]
+fn affine_rows<T: Elem>(y: &mut [T], x: &[T], scale: &[T], shift: &[T], f: impl Fn(T) -> T) {
+    let c = scale.len();
+    for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+        for (((y, &x), &s), &b) in yr.iter_mut().zip(xr).zip(scale).zip(shift) {
+            *y = f(x * s + b);
+        }
+    }
 }
 
 fn fwd_storage(
@@ -565,20 +572,55 @@ impl<T: Elem> Chan<T> {
         }
     }
 
-    /// (x̂, g_z) for one element of channel `i`.
-    #[inline]
-    fn xhat_gz(&self, i: usize, x: T, g: T) -> (T, T) {
-        let xhat = (x - self.mean[i]) * self.inv[i];
-        let gz = match self.act {
-            Activation::None => g,
-            Activation::Swish => {
-                let z = self.gamma[i] * xhat + self.beta[i];
-                let s = T::one() / (T::one() + (-z).exp());
-                g * s * (T::one() + z * (T::one() - s))
-            }
-        };
-        (xhat, gz)
+    /// The per-channel constants cut to exactly `c` entries, so loops up to `c` index them
+    /// without bounds checks (and vectorize).
+    fn rows(&self, c: usize) -> ChanRows<'_, T> {
+        ChanRows {
+            mean: &self.mean[..c],
+            inv: &self.inv[..c],
+            gamma: &self.gamma[..c],
+            beta: &self.beta[..c],
+        }
     }
+}
+
+/// [`Chan`]'s constants as slices of one length.
+struct ChanRows<'a, T> {
+    mean: &'a [T],
+    inv: &'a [T],
+    gamma: &'a [T],
+    beta: &'a [T],
+}
+
+/// One channel's (mean, inv_std) and (γ, β).
+type ChanConsts<'a, T> = ((&'a T, &'a T), (&'a T, &'a T));
+
+impl<'a, T: Elem> ChanRows<'a, T> {
+    /// The channels' constants in order, for zipping with a row (no bounds checks, so the
+    /// loops vectorize).
+    fn iter(&self) -> impl Iterator<Item = ChanConsts<'a, T>> + 'a {
+        let (mean, inv, gamma, beta) = (self.mean, self.inv, self.gamma, self.beta);
+        mean.iter().zip(inv).zip(gamma.iter().zip(beta))
+    }
+}
+
+/// (x̂, g_z) for one element. The activation is a constant parameter so each caller's loop is
+/// compiled once per activation, branch-free.
+#[inline(always)]
+fn xhat_gz<T: Elem, const SWISH: bool>(
+    x: T,
+    g: T,
+    ((&mean, &inv), (&gamma, &beta)): ChanConsts<'_, T>,
+) -> (T, T) {
+    let xhat = (x - mean) * inv;
+    let gz = if SWISH {
+        let z = gamma * xhat + beta;
+        let s = z.sigmoid();
+        g * s * (T::one() + z * (T::one() - s))
+    } else {
+        g
+    };
+    (xhat, gz)
 }
 
 /// (x, grad) → `[2, C]`: Σ g_z and Σ g_z·x̂ per channel.
@@ -595,32 +637,9 @@ impl BnGradReduce {
         let (sg, sgx) = x
             .par_chunks(chunk)
             .zip(g.par_chunks(chunk))
-            .map(|(xc, gc)| {
-                let mut sg = vec![0f64; c];
-                let mut sgx = vec![0f64; c];
-                let mut lg = vec![T::zero(); c];
-                let mut lgx = vec![T::zero(); c];
-                for (r, (xr, gr)) in xc.chunks_exact(c).zip(gc.chunks_exact(c)).enumerate() {
-                    for i in 0..c {
-                        let (xhat, gz) = ch.xhat_gz(i, xr[i], gr[i]);
-                        lg[i] += gz;
-                        lgx[i] += gz * xhat;
-                    }
-                    // Flush the element-type partial sums to f64 every 64 rows.
-                    if r % 64 == 63 {
-                        for i in 0..c {
-                            sg[i] += lg[i].to64();
-                            sgx[i] += lgx[i].to64();
-                            lg[i] = T::zero();
-                            lgx[i] = T::zero();
-                        }
-                    }
-                }
-                for i in 0..c {
-                    sg[i] += lg[i].to64();
-                    sgx[i] += lgx[i].to64();
-                }
-                (sg, sgx)
+            .map(|(xc, gc)| match ch.act {
+                Activation::None => grad_sums::<T, false>(&ch.rows(c), xc, gc),
+                Activation::Swish => grad_sums::<T, true>(&ch.rows(c), xc, gc),
             })
             .reduce(
                 || (vec![0f64; c], vec![0f64; c]),
@@ -632,6 +651,41 @@ impl BnGradReduce {
             );
         sg.into_iter().chain(sgx).map(T::from64).collect()
     }
+}
+
+/// Σ g_z and Σ g_z·x̂ per channel over the rows of one chunk, in f64: element-type partial sums
+/// flushed to f64 every 64 rows.
+fn grad_sums<T: Elem, const SWISH: bool>(
+    ch: &ChanRows<'_, T>,
+    x: &[T],
+    g: &[T],
+) -> (Vec<f64>, Vec<f64>) {
+    let c = ch.mean.len();
+    let mut sg = vec![0f64; c];
+    let mut sgx = vec![0f64; c];
+    let mut lg = vec![T::zero(); c];
+    let mut lgx = vec![T::zero(); c];
+    let flush = |sg: &mut [f64], sgx: &mut [f64], lg: &mut [T], lgx: &mut [T]| {
+        for i in 0..c {
+            sg[i] += lg[i].to64();
+            sgx[i] += lgx[i].to64();
+            lg[i] = T::zero();
+            lgx[i] = T::zero();
+        }
+    };
+    for (r, (xr, gr)) in x.chunks_exact(c).zip(g.chunks_exact(c)).enumerate() {
+        let sums = lg.iter_mut().zip(lgx.iter_mut());
+        for (((&x, &g), consts), (lg, lgx)) in xr.iter().zip(gr).zip(ch.iter()).zip(sums) {
+            let (xhat, gz) = xhat_gz::<T, SWISH>(x, g, consts);
+            *lg += gz;
+            *lgx += gz * xhat;
+        }
+        if r % 64 == 63 {
+            flush(&mut sg, &mut sgx, &mut lg, &mut lgx);
+        }
+    }
+    flush(&mut sg, &mut sgx, &mut lg, &mut lgx);
+    (sg, sgx)
 }
 
 impl CustomOp2 for BnGradReduce {
@@ -739,20 +793,43 @@ fn grad_input<T: Elem>(x: &[T], g: &[T], ch: &Chan<T>, k: &[T], off: &[T], slope
     let rows = x.len() / c;
     let mut dx = vec![T::zero(); x.len()];
     let chunk = super::chunk_rows(rows, 256) * c;
+    let (k, off, slope) = (&k[..c], &off[..c], &slope[..c]);
+    let rows_of = |dc: &mut [T], xc: &[T], gc: &[T], swish: bool| {
+        let ch = ch.rows(c);
+        for (dr, (xr, gr)) in dc
+            .chunks_exact_mut(c)
+            .zip(xc.chunks_exact(c).zip(gc.chunks_exact(c)))
+        {
+            // Two copies of the loop, each with a constant activation.
+            if swish {
+                grad_input_row::<T, true>(dr, xr, gr, &ch, (k, off, slope));
+            } else {
+                grad_input_row::<T, false>(dr, xr, gr, &ch, (k, off, slope));
+            }
+        }
+    };
+    let swish = ch.act == Activation::Swish;
     dx.par_chunks_mut(chunk)
         .zip(x.par_chunks(chunk).zip(g.par_chunks(chunk)))
-        .for_each(|(dc, (xc, gc))| {
-            for (dr, (xr, gr)) in dc
-                .chunks_exact_mut(c)
-                .zip(xc.chunks_exact(c).zip(gc.chunks_exact(c)))
-            {
-                for i in 0..c {
-                    let (xhat, gz) = ch.xhat_gz(i, xr[i], gr[i]);
-                    dr[i] = k[i] * gz - off[i] - xhat * slope[i];
-                }
-            }
-        });
+        .for_each(|(dc, (xc, gc))| rows_of(dc, xc, gc, swish));
     dx
+}
+
+/// dx = k·g_z − off − x̂·slope over one row.
+#[inline(always)]
+fn grad_input_row<T: Elem, const SWISH: bool>(
+    dx: &mut [T],
+    x: &[T],
+    g: &[T],
+    ch: &ChanRows<'_, T>,
+    (k, off, slope): (&[T], &[T], &[T]),
+) {
+    let coef = k.iter().zip(off).zip(slope);
+    let inputs = x.iter().zip(g).zip(ch.iter());
+    for ((d, ((&x, &g), consts)), ((&k, &off), &slope)) in dx.iter_mut().zip(inputs).zip(coef) {
+        let (xhat, gz) = xhat_gz::<T, SWISH>(x, g, consts);
+        *d = k * gz - off - xhat * slope;
+    }
 }
 
 impl CustomOp2 for BnGradInput {

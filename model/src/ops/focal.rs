@@ -81,55 +81,56 @@ struct Focal {
 /// Anchor rows (of `num_classes` logits each) per parallel chunk.
 const ROWS: usize = 512;
 
-/// Positive/negative/ignored status of class `k` for a class id, or an error for bad ids.
+/// The class an anchor row's id makes positive: `None` for −2 (ignored row), `usize::MAX` for
+/// −1 (background: no positive), an error for ids outside −2..K.
 #[inline]
-fn status(id: i64, k: usize, num_classes: usize) -> Result<Option<bool>> {
+fn row_class(id: i64, num_classes: usize) -> Result<Option<usize>> {
     match id {
         -2 => Ok(None),
-        -1 => Ok(Some(false)),
-        id if id >= 0 && (id as usize) < num_classes => Ok(Some(id as usize == k)),
+        -1 => Ok(Some(usize::MAX)),
+        id if id >= 0 && (id as usize) < num_classes => Ok(Some(id as usize)),
         id => candle_core::bail!("focal_loss: class id {id} outside -2..{num_classes}"),
     }
 }
 
+/// [`FocalParams`] in the element type, and γ's special cases.
+struct EntryConsts<T> {
+    alpha: T,
+    one_minus_alpha: T,
+    gamma: T,
+    /// Smoothed cross-entropy targets of a positive and a negative entry.
+    ys_pos: T,
+    ys_neg: T,
+}
+
+/// How (1 − p_t)^γ is raised: γ = 1.5 (automl's) and 2 without `powf`.
+const POW_GENERAL: u8 = 0;
+const POW_1_5: u8 = 1;
+const POW_2: u8 = 2;
+
 impl Focal {
-    /// (loss, dloss/dx) of one entry, with one exp, one log and (for γ = 1.5) one sqrt.
-    #[inline]
-    fn entry(&self, x: f64, positive: bool) -> (f64, f64) {
+    fn consts<T: Elem>(&self) -> EntryConsts<T> {
         let FocalParams {
             alpha,
             gamma,
             label_smoothing: s,
         } = self.p;
-        let e = (-x.abs()).exp();
-        let p = if x >= 0.0 {
-            1.0 / (1.0 + e)
-        } else {
-            e / (1.0 + e)
-        };
-        let t = if positive { 1.0 } else { 0.0 };
-        let ys = t * (1.0 - s) + 0.5 * s;
-        // Stable sigmoid cross-entropy: softplus(x) − x·y.
-        let ce = x.max(0.0) + e.ln_1p() - x * ys;
-        let (a, base) = if positive {
-            (alpha, 1.0 - p)
-        } else {
-            (1.0 - alpha, p)
-        };
-        let m = if gamma == 1.5 {
-            base * base.sqrt()
-        } else if gamma == 2.0 {
-            base * base
-        } else {
-            base.powf(gamma)
-        };
-        // d(1 − p_t)^γ/dx: −γ·p·m for positives, γ·(1 − p)·m for negatives.
-        let dm = if positive {
-            -gamma * p * m
-        } else {
-            gamma * (1.0 - p) * m
-        };
-        (a * m * ce, a * (dm * ce + m * (p - ys)))
+        let ys = |t: f64| T::from64(t * (1.0 - s) + 0.5 * s);
+        EntryConsts {
+            alpha: T::from64(alpha),
+            one_minus_alpha: T::from64(1.0 - alpha),
+            gamma: T::from64(gamma),
+            ys_pos: ys(1.0),
+            ys_neg: ys(0.0),
+        }
+    }
+
+    fn pow_kind(&self) -> u8 {
+        match self.p.gamma {
+            1.5 => POW_1_5,
+            2.0 => POW_2,
+            _ => POW_GENERAL,
+        }
     }
 
     /// Reads the kernels' invalid-id flag (one small device→host copy).
@@ -149,21 +150,30 @@ impl Focal {
     }
 
     fn loss<T: Elem>(&self, x: &[T], targets: &[i64]) -> Result<f64> {
-        let k = self.num_classes;
+        match self.pow_kind() {
+            POW_1_5 => self.loss_with::<T, POW_1_5>(x, targets),
+            POW_2 => self.loss_with::<T, POW_2>(x, targets),
+            _ => self.loss_with::<T, POW_GENERAL>(x, targets),
+        }
+    }
+
+    fn loss_with<T: Elem, const POW: u8>(&self, x: &[T], targets: &[i64]) -> Result<f64> {
+        let (k, c) = (self.num_classes, self.consts::<T>());
         let parts: Vec<Result<f64>> = x
             .par_chunks(ROWS * k)
             .zip(targets.par_chunks(ROWS))
             .map(|(xc, tc)| {
                 let mut acc = 0f64;
+                let mut losses = vec![T::zero(); k];
                 for (row, &id) in xc.chunks_exact(k).zip(tc) {
-                    if id == -2 {
+                    let Some(class) = row_class(id, k)? else {
                         continue;
+                    };
+                    // The entries first (a loop that vectorizes), then their sum.
+                    for (j, (l, &v)) in losses.iter_mut().zip(row).enumerate() {
+                        *l = entry::<T, POW>(&c, v, j == class).0;
                     }
-                    for (j, v) in row.iter().enumerate() {
-                        if let Some(pos) = status(id, j, k)? {
-                            acc += self.entry(v.to64(), pos).0;
-                        }
-                    }
+                    acc += lane_sum(&losses);
                 }
                 Ok(acc)
             })
@@ -172,25 +182,89 @@ impl Focal {
     }
 
     fn grad<T: Elem>(&self, x: &[T], targets: &[i64], scale: f64) -> Result<Vec<T>> {
-        let k = self.num_classes;
+        match self.pow_kind() {
+            POW_1_5 => self.grad_with::<T, POW_1_5>(x, targets, scale),
+            POW_2 => self.grad_with::<T, POW_2>(x, targets, scale),
+            _ => self.grad_with::<T, POW_GENERAL>(x, targets, scale),
+        }
+    }
+
+    fn grad_with<T: Elem, const POW: u8>(
+        &self,
+        x: &[T],
+        targets: &[i64],
+        scale: f64,
+    ) -> Result<Vec<T>> {
+        let (k, c) = (self.num_classes, self.consts::<T>());
+        // In the element type, so the loop has no f64 round trip (for f32 that rounds the
+        // scale once more: a relative 6e-8).
+        let scale = T::from64(scale);
         let mut d = vec![T::zero(); x.len()];
         d.par_chunks_mut(ROWS * k)
             .zip(x.par_chunks(ROWS * k).zip(targets.par_chunks(ROWS)))
             .try_for_each(|(dc, (xc, tc))| -> Result<()> {
                 for ((drow, row), &id) in dc.chunks_exact_mut(k).zip(xc.chunks_exact(k)).zip(tc) {
-                    if id == -2 {
+                    let Some(class) = row_class(id, k)? else {
                         continue;
-                    }
-                    for (j, (d, v)) in drow.iter_mut().zip(row).enumerate() {
-                        if let Some(pos) = status(id, j, k)? {
-                            *d = T::from64(scale * self.entry(v.to64(), pos).1);
-                        }
+                    };
+                    for (j, (d, &v)) in drow.iter_mut().zip(row).enumerate() {
+                        *d = scale * entry::<T, POW>(&c, v, j == class).1;
                     }
                 }
                 Ok(())
             })?;
         Ok(d)
     }
+}
+
+/// (loss, dloss/dx) of one entry, with one exp, one log and (for γ = 1.5) one sqrt, in the
+/// element type: f32 entries vectorize (branch-free, [`Elem::exp_fast`] and
+/// [`Elem::ln_1p_fast`]); f64 entries are what the finite-difference tests check.
+#[inline(always)]
+fn entry<T: Elem, const POW: u8>(c: &EntryConsts<T>, x: T, positive: bool) -> (T, T) {
+    let (zero, one) = (T::zero(), T::one());
+    let e = (-x.abs()).exp_fast();
+    let p = if x >= zero {
+        one / (one + e)
+    } else {
+        e / (one + e)
+    };
+    let ys = if positive { c.ys_pos } else { c.ys_neg };
+    // Stable sigmoid cross-entropy: softplus(x) − x·y.
+    let ce = num_traits::Float::max(x, zero) + e.ln_1p_fast() - x * ys;
+    let (a, base) = if positive {
+        (c.alpha, one - p)
+    } else {
+        (c.one_minus_alpha, p)
+    };
+    let m = match POW {
+        POW_1_5 => base * base.sqrt(),
+        POW_2 => base * base,
+        _ => base.powf(c.gamma),
+    };
+    // d(1 − p_t)^γ/dx: −γ·p·m for positives, γ·(1 − p)·m for negatives.
+    let dm = if positive {
+        -c.gamma * p * m
+    } else {
+        c.gamma * (one - p) * m
+    };
+    (a * m * ce, a * (dm * ce + m * (p - ys)))
+}
+
+/// Σ v in f64 over 8 interleaved partial sums (a loop that vectorizes; one running sum would
+/// keep it scalar, since float addition may not be reordered).
+fn lane_sum<T: Elem>(v: &[T]) -> f64 {
+    let mut lanes = [0f64; 8];
+    let mut chunks = v.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (l, x) in lanes.iter_mut().zip(chunk) {
+            *l += x.to64();
+        }
+    }
+    for (l, x) in lanes.iter_mut().zip(chunks.remainder()) {
+        *l += x.to64();
+    }
+    lanes.iter().sum()
 }
 
 impl CustomOp2 for Focal {

@@ -18,7 +18,7 @@ fn fwd<T: Elem>(x: &[T]) -> Vec<T> {
         .zip(x.par_chunks(CHUNK))
         .for_each(|(yc, xc)| {
             for (y, &x) in yc.iter_mut().zip(xc) {
-                *y = x / (T::one() + (-x).exp());
+                *y = x / (T::one() + (-x).exp_fast());
             }
         });
     y
@@ -30,7 +30,7 @@ fn grad<T: Elem>(x: &[T], g: &[T]) -> Vec<T> {
         .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
         .for_each(|(dc, (xc, gc))| {
             for ((d, &x), &g) in dc.iter_mut().zip(xc).zip(gc) {
-                let s = T::one() / (T::one() + (-x).exp());
+                let s = x.sigmoid();
                 *d = g * s * (T::one() + x * (T::one() - s));
             }
         });
