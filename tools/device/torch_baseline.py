@@ -174,12 +174,20 @@ def run(args, result):
     def autocast():
         return torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
+    # Host time per phase, summed over the timed steps; on a CPU it is the phases' run time
+    # (reported as phases_ms, beside bench-train's), on a GPU only enqueueing (not reported).
+    phase_sums = {"forward": 0.0, "backward": 0.0, "update": 0.0}
+    timing = {"on": False}
+
     def step():
+        t0 = time.perf_counter()
         with autocast():
             loss = model(images, target)["loss"]
+        t1 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
+            t2 = time.perf_counter()
             if args.clip_grad > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(bench.parameters(), args.clip_grad)
@@ -187,9 +195,15 @@ def run(args, result):
             scaler.update()
         else:
             loss.backward()
+            t2 = time.perf_counter()
             if args.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(bench.parameters(), args.clip_grad)
             optimizer.step()
+        if timing["on"]:
+            t3 = time.perf_counter()
+            phase_sums["forward"] += t1 - t0
+            phase_sums["backward"] += t2 - t1
+            phase_sums["update"] += t3 - t2
         return loss.detach()
 
     def sync():
@@ -202,11 +216,15 @@ def run(args, result):
     for _ in range(max(args.warmup - 1, 0)):
         step()
     sync()
+    timing["on"] = True
     t0 = time.perf_counter()
     for _ in range(args.steps):
         last = step()
     sync()
     elapsed = time.perf_counter() - t0
+    timing["on"] = False
+    if device.type == "cpu":
+        result["phases_ms"] = {k: round(1000.0 * v / args.steps, 3) for k, v in phase_sums.items()}
 
     if args.profile and device.type == "cuda":
         try:  # the profile is extra: its failure must not lose the timing above
