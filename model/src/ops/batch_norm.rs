@@ -160,11 +160,28 @@ fn apply<T: Elem>(x: &[T], s: &Saved, gamma: &[T], beta: &[T], act: Activation) 
     let chunk = super::chunk_rows(x.len() / c, 256) * c;
     y.par_chunks_mut(chunk)
         .zip(x.par_chunks(chunk))
-        .for_each(|(yc, xc)| match act {
-            Activation::None => affine_rows(yc, xc, &scale, &shift, |z| z),
-            Activation::Swish => {
-                affine_rows(yc, xc, &scale, &shift, |z| z / (T::one() + (-z).exp_fast()))
-            }
+        .for_each(|(yc, xc)| {
+            super::wide_simd(
+                #[inline(always)]
+                || match act {
+                    Activation::None => affine_rows(
+                        yc,
+                        xc,
+                        &scale,
+                        &shift,
+                        #[inline(always)]
+                        |z| z,
+                    ),
+                    Activation::Swish => affine_rows(
+                        yc,
+                        xc,
+                        &scale,
+                        &shift,
+                        #[inline(always)]
+                        |z| z / (T::one() + (-z).exp_fast()),
+                    ),
+                },
+            )
         });
     y
 }
@@ -637,9 +654,14 @@ impl BnGradReduce {
         let (sg, sgx) = x
             .par_chunks(chunk)
             .zip(g.par_chunks(chunk))
-            .map(|(xc, gc)| match ch.act {
-                Activation::None => grad_sums::<T, false>(&ch.rows(c), xc, gc),
-                Activation::Swish => grad_sums::<T, true>(&ch.rows(c), xc, gc),
+            .map(|(xc, gc)| {
+                super::wide_simd(
+                    #[inline(always)]
+                    || match ch.act {
+                        Activation::None => grad_sums::<T, false>(&ch.rows(c), xc, gc),
+                        Activation::Swish => grad_sums::<T, true>(&ch.rows(c), xc, gc),
+                    },
+                )
             })
             .reduce(
                 || (vec![0f64; c], vec![0f64; c]),
@@ -655,6 +677,7 @@ impl BnGradReduce {
 
 /// Σ g_z and Σ g_z·x̂ per channel over the rows of one chunk, in f64: element-type partial sums
 /// flushed to f64 every 64 rows.
+#[inline(always)]
 fn grad_sums<T: Elem, const SWISH: bool>(
     ch: &ChanRows<'_, T>,
     x: &[T],
@@ -794,24 +817,28 @@ fn grad_input<T: Elem>(x: &[T], g: &[T], ch: &Chan<T>, k: &[T], off: &[T], slope
     let mut dx = vec![T::zero(); x.len()];
     let chunk = super::chunk_rows(rows, 256) * c;
     let (k, off, slope) = (&k[..c], &off[..c], &slope[..c]);
-    let rows_of = |dc: &mut [T], xc: &[T], gc: &[T], swish: bool| {
-        let ch = ch.rows(c);
-        for (dr, (xr, gr)) in dc
-            .chunks_exact_mut(c)
-            .zip(xc.chunks_exact(c).zip(gc.chunks_exact(c)))
-        {
-            // Two copies of the loop, each with a constant activation.
-            if swish {
-                grad_input_row::<T, true>(dr, xr, gr, &ch, (k, off, slope));
-            } else {
-                grad_input_row::<T, false>(dr, xr, gr, &ch, (k, off, slope));
-            }
-        }
-    };
     let swish = ch.act == Activation::Swish;
     dx.par_chunks_mut(chunk)
         .zip(x.par_chunks(chunk).zip(g.par_chunks(chunk)))
-        .for_each(|(dc, (xc, gc))| rows_of(dc, xc, gc, swish));
+        .for_each(|(dc, (xc, gc))| {
+            super::wide_simd(
+                #[inline(always)]
+                || {
+                    let ch = ch.rows(c);
+                    for (dr, (xr, gr)) in dc
+                        .chunks_exact_mut(c)
+                        .zip(xc.chunks_exact(c).zip(gc.chunks_exact(c)))
+                    {
+                        // Two copies of the loop, each with a constant activation.
+                        if swish {
+                            grad_input_row::<T, true>(dr, xr, gr, &ch, (k, off, slope));
+                        } else {
+                            grad_input_row::<T, false>(dr, xr, gr, &ch, (k, off, slope));
+                        }
+                    }
+                },
+            )
+        });
     dx
 }
 

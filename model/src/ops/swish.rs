@@ -17,9 +17,14 @@ fn fwd<T: Elem>(x: &[T]) -> Vec<T> {
     y.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .for_each(|(yc, xc)| {
-            for (y, &x) in yc.iter_mut().zip(xc) {
-                *y = x / (T::one() + (-x).exp_fast());
-            }
+            super::wide_simd(
+                #[inline(always)]
+                || {
+                    for (y, &x) in yc.iter_mut().zip(xc) {
+                        *y = x / (T::one() + (-x).exp_fast());
+                    }
+                },
+            )
         });
     y
 }
@@ -29,10 +34,15 @@ fn grad<T: Elem>(x: &[T], g: &[T]) -> Vec<T> {
     d.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
         .for_each(|(dc, (xc, gc))| {
-            for ((d, &x), &g) in dc.iter_mut().zip(xc).zip(gc) {
-                let s = x.sigmoid();
-                *d = g * s * (T::one() + x * (T::one() - s));
-            }
+            super::wide_simd(
+                #[inline(always)]
+                || {
+                    for ((d, &x), &g) in dc.iter_mut().zip(xc).zip(gc) {
+                        let s = x.sigmoid();
+                        *d = g * s * (T::one() + x * (T::one() - s));
+                    }
+                },
+            )
         });
     d
 }
