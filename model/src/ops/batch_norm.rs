@@ -589,37 +589,16 @@ impl<T: Elem> Chan<T> {
         }
     }
 
-    /// The per-channel constants cut to exactly `c` entries, so loops up to `c` index them
-    /// without bounds checks (and vectorize).
-    fn rows(&self, c: usize) -> ChanRows<'_, T> {
-        ChanRows {
-            mean: &self.mean[..c],
-            inv: &self.inv[..c],
-            gamma: &self.gamma[..c],
-            beta: &self.beta[..c],
-        }
+    /// The channels' constants in order, for zipping with a row (no bounds checks, so the
+    /// loops vectorize).
+    fn iter(&self) -> impl Iterator<Item = ChanConsts<'_, T>> + '_ {
+        let consts = self.gamma.iter().zip(&self.beta);
+        self.mean.iter().zip(&self.inv).zip(consts)
     }
-}
-
-/// [`Chan`]'s constants as slices of one length.
-struct ChanRows<'a, T> {
-    mean: &'a [T],
-    inv: &'a [T],
-    gamma: &'a [T],
-    beta: &'a [T],
 }
 
 /// One channel's (mean, inv_std) and (γ, β).
 type ChanConsts<'a, T> = ((&'a T, &'a T), (&'a T, &'a T));
-
-impl<'a, T: Elem> ChanRows<'a, T> {
-    /// The channels' constants in order, for zipping with a row (no bounds checks, so the
-    /// loops vectorize).
-    fn iter(&self) -> impl Iterator<Item = ChanConsts<'a, T>> + 'a {
-        let (mean, inv, gamma, beta) = (self.mean, self.inv, self.gamma, self.beta);
-        mean.iter().zip(inv).zip(gamma.iter().zip(beta))
-    }
-}
 
 /// (x̂, g_z) for one element. The activation is a constant parameter so each caller's loop is
 /// compiled once per activation, branch-free.
@@ -658,8 +637,8 @@ impl BnGradReduce {
                 super::wide_simd(
                     #[inline(always)]
                     || match ch.act {
-                        Activation::None => grad_sums::<T, false>(&ch.rows(c), xc, gc),
-                        Activation::Swish => grad_sums::<T, true>(&ch.rows(c), xc, gc),
+                        Activation::None => grad_sums::<T, false>(&ch, xc, gc),
+                        Activation::Swish => grad_sums::<T, true>(&ch, xc, gc),
                     },
                 )
             })
@@ -678,11 +657,7 @@ impl BnGradReduce {
 /// Σ g_z and Σ g_z·x̂ per channel over the rows of one chunk, in f64: element-type partial sums
 /// flushed to f64 every 64 rows.
 #[inline(always)]
-fn grad_sums<T: Elem, const SWISH: bool>(
-    ch: &ChanRows<'_, T>,
-    x: &[T],
-    g: &[T],
-) -> (Vec<f64>, Vec<f64>) {
+fn grad_sums<T: Elem, const SWISH: bool>(ch: &Chan<T>, x: &[T], g: &[T]) -> (Vec<f64>, Vec<f64>) {
     let c = ch.mean.len();
     let mut sg = vec![0f64; c];
     let mut sgx = vec![0f64; c];
@@ -816,7 +791,6 @@ fn grad_input<T: Elem>(x: &[T], g: &[T], ch: &Chan<T>, k: &[T], off: &[T], slope
     let rows = x.len() / c;
     let mut dx = vec![T::zero(); x.len()];
     let chunk = super::chunk_rows(rows, 256) * c;
-    let (k, off, slope) = (&k[..c], &off[..c], &slope[..c]);
     let swish = ch.act == Activation::Swish;
     dx.par_chunks_mut(chunk)
         .zip(x.par_chunks(chunk).zip(g.par_chunks(chunk)))
@@ -824,16 +798,15 @@ fn grad_input<T: Elem>(x: &[T], g: &[T], ch: &Chan<T>, k: &[T], off: &[T], slope
             super::wide_simd(
                 #[inline(always)]
                 || {
-                    let ch = ch.rows(c);
                     for (dr, (xr, gr)) in dc
                         .chunks_exact_mut(c)
                         .zip(xc.chunks_exact(c).zip(gc.chunks_exact(c)))
                     {
                         // Two copies of the loop, each with a constant activation.
                         if swish {
-                            grad_input_row::<T, true>(dr, xr, gr, &ch, (k, off, slope));
+                            grad_input_row::<T, true>(dr, xr, gr, ch, (k, off, slope));
                         } else {
-                            grad_input_row::<T, false>(dr, xr, gr, &ch, (k, off, slope));
+                            grad_input_row::<T, false>(dr, xr, gr, ch, (k, off, slope));
                         }
                     }
                 },
@@ -848,7 +821,7 @@ fn grad_input_row<T: Elem, const SWISH: bool>(
     dx: &mut [T],
     x: &[T],
     g: &[T],
-    ch: &ChanRows<'_, T>,
+    ch: &Chan<T>,
     (k, off, slope): (&[T], &[T], &[T]),
 ) {
     let coef = k.iter().zip(off).zip(slope);
