@@ -19,6 +19,8 @@ use candle_core::{CustomOp1, CustomOp2, CustomOp3, Result, Tensor, TensorId};
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 type Backward = Box<dyn FnOnce(&Tensor) -> Result<Vec<Option<Tensor>>>>;
 
@@ -27,6 +29,8 @@ struct Entry {
     label: &'static str,
     inputs: Vec<TensorId>,
     output: TensorId,
+    /// The output's dims, kept only for `EFFDET_OP_PROFILE=shapes`.
+    profiled_dims: Option<Vec<usize>>,
     backward: Backward,
 }
 
@@ -94,6 +98,7 @@ impl Tape {
             label,
             inputs: inputs.iter().map(|t| t.id()).collect(),
             output: output.id(),
+            profiled_dims: (profile_mode() == ProfileMode::Shapes).then(|| output.dims().to_vec()),
             backward: Box::new(backward),
         });
     }
@@ -131,7 +136,16 @@ impl Tape {
                 continue;
             };
             let label = entry.label;
+            let started = profile_ops().then(Instant::now);
             let input_grads = (entry.backward)(&g)?;
+            if let Some(t) = started {
+                profile_add(
+                    label,
+                    entry.profiled_dims.as_deref(),
+                    Phase::Backward,
+                    t.elapsed(),
+                );
+            }
             for (k, (id, ig)) in entry.inputs.into_iter().zip(input_grads).enumerate() {
                 if let Some(ig) = ig {
                     if detect && !is_finite(&ig)? {
@@ -151,7 +165,11 @@ impl Tape {
                             max_abs(&g)?,
                         )));
                     }
-                    accumulate(&mut grads, id, ig)?;
+                    let started = profile_ops().then(Instant::now);
+                    let added = accumulate(&mut grads, id, ig)?;
+                    if let (Some(t), true) = (started, added) {
+                        profile_add("gradient sum", None, Phase::Backward, t.elapsed());
+                    }
                 }
             }
         }
@@ -182,18 +200,99 @@ fn max_abs(t: &Tensor) -> Result<f32> {
         .to_scalar::<f32>()
 }
 
-/// The first gradient of a tensor is stored as it is; later ones are added.
-fn accumulate(grads: &mut HashMap<TensorId, Tensor>, id: TensorId, g: Tensor) -> Result<()> {
+/// The first gradient of a tensor is stored as it is; later ones are added (then it returns
+/// true).
+fn accumulate(grads: &mut HashMap<TensorId, Tensor>, id: TensorId, g: Tensor) -> Result<bool> {
     match grads.entry(id) {
         std::collections::hash_map::Entry::Vacant(e) => {
             e.insert(g);
+            Ok(false)
         }
         std::collections::hash_map::Entry::Occupied(mut e) => {
             let sum = (e.get() + &g)?;
             *e.get_mut() = sum;
+            Ok(true)
         }
     }
-    Ok(())
+}
+
+/// Which pass an op's time was spent in, for [`op_profile`].
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum Phase {
+    Forward,
+    Backward,
+}
+
+/// What `EFFDET_OP_PROFILE` asks for: nothing (unset or `0`), time per op (any other value),
+/// or time per op and output shape (`shapes`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ProfileMode {
+    Off,
+    Ops,
+    Shapes,
+}
+
+/// The `EFFDET_OP_PROFILE` setting, read once.
+pub fn profile_mode() -> ProfileMode {
+    static MODE: std::sync::OnceLock<ProfileMode> = std::sync::OnceLock::new();
+    *MODE.get_or_init(|| match std::env::var("EFFDET_OP_PROFILE").as_deref() {
+        Err(_) | Ok("0") | Ok("") => ProfileMode::Off,
+        Ok("shapes") => ProfileMode::Shapes,
+        Ok(_) => ProfileMode::Ops,
+    })
+}
+
+/// Whether ops are being timed (`EFFDET_OP_PROFILE` set).
+pub fn profile_ops() -> bool {
+    profile_mode() != ProfileMode::Off
+}
+
+/// Host time and call count per (op[, output shape], pass), summed while `EFFDET_OP_PROFILE` is
+/// set. Where ops complete synchronously (the CPU) the host time is the op's time; on a GPU it
+/// is only the time to enqueue it.
+type ProfileTable = HashMap<(String, Phase), (u64, Duration)>;
+static OP_PROFILE: Mutex<Option<ProfileTable>> = Mutex::new(None);
+
+fn profile_add(label: &str, dims: Option<&[usize]>, phase: Phase, took: Duration) {
+    let key = match dims {
+        Some(d) => format!("{label} {d:?}"),
+        None => label.to_string(),
+    };
+    let mut table = OP_PROFILE.lock().unwrap_or_else(|e| e.into_inner());
+    let e = table
+        .get_or_insert_with(HashMap::new)
+        .entry((key, phase))
+        .or_default();
+    e.0 += 1;
+    e.1 += took;
+}
+
+/// Takes the op profile gathered so far (and starts a new one): (op, pass, calls, time),
+/// longest first. Empty unless `EFFDET_OP_PROFILE` is set.
+pub fn take_op_profile() -> Vec<(String, Phase, u64, Duration)> {
+    let table = OP_PROFILE
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .unwrap_or_default();
+    let mut rows: Vec<_> = table
+        .into_iter()
+        .map(|((label, phase), (n, t))| (label, phase, n, t))
+        .collect();
+    rows.sort_by(|a, b| b.3.cmp(&a.3).then(a.0.cmp(&b.0)));
+    rows
+}
+
+/// Runs one op's forward `f`, timing it under `EFFDET_OP_PROFILE`.
+pub(crate) fn timed(label: &'static str, f: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
+    if !profile_ops() {
+        return f();
+    }
+    let started = Instant::now();
+    let y = f()?;
+    let dims = (profile_mode() == ProfileMode::Shapes).then(|| y.dims());
+    profile_add(label, dims, Phase::Forward, started.elapsed());
+    Ok(y)
 }
 
 /// The op type's own name, without its module path.
@@ -209,7 +308,7 @@ pub(crate) fn op1<C: CustomOp1 + Send + Sync + 'static>(x: &Tensor, op: C) -> Re
         return x.contiguous()?.apply_op1(op);
     };
     let xd = x.detach().contiguous()?;
-    let y = xd.apply_op1_no_bwd(&op)?;
+    let y = timed(short_name::<C>(), || xd.apply_op1_no_bwd(&op))?;
     let yc = y.clone();
     tape.push(short_name::<C>(), &[x], &y, move |g| {
         Ok(vec![op.bwd(&xd, &yc, g)?])
@@ -227,7 +326,7 @@ pub(crate) fn op2<C: CustomOp2 + Send + Sync + 'static>(
         return a.contiguous()?.apply_op2(&b.contiguous()?, op);
     };
     let (ad, bd) = (a.detach().contiguous()?, b.detach().contiguous()?);
-    let y = ad.apply_op2_no_bwd(&bd, &op)?;
+    let y = timed(short_name::<C>(), || ad.apply_op2_no_bwd(&bd, &op))?;
     let yc = y.clone();
     tape.push(short_name::<C>(), &[a, b], &y, move |g| {
         let (ga, gb) = op.bwd(&ad, &bd, &yc, g)?;
@@ -253,7 +352,7 @@ pub(crate) fn op3<C: CustomOp3 + Send + Sync + 'static>(
         b.detach().contiguous()?,
         c.detach().contiguous()?,
     );
-    let y = ad.apply_op3_no_bwd(&bd, &cd, &op)?;
+    let y = timed(short_name::<C>(), || ad.apply_op3_no_bwd(&bd, &cd, &op))?;
     let yc = y.clone();
     tape.push(short_name::<C>(), &[a, b, c], &y, move |g| {
         let (ga, gb, gc) = op.bwd(&ad, &bd, &cd, &yc, g)?;
@@ -267,7 +366,7 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let Some(tape) = active() else {
         return a + b;
     };
-    let y = (a.detach() + b.detach())?;
+    let y = timed("add", || a.detach() + b.detach())?;
     tape.push("add", &[a, b], &y, |g| {
         Ok(vec![Some(g.clone()), Some(g.clone())])
     });
@@ -279,7 +378,7 @@ pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
     let Some(tape) = active() else {
         return candle_nn::ops::sigmoid(x);
     };
-    let y = candle_nn::ops::sigmoid(&x.detach())?;
+    let y = timed("sigmoid", || candle_nn::ops::sigmoid(&x.detach()))?;
     let s = y.clone();
     tape.push("sigmoid", &[x], &y, move |g| {
         let one_minus = s.affine(-1.0, 1.0)?;

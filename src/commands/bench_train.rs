@@ -88,12 +88,46 @@ pub struct Report {
     pub phases_ms: super::step::PhaseTimes,
     /// Tensors (≈ launches on a GPU) each phase of the last timed step created.
     pub tensors_per_step: super::step::PhaseTensors,
+    /// With `EFFDET_OP_PROFILE=1` (or `=shapes`, per output shape too): host ms per timed step
+    /// of each recorded op, by pass, longest first (the ops' own time on a CPU; only their
+    /// enqueueing on a GPU).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub op_profile: Option<Vec<OpTime>>,
     pub gpu_decode: Option<serde_json::Value>,
     pub peak_rss_mb: f64,
     pub skipped_steps: u64,
     pub loss_first: f64,
     pub loss_last: f64,
     pub seconds: f64,
+}
+
+/// One row of [`Report::op_profile`].
+#[derive(Serialize, Debug)]
+pub struct OpTime {
+    pub op: String,
+    pub pass: &'static str,
+    pub calls_per_step: f64,
+    pub ms_per_step: f64,
+}
+
+fn op_profile(steps: u64) -> Option<Vec<OpTime>> {
+    if !effdet_model::tape::profile_ops() {
+        return None;
+    }
+    let per = 1.0 / steps as f64;
+    let rows = effdet_model::tape::take_op_profile()
+        .into_iter()
+        .map(|(op, phase, calls, took)| OpTime {
+            op,
+            pass: match phase {
+                effdet_model::tape::Phase::Forward => "forward",
+                effdet_model::tape::Phase::Backward => "backward",
+            },
+            calls_per_step: calls as f64 * per,
+            ms_per_step: took.as_secs_f64() * 1e3 * per,
+        })
+        .collect();
+    Some(rows)
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
@@ -250,6 +284,7 @@ pub fn bench(a: &Args) -> anyhow::Result<Report> {
         if i == a.warmup {
             wait = 0.0;
             gpu_pool_peak_mb(&dev, true);
+            let _warmup_ops = effdet_model::tape::take_op_profile();
             t_timed = Instant::now();
         }
         let t0 = Instant::now();
@@ -316,6 +351,7 @@ pub fn bench(a: &Args) -> anyhow::Result<Report> {
         feed_mode: a.feed.feed,
         phases_ms: phases.scaled(1e3 / a.steps as f64),
         tensors_per_step: tensors,
+        op_profile: op_profile(a.steps),
         gpu_decode: feeder.gpu_decode_counts(),
         peak_rss_mb: peak_rss_mb(),
         loss_first,

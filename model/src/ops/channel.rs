@@ -348,16 +348,25 @@ impl CustomOp1 for ColumnSum {
 fn gate_fwd<T: Elem>(x: &[T], s: &[T], l: &Layout) -> Result<Vec<T>> {
     let d = l.dims();
     let (hw, c) = (d[1] * d[2], d[3]);
-    let mut y = x.to_vec();
-    y.par_chunks_mut(hw * c).enumerate().for_each(|(bi, img)| {
-        let gate = &s[bi * c..][..c];
-        for row in img.chunks_exact_mut(c) {
-            for (v, &g) in row.iter_mut().zip(gate) {
-                *v *= g;
-            }
-        }
-    });
-    Ok(y)
+    // One pass, x read and y written (a copy of x scaled in place took two).
+    // SAFETY: each part is one image, as long as its image of x (whole rows of c), and the
+    // loop writes every element of it.
+    Ok(unsafe {
+        super::par_filled(x.len(), hw * c, |bi, img| {
+            let xi = &x[bi * hw * c..][..img.len()];
+            let gate = &s[bi * c..][..c];
+            super::wide_simd(
+                #[inline(always)]
+                || {
+                    for (row, xr) in img.chunks_exact_mut(c).zip(xi.chunks_exact(c)) {
+                        for ((v, &xv), &g) in row.iter_mut().zip(xr).zip(gate) {
+                            v.write(xv * g);
+                        }
+                    }
+                },
+            );
+        })
+    })
 }
 
 struct Gate;
@@ -430,18 +439,27 @@ impl CustomOp2 for Gate {
 /// rounded each product to 16 bits under mixed precision).
 struct GateGrad;
 
-/// Σ_hw x·g per (batch, channel) in f64.
-fn dot_fwd(x: &[f64], g: &[f64], l: &Layout) -> Vec<f64> {
+/// Σ_hw x·g per (batch, channel) in f64, each product taken in f64 (exact for f32 inputs).
+/// The inputs are read as they are stored: widening them to f64 copies first cost more than
+/// the sums (two activation-sized f64 buffers per call).
+fn dot_fwd<T: Elem>(x: &[T], g: &[T], l: &Layout) -> Vec<f64> {
     let d = l.dims();
     let (b, hw, c) = (d[0], d[1] * d[2], d[3]);
     let mut out = vec![0f64; b * c];
     out.par_chunks_mut(c).enumerate().for_each(|(bi, o)| {
         let (xs, gs) = (&x[bi * hw * c..][..hw * c], &g[bi * hw * c..][..hw * c]);
-        for (xr, gr) in xs.chunks_exact(c).zip(gs.chunks_exact(c)) {
-            for ((o, &xv), &gv) in o.iter_mut().zip(xr).zip(gr) {
-                *o += xv * gv;
-            }
-        }
+        // Lanes are independent and each sums in row order, so the wide build's results are
+        // the baseline's bit for bit.
+        super::wide_simd(
+            #[inline(always)]
+            || {
+                for (xr, gr) in xs.chunks_exact(c).zip(gs.chunks_exact(c)) {
+                    for ((o, &xv), &gv) in o.iter_mut().zip(xr).zip(gr) {
+                        *o += xv.to64() * gv.to64();
+                    }
+                }
+            },
+        );
     });
     out
 }
@@ -475,14 +493,13 @@ impl CustomOp2 for GateGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let (b, _, _, c) = gate_grad_dims((l1, s1.dtype()), (l2, s2.dtype()))?;
         let shape = Shape::from((b, c));
-        let widen = |s: &CpuStorage, l: &Layout| -> Result<Vec<f64>> {
-            Ok(match s {
-                s if is_f32_family(s) => act_f32(s, l)?.iter().map(|&v| v as f64).collect(),
-                CpuStorage::F64(_) => contiguous::<f64>(s, l)?.to_vec(),
-                s => return Err(unsupported(self.name(), s)),
-            })
+        let sums = match s1 {
+            s if is_f32_family(s) => dot_fwd::<f32>(&act_f32(s1, l1)?, &act_f32(s2, l2)?, l1),
+            CpuStorage::F64(_) => {
+                dot_fwd::<f64>(contiguous::<f64>(s1, l1)?, contiguous::<f64>(s2, l2)?, l1)
+            }
+            s => return Err(unsupported(self.name(), s)),
         };
-        let sums = dot_fwd(&widen(s1, l1)?, &widen(s2, l2)?, l1);
         Ok(match s1 {
             CpuStorage::F64(_) => (CpuStorage::F64(sums), shape),
             _ => (

@@ -167,25 +167,31 @@ impl DepthwiseConv {
             .enumerate()
             .for_each(|(r, out_row)| {
                 let (bi, oy) = (r / g.oh, r % g.oh);
-                for ky in 0..g.k {
-                    let Some(iy) = Geom::input_of(oy, ky, g.s, g.pad_top, g.h) else {
-                        continue;
-                    };
-                    let x_row = &x[(bi * g.h + iy) * g.w * g.c..][..g.w * g.c];
-                    for kx in 0..g.k {
-                        let wk = &wt[(ky * g.k + kx) * g.c..][..g.c];
-                        for ox in 0..g.ow {
-                            let Some(ix) = Geom::input_of(ox, kx, g.s, g.pad_left, g.w) else {
+                super::wide_simd(
+                    #[inline(always)]
+                    || {
+                        for ky in 0..g.k {
+                            let Some(iy) = Geom::input_of(oy, ky, g.s, g.pad_top, g.h) else {
                                 continue;
                             };
-                            let o = &mut out_row[ox * g.c..][..g.c];
-                            let xi = &x_row[ix * g.c..][..g.c];
-                            for ((o, &xv), &wv) in o.iter_mut().zip(xi).zip(wk) {
-                                *o += xv * wv;
+                            let x_row = &x[(bi * g.h + iy) * g.w * g.c..][..g.w * g.c];
+                            for kx in 0..g.k {
+                                let wk = &wt[(ky * g.k + kx) * g.c..][..g.c];
+                                for ox in 0..g.ow {
+                                    let Some(ix) = Geom::input_of(ox, kx, g.s, g.pad_left, g.w)
+                                    else {
+                                        continue;
+                                    };
+                                    let o = &mut out_row[ox * g.c..][..g.c];
+                                    let xi = &x_row[ix * g.c..][..g.c];
+                                    for ((o, &xv), &wv) in o.iter_mut().zip(xi).zip(wk) {
+                                        *o += xv * wv;
+                                    }
+                                }
                             }
                         }
-                    }
-                }
+                    },
+                )
             });
         out
     }
@@ -269,25 +275,31 @@ impl DepthwiseGradInput {
         let mut gx = vec![T::zero(); g.b * g.h * row];
         gx.par_chunks_mut(row).enumerate().for_each(|(r, gx_row)| {
             let (bi, iy) = (r / g.h, r % g.h);
-            for ky in 0..g.k {
-                let Some(oy) = Geom::output_of(iy, ky, g.s, g.pad_top, g.oh) else {
-                    continue;
-                };
-                let g_row = &grad[(bi * g.oh + oy) * g.ow * g.c..][..g.ow * g.c];
-                for kx in 0..g.k {
-                    let wk = &wt[(ky * g.k + kx) * g.c..][..g.c];
-                    for ix in 0..g.w {
-                        let Some(ox) = Geom::output_of(ix, kx, g.s, g.pad_left, g.ow) else {
+            super::wide_simd(
+                #[inline(always)]
+                || {
+                    for ky in 0..g.k {
+                        let Some(oy) = Geom::output_of(iy, ky, g.s, g.pad_top, g.oh) else {
                             continue;
                         };
-                        let o = &mut gx_row[ix * g.c..][..g.c];
-                        let gv = &g_row[ox * g.c..][..g.c];
-                        for ((o, &gv), &wv) in o.iter_mut().zip(gv).zip(wk) {
-                            *o += gv * wv;
+                        let g_row = &grad[(bi * g.oh + oy) * g.ow * g.c..][..g.ow * g.c];
+                        for kx in 0..g.k {
+                            let wk = &wt[(ky * g.k + kx) * g.c..][..g.c];
+                            for ix in 0..g.w {
+                                let Some(ox) = Geom::output_of(ix, kx, g.s, g.pad_left, g.ow)
+                                else {
+                                    continue;
+                                };
+                                let o = &mut gx_row[ix * g.c..][..g.c];
+                                let gv = &g_row[ox * g.c..][..g.c];
+                                for ((o, &gv), &wv) in o.iter_mut().zip(gv).zip(wk) {
+                                    *o += gv * wv;
+                                }
+                            }
                         }
                     }
-                }
-            }
+                },
+            )
         });
         gx
     }
@@ -353,25 +365,31 @@ impl DepthwiseGradWeight {
                     let (bi, oy) = (r / g.oh, r % g.oh);
                     local.iter_mut().for_each(|v| *v = T::zero());
                     let g_row = &grad[(bi * g.oh + oy) * g.ow * g.c..][..g.ow * g.c];
-                    for ky in 0..g.k {
-                        let Some(iy) = Geom::input_of(oy, ky, g.s, g.pad_top, g.h) else {
-                            continue;
-                        };
-                        let x_row = &x[(bi * g.h + iy) * g.w * g.c..][..g.w * g.c];
-                        for kx in 0..g.k {
-                            let lk = &mut local[(ky * g.k + kx) * g.c..][..g.c];
-                            for ox in 0..g.ow {
-                                let Some(ix) = Geom::input_of(ox, kx, g.s, g.pad_left, g.w) else {
+                    super::wide_simd(
+                        #[inline(always)]
+                        || {
+                            for ky in 0..g.k {
+                                let Some(iy) = Geom::input_of(oy, ky, g.s, g.pad_top, g.h) else {
                                     continue;
                                 };
-                                let xi = &x_row[ix * g.c..][..g.c];
-                                let gv = &g_row[ox * g.c..][..g.c];
-                                for ((l, &xv), &gv) in lk.iter_mut().zip(xi).zip(gv) {
-                                    *l += xv * gv;
+                                let x_row = &x[(bi * g.h + iy) * g.w * g.c..][..g.w * g.c];
+                                for kx in 0..g.k {
+                                    let lk = &mut local[(ky * g.k + kx) * g.c..][..g.c];
+                                    for ox in 0..g.ow {
+                                        let Some(ix) = Geom::input_of(ox, kx, g.s, g.pad_left, g.w)
+                                        else {
+                                            continue;
+                                        };
+                                        let xi = &x_row[ix * g.c..][..g.c];
+                                        let gv = &g_row[ox * g.c..][..g.c];
+                                        for ((l, &xv), &gv) in lk.iter_mut().zip(xi).zip(gv) {
+                                            *l += xv * gv;
+                                        }
+                                    }
                                 }
                             }
-                        }
-                    }
+                        },
+                    );
                     for (a, l) in acc.iter_mut().zip(&local) {
                         *a += l.to64();
                     }

@@ -47,7 +47,7 @@ pub fn fast_fusion(inputs: &[Tensor], w: &Tensor) -> Result<Tensor> {
         .map(|x| x.detach().contiguous())
         .collect::<Result<_>>()?;
     let wd = w.detach().contiguous()?;
-    let y = forward(&xs, &wd)?;
+    let y = crate::tape::timed("bifpn fusion", || forward(&xs, &wd))?;
     if let Some(tape) = crate::tape::active() {
         let mut recorded: Vec<&Tensor> = inputs.iter().collect();
         recorded.push(w);
@@ -76,18 +76,19 @@ fn relu<T: Elem>(v: T) -> T {
 
 /// y = Σ nᵢ·xᵢ, in input order.
 fn fuse_cpu<T: Elem>(xs: &[&[T]], n: &[T]) -> Vec<T> {
-    let mut y = vec![T::zero(); xs[0].len()];
-    y.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, yc)| {
-        let off = ci * CHUNK;
-        for (j, y) in yc.iter_mut().enumerate() {
-            let mut acc = n[0] * xs[0][off + j];
-            for (x, &ni) in xs.iter().zip(n).skip(1) {
-                acc += ni * x[off + j];
+    // SAFETY: the loop writes every element of each part.
+    unsafe {
+        super::par_filled(xs[0].len(), CHUNK, |ci, yc| {
+            let off = ci * CHUNK;
+            for (j, y) in yc.iter_mut().enumerate() {
+                let mut acc = n[0] * xs[0][off + j];
+                for (x, &ni) in xs.iter().zip(n).skip(1) {
+                    acc += ni * x[off + j];
+                }
+                y.write(acc);
             }
-            *y = acc;
-        }
-    });
-    y
+        })
+    }
 }
 
 /// Σ g·x with f64 products and sums (chunk sums added in chunk order).

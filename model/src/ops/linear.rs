@@ -9,7 +9,10 @@
 
 use super::channel::{BiasAdd, ColumnSum};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
+};
+use rayon::prelude::*;
 
 /// `x` `[..., C_in]` · `weight` `[C_in, C_out]` (+ `bias` `[C_out]`) → `[..., C_out]`.
 ///
@@ -56,12 +59,13 @@ pub fn linear(
         // gradient reuses the cast (a launch per layer less; the product skips its own cast).
         let xd = x.detach().contiguous()?;
         let wc = weight.detach().contiguous()?.to_dtype(compute)?;
-        let (y, inputs) = match bias {
-            Some(b) => {
-                let bd = b.detach().contiguous()?;
-                (xd.apply_op3_no_bwd(&wc, &bd, &op)?, vec![x, weight, b])
-            }
-            None => (xd.apply_op2_no_bwd(&wc, &op)?, vec![x, weight]),
+        let y = crate::tape::timed("linear", || match bias {
+            Some(b) => xd.apply_op3_no_bwd(&wc, &b.detach().contiguous()?, &op),
+            None => xd.apply_op2_no_bwd(&wc, &op),
+        })?;
+        let inputs = match bias {
+            Some(b) => vec![x, weight, b],
+            None => vec![x, weight],
         };
         let (w_dtype, bias_dtype) = (weight.dtype(), bias.map(|b| b.dtype()));
         tape.push("linear", &inputs, &y, move |g| {
@@ -158,6 +162,54 @@ impl Linear {
         }
     }
 
+    /// The CPU product (+ bias) in f32 or f64 when nothing needs a cast: candle's own gemm call
+    /// ([`cpu_product`]) without its zero-filled output, and the bias added in place. `None`
+    /// for the other cases, which take [`Self::product`].
+    fn cpu_direct(
+        &self,
+        (s1, l1): (&CpuStorage, &Layout),
+        (s2, l2): (&CpuStorage, &Layout),
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<Option<CpuStorage>> {
+        fn run<T: WithDType + super::Elem>(
+            op: &Linear,
+            (s1, l1): (&CpuStorage, &Layout),
+            (s2, l2): (&CpuStorage, &Layout),
+            bias: Option<(&CpuStorage, &Layout)>,
+        ) -> Result<Vec<T>> {
+            let x = super::contiguous::<T>(s1, l1)?;
+            let w = super::contiguous::<T>(s2, l2)?;
+            let rows = x.len() / op.cin.max(1);
+            let mut y = cpu_product((rows, op.cin, op.cout), (x, (op.cin, 1)), (w, (op.cout, 1)))?;
+            if let Some((s3, l3)) = bias {
+                let b = super::contiguous::<T>(s3, l3)?;
+                let chunk = super::chunk_rows(rows, 256) * op.cout;
+                y.par_chunks_mut(chunk.max(1)).for_each(|part| {
+                    for row in part.chunks_exact_mut(op.cout) {
+                        for (v, &bv) in row.iter_mut().zip(b) {
+                            *v += bv;
+                        }
+                    }
+                });
+            }
+            Ok(y)
+        }
+        let dtype = s1.dtype();
+        let same = s2.dtype() == dtype
+            && self.compute == dtype
+            && self.out == dtype
+            && bias.is_none_or(|(s3, _)| s3.dtype() == dtype);
+        Ok(match dtype {
+            DType::F32 if same => {
+                Some(CpuStorage::F32(run::<f32>(self, (s1, l1), (s2, l2), bias)?))
+            }
+            DType::F64 if same => {
+                Some(CpuStorage::F64(run::<f64>(self, (s1, l1), (s2, l2), bias)?))
+            }
+            _ => None,
+        })
+    }
+
     /// Gradients of x and the weight (as candle's own backward computes them for the
     /// composed layer), plus the upstream gradient as `[rows, C_out]` for the bias. No
     /// gradient for an `x` that tracks none (the stem's image patches): candle would compute
@@ -173,6 +225,28 @@ impl Linear {
     ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
         let rows = x.elem_count() / self.cin.max(1);
         let g = grad.contiguous()?.reshape((rows, self.cout))?;
+        let on_cpu_uncast = x.device().is_cpu()
+            && matches!(self.compute, DType::F32 | DType::F64)
+            && [x.dtype(), w.dtype(), g.dtype(), w_dtype]
+                .iter()
+                .all(|&d| d == self.compute);
+        if on_cpu_uncast {
+            let product = |which| CpuGradProduct {
+                which,
+                cin: self.cin,
+                cout: self.cout,
+            };
+            let x2 = x.contiguous()?.reshape((rows, self.cin))?;
+            let gx = if want_x {
+                let wc = w.contiguous()?;
+                let gx = g.apply_op2_no_bwd(&wc, &product(GradOf::Input))?;
+                Some(gx.reshape(x.dims())?)
+            } else {
+                None
+            };
+            let gw = x2.apply_op2_no_bwd(&g, &product(GradOf::Weight))?;
+            return Ok((gx, gw, g));
+        }
         let gc = g.to_dtype(self.compute)?;
         let gx = if want_x {
             let wc = w.to_dtype(self.compute)?;
@@ -222,6 +296,9 @@ impl CustomOp2 for Linear {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        if let Some(y) = self.cpu_direct((s1, l1), (s2, l2), None)? {
+            return Ok((y, self.out_shape(l1)));
+        }
         let (y, _) = self.product((s1, l1), (s2, l2))?;
         Ok((y, self.out_shape(l1)))
     }
@@ -267,6 +344,9 @@ impl CustomOp3 for Linear {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        if let Some(y) = self.cpu_direct((s1, l1), (s2, l2), Some((s3, l3)))? {
+            return Ok((y, self.out_shape(l1)));
+        }
         let (y, ly) = self.product((s1, l1), (s2, l2))?;
         let (y, _) = CustomOp2::cpu_fwd(&BiasAdd, &y, &ly, s3, l3)?;
         Ok((y, self.out_shape(l1)))
@@ -301,6 +381,135 @@ impl CustomOp3 for Linear {
             .into_iter();
         Ok((g.next().flatten(), g.next().flatten(), g.next().flatten()))
     }
+}
+
+/// Which product of the backward [`CpuGradProduct`] computes.
+#[derive(Clone, Copy)]
+enum GradOf {
+    /// g `[rows, C_out]` · wᵀ → `[rows, C_in]`.
+    Input,
+    /// xᵀ · g, from x `[rows, C_in]` and g `[rows, C_out]` → `[C_in, C_out]`.
+    Weight,
+}
+
+/// The backward's products on the CPU in f32/f64 (no casts), through [`cpu_product`] with the
+/// strides candle's matmul would use on the transposed views, so the same bits as
+/// `g.matmul(&w.t())` and `x.t().matmul(&g)` without the zero-filled output. CPU only.
+struct CpuGradProduct {
+    which: GradOf,
+    cin: usize,
+    cout: usize,
+}
+
+impl CustomOp2 for CpuGradProduct {
+    fn name(&self) -> &'static str {
+        "effdet-linear-grad-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (cin, cout) = (self.cin, self.cout);
+        fn run<T: WithDType>(op: &CpuGradProduct, a: &[T], b: &[T]) -> Result<(Vec<T>, Shape)> {
+            let (cin, cout) = (op.cin, op.cout);
+            Ok(match op.which {
+                GradOf::Input => {
+                    let rows = a.len() / cout.max(1);
+                    let y = cpu_product((rows, cout, cin), (a, (cout, 1)), (b, (1, cout)))?;
+                    (y, Shape::from((rows, cin)))
+                }
+                GradOf::Weight => {
+                    let rows = a.len() / cin.max(1);
+                    let y = cpu_product((cin, rows, cout), (a, (1, cin)), (b, (cout, 1)))?;
+                    (y, Shape::from((cin, cout)))
+                }
+            })
+        }
+        let (n1, n2) = match self.which {
+            GradOf::Input => (cout, cin * cout),
+            GradOf::Weight => (cin, l1.shape().elem_count() / cin.max(1) * cout),
+        };
+        if !l1.shape().elem_count().is_multiple_of(n1.max(1)) || l2.shape().elem_count() != n2 {
+            candle_core::bail!(
+                "{}: operands {:?} and {:?} do not fit C_in {cin}, C_out {cout}",
+                self.name(),
+                l1.dims(),
+                l2.dims()
+            );
+        }
+        match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                let (a, b) = (super::contiguous(s1, l1)?, super::contiguous(s2, l2)?);
+                let (y, shape) = run::<f32>(self, a, b)?;
+                Ok((CpuStorage::F32(y), shape))
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                let (a, b) = (super::contiguous(s1, l1)?, super::contiguous(s2, l2)?);
+                let (y, shape) = run::<f64>(self, a, b)?;
+                Ok((CpuStorage::F64(y), shape))
+            }
+            (s, _) => Err(super::unsupported(self.name(), s)),
+        }
+    }
+}
+
+/// `lhs` (m×k) · `rhs` (k×n) → row-major m×n, each input given with its (row, column) strides:
+/// the gemm crate called exactly as candle's CPU matmul calls it (same kernel, strides and
+/// threads, so the same bits), but into an output that is not zero-filled first — candle's
+/// `vec![0; m·n]` is a calloc that memsets every reused block, an extra write pass over the
+/// activation the product then overwrites.
+fn cpu_product<T: WithDType>(
+    (m, k, n): (usize, usize, usize),
+    (lhs, (lhs_rs, lhs_cs)): (&[T], (usize, usize)),
+    (rhs, (rhs_rs, rhs_cs)): (&[T], (usize, usize)),
+) -> Result<Vec<T>> {
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| {
+        (rows.max(1) - 1) * rs + (cols.max(1) - 1) * cs
+    };
+    if m * k > 0 && last(m, k, lhs_rs, lhs_cs) >= lhs.len()
+        || k * n > 0 && last(k, n, rhs_rs, rhs_cs) >= rhs.len()
+    {
+        candle_core::bail!("linear: product operands smaller than their shapes ({m}x{k}x{n})");
+    }
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    let mut dst: Vec<T> = Vec::with_capacity(m * n);
+    // SAFETY: the operands hold every element their strides reach (checked above) and dst has
+    // room for m·n; with read_dst false gemm writes every element of dst without reading it
+    // (β·lhs·rhs with β = 1, as candle calls it), so all m·n are initialized after the call.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            T::zero(),
+            T::one(),
+            false,
+            false,
+            false,
+            parallelism,
+        );
+        dst.set_len(m * n);
+    }
+    Ok(dst)
 }
 
 #[cfg(test)]

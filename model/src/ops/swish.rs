@@ -3,7 +3,6 @@
 use super::{act_f32, contiguous, is_f32_family, store_f32, unsupported, Elem};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 /// x · sigmoid(x), elementwise, in `x`'s dtype (computed in f32 for f16/bf16).
 pub fn swish(x: &Tensor) -> Result<Tensor> {
@@ -13,38 +12,38 @@ pub fn swish(x: &Tensor) -> Result<Tensor> {
 const CHUNK: usize = 1 << 14;
 
 fn fwd<T: Elem>(x: &[T]) -> Vec<T> {
-    let mut y = vec![T::zero(); x.len()];
-    y.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(yc, xc)| {
+    // SAFETY: each part is as long as its chunk of x, and the loop writes all of it.
+    unsafe {
+        super::par_filled(x.len(), CHUNK, |k, yc| {
+            let xc = &x[k * CHUNK..][..yc.len()];
             super::wide_simd(
                 #[inline(always)]
                 || {
                     for (y, &x) in yc.iter_mut().zip(xc) {
-                        *y = x / (T::one() + (-x).exp_fast());
+                        y.write(x / (T::one() + (-x).exp_fast()));
                     }
                 },
             )
-        });
-    y
+        })
+    }
 }
 
 fn grad<T: Elem>(x: &[T], g: &[T]) -> Vec<T> {
-    let mut d = vec![T::zero(); x.len()];
-    d.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-        .for_each(|(dc, (xc, gc))| {
+    // SAFETY: each part is as long as its chunks of x and g, and the loop writes all of it.
+    unsafe {
+        super::par_filled(x.len(), CHUNK, |k, dc| {
+            let (xc, gc) = (&x[k * CHUNK..][..dc.len()], &g[k * CHUNK..][..dc.len()]);
             super::wide_simd(
                 #[inline(always)]
                 || {
                     for ((d, &x), &g) in dc.iter_mut().zip(xc).zip(gc) {
                         let s = x.sigmoid();
-                        *d = g * s * (T::one() + x * (T::one() - s));
+                        d.write(g * s * (T::one() + x * (T::one() - s)));
                     }
                 },
             )
-        });
-    d
+        })
+    }
 }
 
 struct Swish;

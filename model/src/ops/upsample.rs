@@ -12,7 +12,7 @@ pub fn upsample_nearest(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor
     };
     // One recorded op; the gradient sums each source pixel's copies.
     let (b, h, w, c) = x.dims4()?;
-    let y = resize(&x.detach(), out_h, out_w)?;
+    let y = crate::tape::timed("upsample", || resize(&x.detach(), out_h, out_w))?;
     let dev = x.device().clone();
     tape.push("upsample", &[x], &y, move |g| {
         if out_h == 2 * h && out_w == 2 * w {
