@@ -149,3 +149,66 @@ fn mixed_precision_training_steps_run_on_the_cpu() {
         );
     }
 }
+
+/// `EFFDET_OP_PROFILE` adds the per-op table to `bench-train`'s line: every op kind the step
+/// records, in both passes, with its calls per step (D0 has 134 1×1 convolutions; at
+/// batch norm one call per layer), and with `=shapes` each row also names its output shape.
+/// Without the variable there is no table.
+#[test]
+fn op_profile_reports_every_recorded_op() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = shards(dir.path());
+    let report = |profile: Option<&str>| -> Value {
+        let mut cmd = Command::new(common::effdet_bin());
+        cmd.args([
+            "bench-train",
+            "--data",
+            &data,
+            "--image-size",
+            "64",
+            "--batch-size",
+            "2",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+        ]);
+        match profile {
+            Some(p) => cmd.env("EFFDET_OP_PROFILE", p),
+            None => cmd.env_remove("EFFDET_OP_PROFILE"),
+        };
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    assert!(report(None).get("op_profile").is_none());
+    let v = report(Some("1"));
+    let rows = v["op_profile"].as_array().expect("op_profile rows");
+    let row = |op: &str, pass: &str| {
+        rows.iter()
+            .find(|r| r["op"] == op && r["pass"] == pass)
+            .unwrap_or_else(|| panic!("no {op} {pass} row in {rows:?}"))
+    };
+    for op in ["linear", "BnTrain", "DepthwiseConv", "Gate", "bifpn fusion"] {
+        for pass in ["forward", "backward"] {
+            let r = row(op, pass);
+            assert!(r["ms_per_step"].as_f64().unwrap() > 0.0, "{r}");
+        }
+    }
+    // Calls are per timed step (the warm-up step's are dropped).
+    assert_eq!(row("linear", "forward")["calls_per_step"], 134.0);
+    assert_eq!(row("linear", "backward")["calls_per_step"], 134.0);
+    let shapes = report(Some("shapes"));
+    let rows = shapes["op_profile"].as_array().unwrap();
+    assert!(
+        rows.iter().any(|r| r["op"]
+            .as_str()
+            .unwrap()
+            .starts_with("BnTrain [2, 32, 32, ")),
+        "{rows:?}"
+    );
+}

@@ -5,7 +5,7 @@
 
 use super::{act_f32, contiguous, is_f32_family, store_f32, unsupported, Elem};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
@@ -598,6 +598,9 @@ fn backward(
         act,
     };
     let grad = grad.contiguous()?;
+    if x.device().is_cpu() && act == Activation::Swish {
+        return cpu_swish_backward(x, gamma, beta, &grad, params, train);
+    }
     // sums[0] = Σ g_z = dβ, sums[1] = Σ g_z·x̂ = dγ, with g_z the gradient before the activation.
     let sums = x.apply_op2_no_bwd(&grad, &BnGradReduce { p: params.clone() })?;
     let sums_v: Vec<Vec<f64>> = sums.to_dtype(candle_core::DType::F64)?.to_vec2()?;
@@ -613,6 +616,184 @@ fn backward(
     let dbeta = sums.get(0)?.to_dtype(beta.dtype())?;
     let dgamma = sums.get(1)?.to_dtype(gamma.dtype())?;
     Ok((Some(dx), Some(dgamma), Some(dbeta)))
+}
+
+/// [`backward`] on the CPU for BN + swish: [`BnSwishGradCpu`] stores g_z while it sums, so the
+/// input-gradient pass needs no second sigmoid; dγ and dβ come back through the op.
+fn cpu_swish_backward(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    grad: &Tensor,
+    p: Params,
+    train: bool,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let op = BnSwishGradCpu {
+        p,
+        train,
+        sums: Mutex::new(None),
+    };
+    let dx = x.contiguous()?.apply_op2_no_bwd(grad, &op)?;
+    let (sum_g, sum_gx) = op
+        .sums
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("batch_norm: poisoned lock".into()))?
+        .take()
+        .ok_or_else(|| candle_core::Error::Msg("batch_norm: no gradient sums".into()))?;
+    // As [`BnGradReduce`] returns them: rounded to f32 for f32/f16/bf16 activations.
+    let sums_dtype = if x.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let to_param = |v: Vec<f64>, like: &Tensor| -> Result<Tensor> {
+        let n = v.len();
+        Tensor::from_vec(v, n, x.device())?
+            .to_dtype(sums_dtype)?
+            .to_dtype(like.dtype())
+    };
+    let dbeta = to_param(sum_g, beta)?;
+    let dgamma = to_param(sum_gx, gamma)?;
+    Ok((Some(dx), Some(dgamma), Some(dbeta)))
+}
+
+/// (x, grad) → dx for BN + swish on the CPU, in two passes like [`BnGradReduce`] then
+/// [`BnGradInput`], except that the first also writes g_z (the gradient before the swish) and
+/// the second turns it into dx in place: per element one sigmoid instead of two, for one more
+/// activation-sized write. The sums Σg_z and Σg_z·x̂ (dβ, dγ) are left in `sums`.
+struct BnSwishGradCpu {
+    p: Params,
+    train: bool,
+    sums: Mutex<Option<(Vec<f64>, Vec<f64>)>>,
+}
+
+impl BnSwishGradCpu {
+    fn run<T: Elem>(&self, x: &[T], g: &[T]) -> Vec<T> {
+        let ch = Chan::<T>::new(&self.p);
+        let c = self.p.gamma.len();
+        let rows = x.len() / c;
+        let chunk = super::chunk_rows(rows, 256) * c;
+        let mut gz: Vec<T> = Vec::with_capacity(x.len());
+        let parts: Vec<(Vec<f64>, Vec<f64>)> = gz.spare_capacity_mut()[..x.len()]
+            .par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk).zip(g.par_chunks(chunk)))
+            .map(|(zc, (xc, gc))| {
+                super::wide_simd(
+                    #[inline(always)]
+                    || grad_sums_storing(&ch, xc, gc, zc),
+                )
+            })
+            .collect();
+        // SAFETY: the chunks of gz's spare capacity cover 0..x.len() (they pair with x's
+        // chunks, which do), and `grad_sums_storing` writes every element of its chunk.
+        unsafe { gz.set_len(x.len()) };
+        let (mut sum_g, mut sum_gx) = (vec![0f64; c], vec![0f64; c]);
+        for (sg, sgx) in &parts {
+            sum_g.iter_mut().zip(sg).for_each(|(a, v)| *a += v);
+            sum_gx.iter_mut().zip(sgx).for_each(|(a, v)| *a += v);
+        }
+        let input = BnGradInput {
+            p: self.p.clone(),
+            sum_g,
+            sum_gx,
+            train: self.train,
+        };
+        let (k, off, slope) = input.coefficients::<T>(rows);
+        gz.par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk))
+            .for_each(|(dc, xc)| {
+                super::wide_simd(
+                    #[inline(always)]
+                    || {
+                        for (dr, xr) in dc.chunks_exact_mut(c).zip(xc.chunks_exact(c)) {
+                            for (((d, &x), ((&k, &off), &slope)), (&mean, &inv)) in dr
+                                .iter_mut()
+                                .zip(xr)
+                                .zip(k.iter().zip(&off).zip(&slope))
+                                .zip(ch.mean.iter().zip(&ch.inv))
+                            {
+                                let xhat = (x - mean) * inv;
+                                *d = k * *d - off - xhat * slope;
+                            }
+                        }
+                    },
+                )
+            });
+        *self.sums.lock().unwrap_or_else(|e| e.into_inner()) = Some((input.sum_g, input.sum_gx));
+        gz
+    }
+}
+
+/// [`grad_sums`] for swish that also stores each g_z into `gz`.
+#[inline(always)]
+fn grad_sums_storing<T: Elem>(
+    ch: &Chan<T>,
+    x: &[T],
+    g: &[T],
+    gz: &mut [MaybeUninit<T>],
+) -> (Vec<f64>, Vec<f64>) {
+    let c = ch.mean.len();
+    let mut sg = vec![0f64; c];
+    let mut sgx = vec![0f64; c];
+    let mut lg = vec![T::zero(); c];
+    let mut lgx = vec![T::zero(); c];
+    let flush = |sg: &mut [f64], sgx: &mut [f64], lg: &mut [T], lgx: &mut [T]| {
+        for i in 0..c {
+            sg[i] += lg[i].to64();
+            sgx[i] += lgx[i].to64();
+            lg[i] = T::zero();
+            lgx[i] = T::zero();
+        }
+    };
+    let rows = x
+        .chunks_exact(c)
+        .zip(g.chunks_exact(c))
+        .zip(gz.chunks_exact_mut(c));
+    for (r, ((xr, gr), zr)) in rows.enumerate() {
+        let sums = lg.iter_mut().zip(lgx.iter_mut());
+        let cols = xr.iter().zip(gr).zip(zr.iter_mut());
+        for ((((&x, &g), z), consts), (lg, lgx)) in cols.zip(ch.iter()).zip(sums) {
+            let (xhat, gz) = xhat_gz::<T, true>(x, g, consts);
+            z.write(gz);
+            *lg += gz;
+            *lgx += gz * xhat;
+        }
+        if r % 64 == 63 {
+            flush(&mut sg, &mut sgx, &mut lg, &mut lgx);
+        }
+    }
+    flush(&mut sg, &mut sgx, &mut lg, &mut lgx);
+    (sg, sgx)
+}
+
+impl CustomOp2 for BnSwishGradCpu {
+    fn name(&self) -> &'static str {
+        "effdet-batch-norm-swish-grad-cpu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let shape = l1.shape().clone();
+        match s1 {
+            s1 if is_f32_family(s1) => Ok((
+                store_f32(
+                    self.run::<f32>(&act_f32(s1, l1)?, &act_f32(s2, l2)?),
+                    s1.dtype(),
+                )?,
+                shape,
+            )),
+            CpuStorage::F64(_) => Ok((
+                CpuStorage::F64(self.run::<f64>(contiguous(s1, l1)?, contiguous(s2, l2)?)),
+                shape,
+            )),
+            s => Err(unsupported(self.name(), s)),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -968,6 +1149,56 @@ mod tests {
     use super::*;
     use crate::ops::fd::{check_gradients, rand_tensor};
     use candle_core::Device;
+
+    /// The CPU's BN + swish backward with stored g_z gives what the two general ops give
+    /// (reduction, then input gradient): dx elementwise, dγ and dβ, in training and evaluation
+    /// mode, over several parallel chunks (the sums may add chunk partials in another order).
+    #[test]
+    fn stored_gz_backward_equals_the_two_pass_ops() -> Result<()> {
+        let (rows, c) = (5000, 24);
+        let x = (rand_tensor(&[rows, c], 31)? * 2.0)?.to_dtype(DType::F32)?;
+        let g = rand_tensor(&[rows, c], 32)?.to_dtype(DType::F32)?;
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let saved = batch_moments(&xs, c, 1e-3);
+        let p = Params {
+            saved,
+            gamma: (0..c).map(|i| 0.5 + 0.1 * i as f64).collect(),
+            beta: (0..c).map(|i| 0.2 - 0.05 * i as f64).collect(),
+            act: Activation::Swish,
+        };
+        for train in [true, false] {
+            let sums = x.apply_op2_no_bwd(&g, &BnGradReduce { p: p.clone() })?;
+            let sums_v: Vec<Vec<f64>> = sums.to_dtype(DType::F64)?.to_vec2()?;
+            let want = x.apply_op2_no_bwd(
+                &g,
+                &BnGradInput {
+                    p: p.clone(),
+                    sum_g: sums_v[0].clone(),
+                    sum_gx: sums_v[1].clone(),
+                    train,
+                },
+            )?;
+            let op = BnSwishGradCpu {
+                p: p.clone(),
+                train,
+                sums: Mutex::new(None),
+            };
+            let got = x.apply_op2_no_bwd(&g, &op)?;
+            let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+            let diff = (&got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(
+                diff <= 1e-5 * scale,
+                "train {train}: dx differs by {diff} (max {scale})"
+            );
+            let (sg, sgx) = op.sums.lock().unwrap().take().unwrap();
+            for (got, want) in [(sg, &sums_v[0]), (sgx, &sums_v[1])] {
+                for (a, b) in got.iter().zip(want) {
+                    assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{a} vs {b}");
+                }
+            }
+        }
+        Ok(())
+    }
 
     /// The blocked one-pass moments equal a plain two-pass f64 computation, over uneven
     /// blocks and chunks (5 channels: 1638-row blocks; 70,001 rows: several chunks and a short
