@@ -779,6 +779,16 @@ impl CustomOp2 for BnSwishGradCpu {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let shape = l1.shape().clone();
+        // `run` pairs x's chunks with g's: they must have the same length to cover the output.
+        let c = self.p.gamma.len();
+        if l2.shape() != &shape || c == 0 || !shape.elem_count().is_multiple_of(c) {
+            candle_core::bail!(
+                "{}: gradient {:?} does not match input {:?} with {c} channels",
+                self.name(),
+                l2.dims(),
+                l1.dims()
+            );
+        }
         match s1 {
             s1 if is_f32_family(s1) => Ok((
                 store_f32(
