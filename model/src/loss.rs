@@ -155,16 +155,18 @@ pub fn tape_gradients(
     cfg: &LossConfig,
     upstream: f64,
 ) -> Result<std::collections::HashMap<candle_core::TensorId, Tensor>> {
-    let lg = detection_loss_grads(
-        cls_out,
-        box_out,
-        cls_targets,
-        box_targets,
-        num_positives,
-        l2_kernels,
-        cfg,
-        upstream,
-    )?;
+    let lg = crate::tape::profile_section("loss gradient", crate::tape::Phase::Backward, || {
+        detection_loss_grads(
+            cls_out,
+            box_out,
+            cls_targets,
+            box_targets,
+            num_positives,
+            l2_kernels,
+            cfg,
+            upstream,
+        )
+    })?;
     let seeds = cls_out
         .iter()
         .zip(lg.cls)

@@ -283,6 +283,19 @@ pub fn take_op_profile() -> Vec<(String, Phase, u64, Duration)> {
     rows
 }
 
+/// Runs `f`, a part of the step that is not a recorded op (the loss, its hand-written
+/// gradients), and counts its time as `label` in `phase` under `EFFDET_OP_PROFILE`, so the
+/// table covers the whole step. Ops recorded inside `f` count for themselves as well.
+pub fn profile_section<R>(label: &'static str, phase: Phase, f: impl FnOnce() -> R) -> R {
+    if !profile_ops() {
+        return f();
+    }
+    let started = Instant::now();
+    let r = f();
+    profile_add(label, None, phase, started.elapsed());
+    r
+}
+
 /// Runs one op's forward `f`, timing it under `EFFDET_OP_PROFILE`.
 pub(crate) fn timed(label: &'static str, f: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
     if !profile_ops() {

@@ -237,15 +237,21 @@ impl Trainer {
             return Ok(parts_of(&cls, &boxes)?);
         }
         let (cls, boxes, tape) = self.model.forward_recorded(&t.images, true)?;
-        let parts = self.with_fused_l2(detection_loss(
-            &cls,
-            &boxes,
-            &t.cls,
-            &t.boxes,
-            &t.num_positives,
-            &[],
-            &self.cfg.loss,
-        )?)?;
+        let parts = effdet_model::tape::profile_section(
+            "loss",
+            effdet_model::tape::Phase::Forward,
+            || -> anyhow::Result<_> {
+                self.with_fused_l2(detection_loss(
+                    &cls,
+                    &boxes,
+                    &t.cls,
+                    &t.boxes,
+                    &t.num_positives,
+                    &[],
+                    &self.cfg.loss,
+                )?)
+            },
+        )?;
         *self.recorded.borrow_mut() = Some(Recorded {
             tape,
             cls,

@@ -163,19 +163,24 @@ impl Focal {
             .par_chunks(ROWS * k)
             .zip(targets.par_chunks(ROWS))
             .map(|(xc, tc)| {
-                let mut acc = 0f64;
                 let mut losses = vec![T::zero(); k];
-                for (row, &id) in xc.chunks_exact(k).zip(tc) {
-                    let Some(class) = row_class(id, k)? else {
-                        continue;
-                    };
-                    // The entries first (a loop that vectorizes), then their sum.
-                    for (j, (l, &v)) in losses.iter_mut().zip(row).enumerate() {
-                        *l = entry::<T, POW>(&c, v, j == class).0;
-                    }
-                    acc += lane_sum(&losses);
-                }
-                Ok(acc)
+                super::wide_simd(
+                    #[inline(always)]
+                    || {
+                        let mut acc = 0f64;
+                        for (row, &id) in xc.chunks_exact(k).zip(tc) {
+                            let Some(class) = row_class(id, k)? else {
+                                continue;
+                            };
+                            // The entries first (a loop that vectorizes), then their sum.
+                            for (j, (l, &v)) in losses.iter_mut().zip(row).enumerate() {
+                                *l = entry::<T, POW>(&c, v, j == class).0;
+                            }
+                            acc += lane_sum(&losses);
+                        }
+                        Ok(acc)
+                    },
+                )
             })
             .collect();
         parts.into_iter().sum()
@@ -203,15 +208,21 @@ impl Focal {
         d.par_chunks_mut(ROWS * k)
             .zip(x.par_chunks(ROWS * k).zip(targets.par_chunks(ROWS)))
             .try_for_each(|(dc, (xc, tc))| -> Result<()> {
-                for ((drow, row), &id) in dc.chunks_exact_mut(k).zip(xc.chunks_exact(k)).zip(tc) {
-                    let Some(class) = row_class(id, k)? else {
-                        continue;
-                    };
-                    for (j, (d, &v)) in drow.iter_mut().zip(row).enumerate() {
-                        *d = scale * entry::<T, POW>(&c, v, j == class).1;
-                    }
-                }
-                Ok(())
+                super::wide_simd(
+                    #[inline(always)]
+                    || {
+                        let rows = dc.chunks_exact_mut(k).zip(xc.chunks_exact(k)).zip(tc);
+                        for ((drow, row), &id) in rows {
+                            let Some(class) = row_class(id, k)? else {
+                                continue;
+                            };
+                            for (j, (d, &v)) in drow.iter_mut().zip(row).enumerate() {
+                                *d = scale * entry::<T, POW>(&c, v, j == class).1;
+                            }
+                        }
+                        Ok(())
+                    },
+                )
             })?;
         Ok(d)
     }
@@ -253,6 +264,7 @@ fn entry<T: Elem, const POW: u8>(c: &EntryConsts<T>, x: T, positive: bool) -> (T
 
 /// Σ v in f64 over 8 interleaved partial sums (a loop that vectorizes; one running sum would
 /// keep it scalar, since float addition may not be reordered).
+#[inline(always)]
 fn lane_sum<T: Elem>(v: &[T]) -> f64 {
     let mut lanes = [0f64; 8];
     let mut chunks = v.chunks_exact(8);

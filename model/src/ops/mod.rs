@@ -447,13 +447,14 @@ mod ln_tests {
 #[cfg(test)]
 mod wide_simd_tests {
     use super::{
-        batch_norm_train, channel_gate, depthwise_conv2d, swish, Activation, WIDE_SIMD_OFF,
+        batch_norm_train, channel_gate, depthwise_conv2d, focal_loss_grad, focal_loss_sum, swish,
+        Activation, FocalParams, WIDE_SIMD_OFF,
     };
     use candle_core::{DType, Result, Tensor, Var};
     use std::sync::atomic::Ordering;
 
-    /// Batch norm (both activations), swish, depthwise convolutions and the channel gate,
-    /// forward and every gradient, as f32 bit patterns.
+    /// Batch norm (both activations), swish, depthwise convolutions, the channel gate and the
+    /// focal loss (γ 1.5, 2 and 2.5), forward and every gradient, as f32 bit patterns.
     fn run() -> Result<Vec<Vec<u32>>> {
         // 37 channels: full 8-lane blocks and a remainder in every row.
         let x = Var::from_tensor(
@@ -499,6 +500,22 @@ mod wide_simd_tests {
             for v in [&x, &w] {
                 out.push(bits(grads.get(v).expect("gradient"))?);
             }
+        }
+        // 5 anchors × 9 classes per position; ids −2 (ignored) to 8.
+        let logits = (super::fd::rand_tensor(&[2, 3, 4, 45], 10)? * 4.0)?.to_dtype(DType::F32)?;
+        let ids: Vec<i64> = (0..2 * 3 * 4 * 5)
+            .map(|i| (i * 7 % 11) as i64 - 2)
+            .collect();
+        let ids = Tensor::from_vec(ids, (2, 3, 4, 5), logits.device())?;
+        let scale = Tensor::new(0.37f32, logits.device())?;
+        for gamma in [1.5, 2.0, 2.5] {
+            let params = FocalParams {
+                alpha: 0.25,
+                gamma,
+                label_smoothing: 0.0,
+            };
+            out.push(bits(&focal_loss_sum(&logits, &ids, params)?.reshape(1)?)?);
+            out.push(bits(&focal_loss_grad(&logits, &ids, params, &scale)?)?);
         }
         let gate = Var::from_tensor(&super::fd::rand_tensor(&[2, 37], 9)?.to_dtype(DType::F32)?)?;
         let y = channel_gate(x.as_tensor(), gate.as_tensor())?;
