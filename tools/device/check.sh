@@ -17,7 +17,9 @@
 #   (e) PyTorch effdet tf_efficientdet_d0 training step, same batch sizes, AMP and fp32;
 #   (f) PROFILE=precision:batch: per-kernel GPU time of one step, ours under Nsight Compute (one
 #       metric, clocks left alone) and PyTorch's under torch.profiler, side by side by kernel
-#       family (tools/device/kernel_table.py; ~1-2 min); phase markers split ours by phase.
+#       family (tools/device/kernel_table.py; ~1-2 min); phase markers split ours by phase;
+#   (g) OPS=precision:batch: one bench-train run with EFFDET_OP_PROFILE=1, each op's host time
+#       per step (on a GPU: what enqueueing it costs; the forward is launch-bound, session 5).
 # Writes summary.json and results.tgz (every JSON line and log) under $OUT and prints a table
 # last. Each step has a timeout so the whole script ends well inside 10 minutes.
 set -uo pipefail
@@ -36,6 +38,7 @@ BASE=${BASE:-fp16:64}                                    # with each baseline bi
 FED=${FED:-fp16:64}                                      # the pipeline-fed run
 TORCH=${TORCH:-"fp16:32 fp16:64 fp32:32"}                 # PyTorch effdet precision:batch
 PROFILE=${PROFILE:-}                                     # (f) per-kernel profile, e.g. fp16:64
+OPS=${OPS:-}                                             # (g) host time per op, e.g. fp16:64
 
 log() { echo "[$(($(date +%s) - START))s] $*"; }
 
@@ -107,6 +110,7 @@ for pb in $RUNS; do bench_model train "$pb"; done
 for pb in $CANDLE; do bench_model train_candle_backward "$pb" EFFDET_CANDLE_BACKWARD=1; done
 for pb in $UNFUSED; do bench_model train_unfused_update "$pb" EFFDET_UNFUSED_UPDATE=1; done
 for pb in $TRIM; do bench_model train_pool_trim "$pb" EFFDET_POOL_TRIM=1; done
+for pb in $OPS; do bench_model train_op_profile "$pb" EFFDET_OP_PROFILE=1; done
 for tag in "${BASELINES[@]}"; do
   for pb in $BASE; do BENCH_BIN=/tmp/effdet-$tag bench_model "train_baseline_$tag" "$pb"; done
 done
@@ -211,6 +215,12 @@ for k, v in summary.items():
         print("  %-34s fwd %7.1f / %7.1f  bwd %7.1f / %7.1f  update queued %6.1f  tensors %s/%s/%s" % (
             k, ph["forward_queued"], ph["forward"], ph["backward_queued"], ph["backward"],
             ph["update_queued"], tn.get("forward", "-"), tn.get("backward", "-"), tn.get("update", "-")))
+for k, v in summary.items():
+    rows = v.get("op_profile") if isinstance(v, dict) else None
+    if rows:
+        print("\n%s: host ms per step by op (top 16 of %d)" % (k, len(rows)))
+        for r in rows[:16]:
+            print("  %-28s %-9s %6.0f calls %8.2f ms" % (r["op"], r["pass"], r["calls_per_step"], r["ms_per_step"]))
 c = summary.get("cuda_check")
 if isinstance(c, dict) and "checks" in c:
     print("\ncuda-check pass=%s (tolerance %g)" % (c["pass"], c["tolerance"]))
