@@ -424,7 +424,7 @@ impl CustomOp2 for CpuGradProduct {
                 }
                 GradOf::Weight => {
                     let rows = a.len() / cin.max(1);
-                    let y = cpu_product((cin, rows, cout), (a, (1, cin)), (b, (cout, 1)))?;
+                    let y = weight_grad_product(a, b, rows, cin, cout)?;
                     (y, Shape::from((cin, cout)))
                 }
             })
@@ -457,15 +457,67 @@ impl CustomOp2 for CpuGradProduct {
     }
 }
 
+/// Rows from which [`weight_grad_product`] splits its sum across threads.
+const SPLIT_ROWS: usize = 8192;
+
+/// xᵀ·g for x `[rows, C_in]`, g `[rows, C_out]`. The product is small (C_in × C_out) and its
+/// sum long (rows, up to 131,072 at 512²), and gemm parallelizes over the output's blocks
+/// only, so with few of them one thread did most of it. From [`SPLIT_ROWS`] rows each thread
+/// takes a contiguous share of the rows (gemm on one thread) and the partial products are
+/// added in thread order (≈ 1.2× on the 1×1 convolutions' backward, two cores; the sums are
+/// then ordered differently from candle's, to rounding).
+fn weight_grad_product<T: WithDType>(
+    x: &[T],
+    g: &[T],
+    rows: usize,
+    cin: usize,
+    cout: usize,
+) -> Result<Vec<T>> {
+    let parts = candle_core::utils::get_num_threads();
+    if rows < SPLIT_ROWS || parts < 2 {
+        return cpu_product((cin, rows, cout), (x, (1, cin)), (g, (cout, 1)));
+    }
+    let per = rows.div_ceil(parts);
+    let partial: Vec<Vec<T>> = (0..parts)
+        .into_par_iter()
+        .map(|p| {
+            let (r0, r1) = ((p * per).min(rows), ((p + 1) * per).min(rows));
+            cpu_product_on(
+                (cin, r1 - r0, cout),
+                (&x[r0 * cin..r1 * cin], (1, cin)),
+                (&g[r0 * cout..r1 * cout], (cout, 1)),
+                1,
+            )
+        })
+        .collect::<Result<_>>()?;
+    let mut sum = partial[0].clone();
+    for p in &partial[1..] {
+        for (s, &v) in sum.iter_mut().zip(p) {
+            *s += v;
+        }
+    }
+    Ok(sum)
+}
+
 /// `lhs` (m×k) · `rhs` (k×n) → row-major m×n, each input given with its (row, column) strides:
 /// the gemm crate called exactly as candle's CPU matmul calls it (same kernel, strides and
 /// threads, so the same bits), but into an output that is not zero-filled first — candle's
 /// `vec![0; m·n]` is a calloc that memsets every reused block, an extra write pass over the
 /// activation the product then overwrites.
 fn cpu_product<T: WithDType>(
+    mkn: (usize, usize, usize),
+    lhs: (&[T], (usize, usize)),
+    rhs: (&[T], (usize, usize)),
+) -> Result<Vec<T>> {
+    cpu_product_on(mkn, lhs, rhs, candle_core::utils::get_num_threads())
+}
+
+/// [`cpu_product`] on `threads` threads (1: the calling thread only).
+fn cpu_product_on<T: WithDType>(
     (m, k, n): (usize, usize, usize),
     (lhs, (lhs_rs, lhs_cs)): (&[T], (usize, usize)),
     (rhs, (rhs_rs, rhs_cs)): (&[T], (usize, usize)),
+    threads: usize,
 ) -> Result<Vec<T>> {
     let last = |rows: usize, cols: usize, rs: usize, cs: usize| {
         (rows.max(1) - 1) * rs + (cols.max(1) - 1) * cs
@@ -475,7 +527,6 @@ fn cpu_product<T: WithDType>(
     {
         candle_core::bail!("linear: product operands smaller than their shapes ({m}x{k}x{n})");
     }
-    let threads = candle_core::utils::get_num_threads();
     let parallelism = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
@@ -525,6 +576,29 @@ mod tests {
             .into_iter()
             .map(|v| (v + 0.0).to_bits())
             .collect())
+    }
+
+    /// The weight gradient split across threads (rows from `SPLIT_ROWS`, an uneven split) equals
+    /// candle's product to rounding, in f32 and f64.
+    #[test]
+    fn split_weight_gradient_equals_the_product() -> Result<()> {
+        let rows = SPLIT_ROWS + 1001;
+        for dtype in [DType::F32, DType::F64] {
+            let x = rand_tensor(&[rows, 5], 21)?.to_dtype(dtype)?;
+            let g = rand_tensor(&[rows, 7], 22)?.to_dtype(dtype)?;
+            let op = CpuGradProduct {
+                which: GradOf::Weight,
+                cin: 5,
+                cout: 7,
+            };
+            let got = x.apply_op2_no_bwd(&g, &op)?.to_dtype(DType::F64)?;
+            let want = x.t()?.matmul(&g)?.to_dtype(DType::F64)?;
+            let d = (&got - &want)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            let n = want.abs()?.max_all()?.to_scalar::<f64>()?;
+            let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
+            assert!(d <= tol * n, "{dtype:?}: differs by {d:e} (max {n:e})");
+        }
+        Ok(())
     }
 
     #[test]
