@@ -216,7 +216,7 @@ fn accumulate(grads: &mut HashMap<TensorId, Tensor>, id: TensorId, g: Tensor) ->
     }
 }
 
-/// Which pass an op's time was spent in, for [`op_profile`].
+/// Which pass an op's time was spent in, for [`take_op_profile`].
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum Phase {
     Forward,
