@@ -789,20 +789,35 @@ impl CustomOp2 for BnSwishGradCpu {
                 l1.dims()
             );
         }
-        match s1 {
-            s1 if is_f32_family(s1) => Ok((
-                store_f32(
-                    self.run::<f32>(&act_f32(s1, l1)?, &act_f32(s2, l2)?),
-                    s1.dtype(),
-                )?,
-                shape,
-            )),
-            CpuStorage::F64(_) => Ok((
-                CpuStorage::F64(self.run::<f64>(contiguous(s1, l1)?, contiguous(s2, l2)?)),
-                shape,
-            )),
-            s => Err(unsupported(self.name(), s)),
+        let out = elementwise2(
+            self.name(),
+            (s1, l1),
+            (s2, l2),
+            |x, g| self.run::<f32>(x, g),
+            |x, g| self.run::<f64>(x, g),
+        )?;
+        Ok((out, shape))
+    }
+}
+
+/// An activation-shaped result of (x, g) on the CPU: f32, f16 and bf16 inputs computed in f32
+/// and stored in x's dtype, f64 in f64.
+fn elementwise2(
+    name: &str,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    f32_op: impl Fn(&[f32], &[f32]) -> Vec<f32>,
+    f64_op: impl Fn(&[f64], &[f64]) -> Vec<f64>,
+) -> Result<CpuStorage> {
+    match s1 {
+        s1 if is_f32_family(s1) => {
+            store_f32(f32_op(&act_f32(s1, l1)?, &act_f32(s2, l2)?), s1.dtype())
         }
+        CpuStorage::F64(_) => Ok(CpuStorage::F64(f64_op(
+            contiguous(s1, l1)?,
+            contiguous(s2, l2)?,
+        ))),
+        s => Err(unsupported(name, s)),
     }
 }
 
@@ -1137,20 +1152,14 @@ impl CustomOp2 for BnGradInput {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let shape = l1.shape().clone();
-        match s1 {
-            s1 if is_f32_family(s1) => Ok((
-                store_f32(
-                    self.run::<f32>(&act_f32(s1, l1)?, &act_f32(s2, l2)?),
-                    s1.dtype(),
-                )?,
-                shape,
-            )),
-            CpuStorage::F64(_) => Ok((
-                CpuStorage::F64(self.run::<f64>(contiguous(s1, l1)?, contiguous(s2, l2)?)),
-                shape,
-            )),
-            s => Err(unsupported(self.name(), s)),
-        }
+        let out = elementwise2(
+            self.name(),
+            (s1, l1),
+            (s2, l2),
+            |x, g| self.run::<f32>(x, g),
+            |x, g| self.run::<f64>(x, g),
+        )?;
+        Ok((out, shape))
     }
 }
 
