@@ -178,14 +178,33 @@ impl Default for ImageWorkspace {
     }
 }
 
+/// An image tensor element: the loader writes f32 or f16 batches straight from the render.
+pub trait PixelValue: Copy + Send {
+    fn from_f32(v: f32) -> Self;
+}
+
+impl PixelValue for f32 {
+    #[inline(always)]
+    fn from_f32(v: f32) -> f32 {
+        v
+    }
+}
+
+impl PixelValue for half::f16 {
+    #[inline(always)]
+    fn from_f32(v: f32) -> half::f16 {
+        half::f16::from_f32(v)
+    }
+}
+
 /// Writes the augmented, normalized image as CHW planes into `out`
 /// (`3 × out_h × out_w` floats); the padding is 0 (the mean colour).
-pub fn render_image(
+pub fn render_image<T: PixelValue>(
     img: &DecodedImage,
     p: &ScaleParams,
     cfg: &AugmentConfig,
     ws: &mut ImageWorkspace,
-    out: &mut [f32],
+    out: &mut [T],
 ) -> anyhow::Result<()> {
     let (out_h, out_w) = (cfg.image_size.0 as usize, cfg.image_size.1 as usize);
     anyhow::ensure!(
@@ -230,23 +249,30 @@ pub fn render_image(
             &mut g_plane[row..row + out_w],
             &mut b_plane[row..row + out_w],
         );
+        let zero = T::from_f32(0.0);
         if y >= ch {
-            r.fill(0.0);
-            g.fill(0.0);
-            b.fill(0.0);
+            r.fill(zero);
+            g.fill(zero);
+            b.fill(zero);
             continue;
         }
         let src_row = &ws.resized[y * cw * 3..(y + 1) * cw * 3];
-        for x in 0..cw {
-            let sxi = if p.flip { cw - 1 - x } else { x };
-            let px = &src_row[sxi * 3..sxi * 3 + 3];
-            r[x] = (px[0] as f32 - MEAN_RGB[0]) * scale[0];
-            g[x] = (px[1] as f32 - MEAN_RGB[1]) * scale[1];
-            b[x] = (px[2] as f32 - MEAN_RGB[2]) * scale[2];
+        let pixels = src_row.chunks_exact(3);
+        let planes = r[..cw].iter_mut().zip(&mut g[..cw]).zip(&mut b[..cw]);
+        let put = |((r, g), b): ((&mut T, &mut T), &mut T), px: &[u8]| {
+            *r = T::from_f32((px[0] as f32 - MEAN_RGB[0]) * scale[0]);
+            *g = T::from_f32((px[1] as f32 - MEAN_RGB[1]) * scale[1]);
+            *b = T::from_f32((px[2] as f32 - MEAN_RGB[2]) * scale[2]);
+        };
+        // Two loops rather than a flip test per pixel, so each one vectorizes.
+        if p.flip {
+            planes.zip(pixels.rev()).for_each(|(o, px)| put(o, px));
+        } else {
+            planes.zip(pixels).for_each(|(o, px)| put(o, px));
         }
-        r[cw..].fill(0.0);
-        g[cw..].fill(0.0);
-        b[cw..].fill(0.0);
+        r[cw..].fill(zero);
+        g[cw..].fill(zero);
+        b[cw..].fill(zero);
     }
     Ok(())
 }

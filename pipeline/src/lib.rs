@@ -20,6 +20,7 @@ pub mod labeler;
 pub mod loader;
 pub mod nvjpeg;
 pub mod sample;
+mod slots;
 pub mod source;
 #[doc(hidden)]
 pub mod test_support;

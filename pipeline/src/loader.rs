@@ -1,12 +1,16 @@
-//! Batches from shards: a source thread reads records (see [`crate::source`]), worker threads
-//! parse, decode, augment and label them into pooled sample buffers, and an assembler thread
-//! puts samples back in sequence order and copies them into pooled batch buffers, which go to
-//! a bounded prefetch queue. Dropping a [`Batch`] returns its buffers to the pool, so the
-//! steady state allocates nothing per image.
+//! Batches from shards: a source thread reads records (see [`crate::source`]) and numbers
+//! them, and worker threads parse, decode, augment and label record `i` straight into slot
+//! `i % B` of batch `i / B` (see [`crate::slots`]): the image is rendered into the batch's image
+//! tensor and the targets are copied into its level-major arrays, so no thread copies a
+//! finished sample again. An assembler thread hands batches out in order as their slots fill,
+//! through a bounded prefetch queue. Dropping a [`Batch`] returns its buffers to the pool, so
+//! the steady state allocates nothing per image.
 //!
 //! Determinism: all randomness of sample `n` of epoch `e` comes from `(seed, e, n, rank)`, and
-//! batches are filled in sequence order (skipping samples that fail to decode), so the batch
-//! stream is the same for any thread count.
+//! a record's slot depends only on its position, so the batch stream is the same for any
+//! thread count. A record that fails to parse, decode or label leaves a *hole*: zero pixels,
+//! every anchor ignored, no ground truth (the GPU decode stage's [`Batch::ignore_slot`] does
+//! the same), so a bad image never shifts the records after it into other batches.
 //!
 //! Layouts: images `[B, 3, H, W]` (f32 or f16); targets level-major, each level contiguous as
 //! `[B, H_l, W_l, A]` for classes and `[B, H_l, W_l, 4A]` for boxes, `A` anchors per cell.
@@ -24,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use crossbeam_channel::{bounded, Receiver, Sender};
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use half::f16;
 use prost::bytes::Bytes;
 use rand::SeedableRng;
@@ -38,6 +42,7 @@ use crate::example::Example;
 use crate::jpeg_header;
 use crate::labeler::{Labeler, Targets};
 use crate::sample::Sample;
+use crate::slots::{BatchShape, BatchSlots, SlotImage, SlotMut};
 use crate::source::{mix_seed, EpochReader, SourceConfig, SourceRecord};
 
 /// Element type of the image tensor.
@@ -170,7 +175,8 @@ pub struct BatchBuffers {
 /// One batch. Dropping it hands its buffers back to the loader.
 #[derive(Debug)]
 pub struct Batch {
-    /// Samples in this batch (the batch size, except a last eval batch).
+    /// Slots in use (the batch size, except a last eval batch); holes (see the module docs)
+    /// count, with source id −1.
     pub len: usize,
     pub batch_size: usize,
     /// Epoch of the first sample and its sequence number in that epoch.
@@ -319,30 +325,18 @@ pub struct EncodedImage {
     pub params: ScaleParams,
 }
 
-/// One worker's output for one sample.
-struct SampleBuf {
-    image: Vec<f32>,
-    /// Set instead of `image` in deferred-decode mode.
-    encoded: Option<EncodedImage>,
-    targets: Targets,
-    source_id: i64,
-    image_scale: f32,
-    gt_boxes: Vec<[f32; 4]>,
-    gt_classes: Vec<i32>,
-}
-
-enum WorkResult {
-    Done(SampleBuf),
-    Skipped(SampleBuf, SkippedSample),
-}
-
-/// What the assembler receives: samples from the workers, epoch lengths from the source.
-enum Msg {
-    Sample(u64, u64, Box<WorkResult>),
-    EpochEnd { epoch: u64, samples: u64 },
+/// What the assembler hears from a worker: record `index` of the run is in its slot.
+struct Done {
+    index: u64,
+    epoch: u64,
+    sequence: u64,
+    /// Set when the record gave no sample (its slot holds a hole).
+    skipped: Option<SkippedSample>,
 }
 
 struct Job {
+    /// Position in the run: the record goes to slot `index % B` of batch `index / B`.
+    index: u64,
     epoch: u64,
     sequence: u64,
     record: SourceRecord,
@@ -392,28 +386,23 @@ impl Loader {
         );
         let image_len = 3 * out_h * out_w;
 
-        // Sample buffers in flight: enough for every worker plus the reorder window.
-        let in_flight = threads * 2 + cfg.batch_size;
-        let (pool_tx, pool_rx) = bounded::<SampleBuf>(in_flight);
-        for _ in 0..in_flight {
-            pool_tx
-                .send(SampleBuf {
-                    image: vec![0.0; image_len],
-                    encoded: None,
-                    targets: if cfg.decode_only {
-                        Targets::default()
-                    } else {
-                        labeler.new_targets()
-                    },
-                    source_id: -1,
-                    image_scale: 1.0,
-                    gt_boxes: Vec::with_capacity(cfg.max_instances),
-                    gt_classes: Vec::with_capacity(cfg.max_instances),
-                })
-                .expect("pool has room");
-        }
-        let (job_tx, job_rx) = bounded::<Job>(in_flight);
-        let (res_tx, res_rx) = bounded::<Msg>(in_flight);
+        let shape = BatchShape {
+            batch_size: cfg.batch_size,
+            image_len,
+            num_anchors: if cfg.decode_only { 0 } else { num_anchors },
+            anchors_per_cell: labeler.anchors().per_location(),
+            levels,
+            max_instances: cfg.max_instances,
+            f16_images: cfg.image_dtype == ImageDtype::F16,
+        };
+        // Open batches cover the records in flight (each worker's, and the job queue's), so
+        // workers seldom wait; beyond that a slow consumer holds them back.
+        let job_queue = threads * 2;
+        let max_open = ((threads + job_queue).div_ceil(cfg.batch_size) + 1).max(2);
+        let (recycle_tx, recycle_rx) = bounded::<BatchBuffers>(cfg.prefetch.max(1) + max_open);
+        let slots = Arc::new(BatchSlots::new(shape, max_open, recycle_rx));
+        let (job_tx, job_rx) = bounded::<Job>(job_queue);
+        let (done_tx, done_rx) = unbounded::<Done>();
         let (batch_tx, batch_rx) = bounded::<anyhow::Result<Batch>>(cfg.prefetch.max(1));
         let mut handles = Vec::new();
 
@@ -423,9 +412,8 @@ impl Loader {
             let stop = stop.clone();
             let stats = stats.clone();
             let batch_tx = batch_tx.clone();
-            let res_tx = res_tx.clone();
             handles.push(std::thread::spawn(move || {
-                let result = run_source(&cfg, &source_cfg, &job_tx, &res_tx, &stop, &stats);
+                let result = run_source(&cfg, &source_cfg, &job_tx, &stop, &stats);
                 if let Err(e) = result {
                     let _ = batch_tx.send(Err(e));
                 }
@@ -434,48 +422,54 @@ impl Loader {
         // Workers.
         for _ in 0..threads {
             let (cfg, stop, stats) = (cfg.clone(), stop.clone(), stats.clone());
-            let (job_rx, res_tx, pool_rx) = (job_rx.clone(), res_tx.clone(), pool_rx.clone());
+            let (job_rx, done_tx, slots) = (job_rx.clone(), done_tx.clone(), slots.clone());
             let (labeler, decoder) = (labeler.clone(), decoder.clone());
             handles.push(std::thread::spawn(move || {
+                let batch_size = cfg.batch_size as u64;
                 let mut worker = Worker::new(cfg, labeler, decoder, stats);
-                // Take the buffer before the job, so the job the assembler waits for always
-                // has a buffer (no deadlock with the reorder window).
-                while let Ok(buf) = pool_rx.recv() {
-                    let Ok(job) = job_rx.recv() else { break };
+                while let Ok(job) = job_rx.recv() {
                     if stop.load(Ordering::Relaxed) {
                         break;
                     }
-                    let (epoch, sequence) = (job.epoch, job.sequence);
-                    let result = worker.process(job, buf);
-                    if res_tx
-                        .send(Msg::Sample(epoch, sequence, Box::new(result)))
-                        .is_err()
-                    {
+                    let Some(batch) = slots.batch(job.index / batch_size, &stop) else {
+                        break;
+                    };
+                    let slot = (job.index % batch_size) as usize;
+                    // SAFETY: record indices are unique, so no other worker has this slot.
+                    let mut view = unsafe { batch.slot(slot) };
+                    let skipped = worker.process(&job, &mut view, &slots.shape().levels).err();
+                    if skipped.is_some() {
+                        view.make_hole();
+                    }
+                    drop(view);
+                    // Let go of the batch before reporting, so the assembler can close it.
+                    drop(batch);
+                    let done = Done {
+                        index: job.index,
+                        epoch: job.epoch,
+                        sequence: job.sequence,
+                        skipped,
+                    };
+                    if done_tx.send(done).is_err() {
                         break;
                     }
                 }
             }));
         }
-        drop(res_tx);
+        drop(done_tx);
         // Assembler.
         {
             let (cfg, stop, stats, skipped) =
                 (cfg.clone(), stop.clone(), stats.clone(), skipped.clone());
-            let (recycle_tx, recycle_rx) = bounded::<BatchBuffers>(cfg.prefetch.max(1) + 2);
             handles.push(std::thread::spawn(move || {
                 let mut asm = Assembler {
-                    cfg: cfg.clone(),
-                    levels,
-                    anchors_per_cell: labeler.anchors().per_location(),
-                    num_anchors,
-                    image_len,
+                    cfg,
+                    slots,
                     recycle_tx,
-                    recycle_rx,
                     stats,
                     skipped,
-                    current: None,
                 };
-                asm.run(res_rx, pool_tx, batch_tx, &stop);
+                asm.run(done_rx, batch_tx, &stop);
             }));
         }
         Ok(Loader {
@@ -533,12 +527,12 @@ fn run_source(
     cfg: &LoaderConfig,
     source: &SourceConfig,
     jobs: &Sender<Job>,
-    results: &Sender<Msg>,
     stop: &AtomicBool,
     stats: &StageTimes,
 ) -> anyhow::Result<()> {
     let mut epoch = cfg.start_epoch;
     let mut to_skip = cfg.skip_samples;
+    let mut index = 0u64;
     loop {
         if cfg.epochs.is_some_and(|n| epoch >= cfg.start_epoch + n) {
             return Ok(());
@@ -557,10 +551,12 @@ fn run_source(
             }
             StageTimes::add(&stats.read_ns, t);
             let job = Job {
+                index,
                 epoch,
                 sequence: record.sequence,
                 record,
             };
+            index += 1;
             if jobs.send(job).is_err() {
                 return Ok(());
             }
@@ -573,13 +569,6 @@ fn run_source(
             produced > 0 || !reader.skipped.is_empty(),
             "epoch {epoch}: the input files hold no records"
         );
-        let end = Msg::EpochEnd {
-            epoch,
-            samples: produced,
-        };
-        if results.send(end).is_err() {
-            return Ok(());
-        }
         epoch += 1;
     }
 }
@@ -591,9 +580,11 @@ struct Worker {
     stats: Arc<StageTimes>,
     decoded: DecodedImage,
     ws: ImageWorkspace,
+    targets: Targets,
     boxes: Vec<[f32; 4]>,
     classes: Vec<i32>,
     out_boxes: Vec<[f32; 4]>,
+    kept_classes: Vec<i32>,
     keep: Vec<usize>,
 }
 
@@ -604,6 +595,11 @@ impl Worker {
         decoder: Arc<dyn ImageDecoder>,
         stats: Arc<StageTimes>,
     ) -> Worker {
+        let targets = if cfg.decode_only {
+            Targets::default()
+        } else {
+            labeler.new_targets()
+        };
         Worker {
             cfg,
             labeler,
@@ -611,36 +607,36 @@ impl Worker {
             stats,
             decoded: DecodedImage::default(),
             ws: ImageWorkspace::default(),
+            targets,
             boxes: Vec::new(),
             classes: Vec::new(),
             out_boxes: Vec::new(),
+            kept_classes: Vec::new(),
             keep: Vec::new(),
         }
     }
 
-    fn process(&mut self, job: Job, mut buf: SampleBuf) -> WorkResult {
-        let skip = |buf, reason: String, source_id| {
-            WorkResult::Skipped(
-                buf,
-                SkippedSample {
-                    file: job.record.file.clone(),
-                    offset: job.record.offset,
-                    source_id,
-                    reason,
-                },
-            )
+    /// Writes the job's sample into its batch slot; on `Err` the slot is left for the caller
+    /// to turn into a hole.
+    fn process(
+        &mut self,
+        job: &Job,
+        slot: &mut SlotMut,
+        levels: &[LevelLayout],
+    ) -> Result<(), SkippedSample> {
+        let skip = |reason: String, source_id| SkippedSample {
+            file: job.record.file.clone(),
+            offset: job.record.offset,
+            source_id,
+            reason,
         };
         let t = Instant::now();
-        let sample = match Example::decode_bytes(Bytes::clone(&job.record.payload))
+        let sample = Example::decode_bytes(Bytes::clone(&job.record.payload))
             .map_err(|e| format!("malformed Example: {e}"))
             .and_then(|ex| Sample::from_example(&ex).map_err(|e| e.to_string()))
-        {
-            Ok(s) => s,
-            Err(reason) => return skip(buf, reason, None),
-        };
+            .map_err(|reason| skip(reason, None))?;
         let t = StageTimes::add(&self.stats.parse_ns, t);
         let cfg = &self.cfg;
-        buf.encoded = None;
         // Deferred mode: only the header is read when the GPU decoder can take the JPEG.
         let header = if cfg.defer_jpeg_decode {
             jpeg_header::probe(&sample.image)
@@ -653,11 +649,10 @@ impl Worker {
             Some(info) => (info.height, info.width),
             None => {
                 if let Err(e) = self.decoder.decode_into(&sample.image, &mut self.decoded) {
-                    return skip(
-                        buf,
+                    return Err(skip(
                         format!("cannot decode image: {e}"),
                         Some(sample.source_id),
-                    );
+                    ));
                 }
                 if cfg.defer_jpeg_decode {
                     self.stats
@@ -681,33 +676,35 @@ impl Worker {
             Mode::Eval => ScaleParams::eval(h, w, &cfg.augment),
         };
         if header.is_some() {
+            // The GPU stage renders this slot's image.
             self.stats.deferred_images.fetch_add(1, Ordering::Relaxed);
-            buf.encoded = Some(EncodedImage {
+            *slot.encoded = Some(EncodedImage {
                 jpeg: Bytes::clone(&sample.image),
                 height: h,
                 width: w,
                 params,
             });
-        } else if let Err(e) = render_image(
-            &self.decoded,
-            &params,
-            &cfg.augment,
-            &mut self.ws,
-            &mut buf.image,
-        ) {
-            return skip(
-                buf,
-                format!("cannot resize image: {e}"),
-                Some(sample.source_id),
-            );
+        } else {
+            *slot.encoded = None;
+            let (img, aug, ws) = (&self.decoded, &cfg.augment, &mut self.ws);
+            let rendered = match &mut slot.image {
+                SlotImage::F32(out) => render_image(img, &params, aug, ws, out),
+                SlotImage::F16(out) => render_image(img, &params, aug, ws, out),
+            };
+            if let Err(e) = rendered {
+                return Err(skip(
+                    format!("cannot resize image: {e}"),
+                    Some(sample.source_id),
+                ));
+            }
         }
-        buf.source_id = sample.source_id;
-        buf.image_scale = 1.0 / params.image_scale;
-        buf.gt_boxes.clear();
-        buf.gt_classes.clear();
+        *slot.source_id = sample.source_id;
+        *slot.image_scale = 1.0 / params.image_scale;
         if cfg.decode_only {
+            *slot.num_positives = 0.0;
+            slot.put_ground_truth(&[], &[]);
             StageTimes::add(&self.stats.augment_ns, t);
-            return WorkResult::Done(buf);
+            return Ok(());
         }
         self.boxes.clear();
         self.classes.clear();
@@ -727,245 +724,132 @@ impl Worker {
             &mut self.keep,
         );
         let t = StageTimes::add(&self.stats.augment_ns, t);
-        buf.gt_classes
+        self.kept_classes.clear();
+        self.kept_classes
             .extend(self.keep.iter().map(|&i| self.classes[i]));
-        if let Err(e) = self
-            .labeler
-            .label_into(&self.out_boxes, &buf.gt_classes, &mut buf.targets)
+        if let Err(e) =
+            self.labeler
+                .label_into(&self.out_boxes, &self.kept_classes, &mut self.targets)
         {
-            return skip(
-                buf,
+            return Err(skip(
                 format!("cannot label anchors: {e}"),
                 Some(sample.source_id),
-            );
+            ));
         }
-        StageTimes::add(&self.stats.label_ns, t);
+        let t = StageTimes::add(&self.stats.label_ns, t);
+        slot.put_targets(self.targets.cls(), self.targets.boxes(), levels);
+        *slot.num_positives = self.targets.num_positives();
         // Ground truth for evaluation: boxes back in original pixels (automl multiplies the
         // clipped boxes by 1 / image_scale).
-        let to_original = buf.image_scale;
-        buf.gt_boxes
-            .extend(self.out_boxes.iter().map(|b| b.map(|v| v * to_original)));
-        WorkResult::Done(buf)
+        let to_original = *slot.image_scale;
+        for b in &mut self.out_boxes {
+            *b = b.map(|v| v * to_original);
+        }
+        slot.put_ground_truth(&self.out_boxes, &self.kept_classes);
+        StageTimes::add(&self.stats.batch_ns, t);
+        Ok(())
     }
 }
 
+/// Hands out batches in order as their slots fill.
 struct Assembler {
     cfg: Arc<LoaderConfig>,
-    levels: Vec<LevelLayout>,
-    anchors_per_cell: usize,
-    num_anchors: usize,
-    image_len: usize,
+    slots: Arc<BatchSlots>,
     recycle_tx: Sender<BatchBuffers>,
-    recycle_rx: Receiver<BatchBuffers>,
     stats: Arc<StageTimes>,
     skipped: Arc<Mutex<Vec<SkippedSample>>>,
-    current: Option<Batch>,
+}
+
+/// Progress of one batch: slots written, and the position of its first record.
+#[derive(Default)]
+struct Filling {
+    written: usize,
+    first: Option<(u64, u64)>,
 }
 
 impl Assembler {
     fn run(
         &mut self,
-        results: Receiver<Msg>,
-        pool: Sender<SampleBuf>,
+        done: Receiver<Done>,
         batches: Sender<anyhow::Result<Batch>>,
         stop: &AtomicBool,
     ) {
-        let mut pending: BTreeMap<(u64, u64), WorkResult> = BTreeMap::new();
-        let mut epoch_len: BTreeMap<u64, u64> = BTreeMap::new();
-        // Resumed runs start mid-epoch.
-        let mut next = (self.cfg.start_epoch, self.cfg.skip_samples);
-        for msg in results.iter() {
+        let bsz = self.cfg.batch_size;
+        let mut filling: BTreeMap<u64, Filling> = BTreeMap::new();
+        let mut next = 0u64;
+        for d in done.iter() {
             if stop.load(Ordering::Relaxed) {
                 return;
             }
-            match msg {
-                Msg::Sample(epoch, seq, result) => {
-                    pending.insert((epoch, seq), *result);
+            let f = filling.entry(d.index / bsz as u64).or_default();
+            f.written += 1;
+            if d.index % bsz as u64 == 0 {
+                f.first = Some((d.epoch, d.sequence));
+            }
+            match d.skipped {
+                None => {
+                    self.stats.images.fetch_add(1, Ordering::Relaxed);
                 }
-                Msg::EpochEnd { epoch, samples } => {
-                    epoch_len.insert(epoch, samples);
+                Some(info) => {
+                    eprintln!(
+                        "warning: skipping sample{} from {} at byte offset {}: {}",
+                        info.source_id
+                            .map(|id| format!(" {id}"))
+                            .unwrap_or_default(),
+                        info.file.display(),
+                        info.offset,
+                        info.reason
+                    );
+                    self.stats.skipped_images.fetch_add(1, Ordering::Relaxed);
+                    self.skipped.lock().expect("skip log").push(info);
                 }
             }
-            loop {
-                if epoch_len.get(&next.0) == Some(&next.1) {
-                    epoch_len.remove(&next.0);
-                    next = (next.0 + 1, 0);
-                    continue;
+            while filling.get(&next).is_some_and(|f| f.written == bsz) {
+                let f = filling.remove(&next).expect("full batch");
+                let batch = self.close(next, bsz, f.first);
+                next += 1;
+                if batches.send(Ok(batch)).is_err() {
+                    return;
                 }
-                let Some(result) = pending.remove(&next) else {
-                    break;
-                };
-                let key = next;
-                next.1 += 1;
-                let buf = match result {
-                    WorkResult::Done(mut buf) => {
-                        self.stats.images.fetch_add(1, Ordering::Relaxed);
-                        let t = Instant::now();
-                        let full = self.add(key, &mut buf);
-                        StageTimes::add(&self.stats.batch_ns, t);
-                        if let Some(full) = full {
-                            if batches.send(Ok(full)).is_err() {
-                                return;
-                            }
-                        }
-                        buf
-                    }
-                    WorkResult::Skipped(buf, info) => {
-                        eprintln!(
-                            "warning: skipping sample{} from {} at byte offset {}: {}",
-                            info.source_id
-                                .map(|id| format!(" {id}"))
-                                .unwrap_or_default(),
-                            info.file.display(),
-                            info.offset,
-                            info.reason
-                        );
-                        self.stats.skipped_images.fetch_add(1, Ordering::Relaxed);
-                        self.skipped.lock().expect("skip log").push(info);
-                        buf
-                    }
-                };
-                // Workers that finished their jobs have hung up; the buffer is just dropped.
-                let _ = pool.send(buf);
             }
         }
-        // End of stream: flush a short batch in eval mode (training drops the remainder).
-        if let Some(mut batch) = self.current.take() {
-            if self.cfg.mode == Mode::Eval && batch.len > 0 {
-                let len = batch.len;
-                let image_len = self.image_len;
-                if let Some(b) = batch.buffers.as_mut() {
-                    match &mut b.images {
-                        ImageData::F32(v) => v[len * image_len..].fill(0.0),
-                        ImageData::F16(v) => v[len * image_len..].fill(f16::ZERO),
+        // End of stream: pad and send a short batch in eval mode (training drops it). Every
+        // worker is gone, so nothing else holds the batch.
+        if let Some(f) = filling.remove(&next) {
+            if self.cfg.mode == Mode::Eval && f.written > 0 && !stop.load(Ordering::Relaxed) {
+                if let Some(open) = self.slots.batch(next, stop) {
+                    for slot in f.written..bsz {
+                        // SAFETY: the workers have exited; this is the only view.
+                        unsafe { open.slot(slot) }.make_padding();
                     }
-                    let a = self.anchors_per_cell;
-                    let bsz = self.cfg.batch_size;
-                    for lv in &self.levels {
-                        if b.cls_targets.is_empty() {
-                            break;
-                        }
-                        let n = lv.height * lv.width * a;
-                        let from = lv.anchor_offset * bsz + len * n;
-                        let to = lv.anchor_offset * bsz + bsz * n;
-                        b.cls_targets[from..to].fill(-1);
-                        b.box_targets[from * 4..to * 4].fill(0.0);
-                    }
-                    b.num_positives[len..].fill(0.0);
-                    b.source_ids[len..].fill(-1);
-                    b.gt_boxes[len * self.cfg.max_instances * 4..].fill(-1.0);
-                    b.gt_classes[len * self.cfg.max_instances..].fill(-1.0);
                 }
+                let batch = self.close(next, f.written, f.first);
                 let _ = batches.send(Ok(batch));
             }
         }
     }
 
-    fn fresh_buffers(&self) -> BatchBuffers {
-        let b = self.cfg.batch_size;
-        let images = match self.cfg.image_dtype {
-            ImageDtype::F32 => ImageData::F32(vec![0.0; b * self.image_len]),
-            ImageDtype::F16 => ImageData::F16(vec![f16::ZERO; b * self.image_len]),
-        };
-        let anchors = if self.cfg.decode_only {
-            0
-        } else {
-            self.num_anchors
-        };
-        BatchBuffers {
-            images,
-            cls_targets: vec![-1; b * anchors],
-            box_targets: vec![0.0; b * anchors * 4],
-            num_positives: vec![0.0; b],
-            source_ids: vec![-1; b],
-            image_scales: vec![0.0; b],
-            gt_boxes: vec![-1.0; b * self.cfg.max_instances * 4],
-            gt_classes: vec![-1.0; b * self.cfg.max_instances],
-        }
-    }
-
-    /// Copies one sample into the current batch; returns the batch when it is full.
-    fn add(&mut self, key: (u64, u64), s: &mut SampleBuf) -> Option<Batch> {
-        if self.current.is_none() {
-            let buffers = self
-                .recycle_rx
-                .try_recv()
-                .unwrap_or_else(|_| self.fresh_buffers());
-            self.current = Some(Batch {
-                len: 0,
-                batch_size: self.cfg.batch_size,
-                epoch: key.0,
-                first_sequence: key.1,
-                image_size: (
-                    self.cfg.augment.image_size.0 as usize,
-                    self.cfg.augment.image_size.1 as usize,
-                ),
-                anchors_per_cell: self.anchors_per_cell,
-                levels: self.levels.clone(),
-                buffers: Some(buffers),
-                encoded: vec![None; self.cfg.batch_size],
-                recycle: Some(self.recycle_tx.clone()),
-            });
-        }
-        let batch = self.current.as_mut().expect("current batch");
-        let slot = batch.len;
-        let bsz = self.cfg.batch_size;
-        let max_inst = self.cfg.max_instances;
-        let a = self.anchors_per_cell;
-        let levels = &self.levels;
-        let decode_only = self.cfg.decode_only;
-        let bufs = batch.buffers.as_mut().expect("buffers");
-        let img = &s.image;
-        batch.encoded[slot] = s.encoded.take();
-        // A deferred image's slot is written by the GPU stage.
-        match &mut bufs.images {
-            _ if batch.encoded[slot].is_some() => {}
-            ImageData::F32(v) => v[slot * img.len()..(slot + 1) * img.len()].copy_from_slice(img),
-            ImageData::F16(v) => {
-                for (d, &x) in v[slot * img.len()..(slot + 1) * img.len()]
-                    .iter_mut()
-                    .zip(img)
-                {
-                    *d = f16::from_f32(x);
-                }
-            }
-        }
-        if !decode_only {
-            for lv in levels {
-                let n = lv.height * lv.width * a;
-                let src = lv.anchor_offset..lv.anchor_offset + n;
-                let dst = lv.anchor_offset * bsz + slot * n;
-                bufs.cls_targets[dst..dst + n].copy_from_slice(&s.targets.cls()[src.clone()]);
-                bufs.box_targets[dst * 4..(dst + n) * 4]
-                    .copy_from_slice(&s.targets.boxes()[src.start * 4..src.end * 4]);
-            }
-        }
-        bufs.num_positives[slot] = if decode_only {
-            0.0
-        } else {
-            s.targets.num_positives()
-        };
-        bufs.source_ids[slot] = s.source_id;
-        bufs.image_scales[slot] = s.image_scale;
-        let gtb = &mut bufs.gt_boxes[slot * max_inst * 4..(slot + 1) * max_inst * 4];
-        gtb.fill(-1.0);
-        let gtc = &mut bufs.gt_classes[slot * max_inst..(slot + 1) * max_inst];
-        gtc.fill(-1.0);
-        for (i, (b, &c)) in s
-            .gt_boxes
-            .iter()
-            .zip(&s.gt_classes)
-            .take(max_inst)
-            .enumerate()
-        {
-            gtb[i * 4..i * 4 + 4].copy_from_slice(b);
-            gtc[i] = c as f32;
-        }
-        batch.len += 1;
-        if batch.len == bsz {
-            self.current.take()
-        } else {
-            None
+    /// Takes batch `number` from the open set as a [`Batch`] of `len` samples.
+    fn close(&self, number: u64, len: usize, first: Option<(u64, u64)>) -> Batch {
+        let t = Instant::now();
+        let (buffers, encoded) = self.slots.close(number);
+        let shape = self.slots.shape();
+        let (epoch, first_sequence) = first.expect("slot 0 of every handed-out batch is written");
+        StageTimes::add(&self.stats.batch_ns, t);
+        Batch {
+            len,
+            batch_size: shape.batch_size,
+            epoch,
+            first_sequence,
+            image_size: (
+                self.cfg.augment.image_size.0 as usize,
+                self.cfg.augment.image_size.1 as usize,
+            ),
+            anchors_per_cell: shape.anchors_per_cell,
+            levels: shape.levels.clone(),
+            buffers: Some(buffers),
+            encoded,
+            recycle: Some(self.recycle_tx.clone()),
         }
     }
 }

@@ -1,5 +1,5 @@
 //! Loader behaviour end to end on synthetic shards: determinism across thread counts,
-//! skipping of corrupt images, eval order and short last batch, target layout.
+//! holes left by corrupt images, eval order and short last batch, target layout.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,7 +13,7 @@ use effdet_pipeline::coco::synth::{generate, SynthOptions};
 use effdet_pipeline::decode::CpuDecoder;
 use effdet_pipeline::example::{Example, Feature};
 use effdet_pipeline::labeler::Labeler;
-use effdet_pipeline::loader::{Batch, ImageDtype, Loader, LoaderConfig};
+use effdet_pipeline::loader::{Batch, ImageData, ImageDtype, Loader, LoaderConfig};
 use effdet_pipeline::tfrecord::AtomicRecordWriter;
 use prost::Message;
 
@@ -108,6 +108,60 @@ fn train_batches_are_identical_for_1_2_and_4_threads() {
     let loader = Loader::start(f16, files.clone(), labeler(128), Arc::new(CpuDecoder)).unwrap();
     let b = loader.take(1).next().unwrap().unwrap();
     assert!(one[0].contains(&format!("{:?}", b.buffers().cls_targets)));
+    // ... and the f32 images rounded once to f16 (the workers render f16 directly).
+    let f32_loader = Loader::start(
+        config(Mode::Train, 2),
+        files.clone(),
+        labeler(128),
+        Arc::new(CpuDecoder),
+    )
+    .unwrap();
+    let a = f32_loader.take(1).next().unwrap().unwrap();
+    match (&a.buffers().images, &b.buffers().images) {
+        (ImageData::F32(x), ImageData::F16(h)) => {
+            assert_eq!(x.len(), h.len());
+            assert!(x.iter().zip(h).all(|(&x, &h)| half::f16::from_f32(x) == h));
+        }
+        _ => panic!("expected f32 and f16 images"),
+    }
+}
+
+/// A record that cannot be decoded leaves a hole in its slot, at the same place whatever the
+/// thread count, and the records after it keep their slots.
+#[test]
+fn a_bad_record_leaves_the_same_hole_for_any_thread_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = make_shards(dir.path(), 7, 1);
+    let mixed = dir.path().join("mixed.tfrecord");
+    let mut w = AtomicRecordWriter::create(&mixed).unwrap();
+    for (i, rec) in effdet_pipeline::tfrecord::RecordReader::open(&good[0])
+        .unwrap()
+        .enumerate()
+    {
+        if i == 2 {
+            let mut f = BTreeMap::new();
+            f.insert(
+                "image/encoded".to_string(),
+                Feature::bytes([Bytes::from_static(b"\xff\xd8not a jpeg")]),
+            );
+            w.write(&Example::from_features(f).encode_to_vec()).unwrap();
+        }
+        w.write(&rec.unwrap().payload).unwrap();
+    }
+    w.finish().unwrap();
+    let files = vec![mixed];
+    // Eight records, batch 4: six batches span three epochs.
+    let one = run(&files, config(Mode::Train, 1), 6);
+    assert_eq!(run(&files, config(Mode::Train, 3), 6), one);
+    let mut cfg = config(Mode::Eval, 3);
+    cfg.epochs = Some(1);
+    let loader = Loader::start(cfg, files, labeler(128), Arc::new(CpuDecoder)).unwrap();
+    let ids: Vec<i64> = loader
+        .map(|b| b.unwrap())
+        .flat_map(|b| b.buffers().source_ids.clone())
+        .collect();
+    let id = |i: i64| 11_000_000 + i;
+    assert_eq!(ids, [id(1), id(2), -1, id(3), id(4), id(5), id(6), id(7)]);
 }
 
 #[test]
@@ -215,7 +269,42 @@ fn corrupt_jpeg_in_a_shard_is_skipped_and_counted() {
     let stats = loader.stats.clone();
     let skipped = loader.skipped.clone();
     let batches: Vec<Batch> = loader.map(|b| b.unwrap()).collect();
-    assert_eq!(batches.iter().map(|b| b.len).sum::<usize>(), 6);
+    // The bad record keeps its slot (the first) as a hole; the six good ones follow it.
+    assert_eq!(batches.iter().map(|b| b.len).sum::<usize>(), 7);
+    let first = batches[0].buffers();
+    assert_eq!(first.source_ids[0], -1);
+    assert_ne!(first.source_ids[1], -1);
+    assert_eq!(first.num_positives[0], 0.0);
+    let per_level = |b: &Batch, l: usize| b.cls_targets(l).len() / b.batch_size;
+    for l in 0..batches[0].levels.len() {
+        let n = per_level(&batches[0], l);
+        let cls = batches[0].cls_targets(l);
+        assert!(
+            cls[..n].iter().all(|&c| c == -2),
+            "hole anchors are ignored"
+        );
+        assert!(
+            cls[n..2 * n].iter().all(|&c| c >= -1),
+            "the next slot is a sample"
+        );
+        assert!(batches[0].box_targets(l)[..4 * n].iter().all(|&v| v == 0.0));
+    }
+    match &first.images {
+        ImageData::F32(v) => {
+            let len = v.len() / batches[0].batch_size;
+            assert!(v[..len].iter().all(|&x| x == 0.0), "hole pixels are zero");
+            assert!(v[len..2 * len].iter().any(|&x| x != 0.0));
+        }
+        _ => panic!("f32 images expected"),
+    }
+    assert!(first.gt_classes[..100].iter().all(|&c| c == -1.0));
+    // The short last batch is padded behind its samples: background, not ignored.
+    let last = batches.last().unwrap();
+    assert!(last.len < last.batch_size);
+    for l in 0..last.levels.len() {
+        let n = per_level(last, l);
+        assert!(last.cls_targets(l)[last.len * n..].iter().all(|&c| c == -1));
+    }
     assert_eq!(
         stats
             .skipped_images

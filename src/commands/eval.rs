@@ -112,10 +112,15 @@ pub fn eval(a: &Args) -> anyhow::Result<EvalSummary> {
             anchor_boxes.len()
         );
         for i in 0..b.len {
+            let image_id = b.buffers().source_ids[i];
+            // A hole: the record could not be read or decoded (logged by the loader).
+            if image_id < 0 {
+                continue;
+            }
+            images += 1;
             let c: Vec<f32> = cls.get(i)?.flatten_all()?.to_vec1()?;
             let r: Vec<f32> = boxes.get(i)?.flatten_all()?.to_vec1()?;
             let scale = b.buffers().image_scales[i];
-            let image_id = b.buffers().source_ids[i];
             for d in postprocess_image(&c, &r, &anchor_boxes, scale, &pp)? {
                 dets.push(Detection {
                     image_id: image_id as u64,
@@ -125,7 +130,6 @@ pub fn eval(a: &Args) -> anyhow::Result<EvalSummary> {
                 });
             }
         }
-        images += b.len;
     }
     let secs = t.elapsed().as_secs_f64();
     if let Some(out) = &a.out {

@@ -1,0 +1,333 @@
+//! Batches that workers fill in place. Record `i` of a run (counting from its first job) goes
+//! to slot `i % B` of batch `i / B`, so a worker knows where its sample lands before it
+//! starts, renders the image straight into the batch's image tensor and copies its targets
+//! into the batch's level-major arrays. Nothing is copied again on the way out: the loader's
+//! assembler only waits for a batch's `B` slots and hands the buffers over.
+//!
+//! Safety rests on one rule, which the loader keeps by construction: each slot of an open
+//! batch is written by exactly one worker (record indices are unique), and the buffers are
+//! only touched again once every worker has dropped its handle on the batch.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use crossbeam_channel::Receiver;
+use half::f16;
+
+use crate::loader::{BatchBuffers, EncodedImage, ImageData, LevelLayout};
+
+/// The geometry of every batch in a run.
+#[derive(Debug, Clone)]
+pub(crate) struct BatchShape {
+    pub batch_size: usize,
+    /// Elements of one image, `3 · H · W`.
+    pub image_len: usize,
+    /// Anchors of one image (0 when the run makes no targets).
+    pub num_anchors: usize,
+    pub anchors_per_cell: usize,
+    pub levels: Vec<LevelLayout>,
+    pub max_instances: usize,
+    pub f16_images: bool,
+}
+
+impl BatchShape {
+    /// Buffers for one batch, with every slot in its empty state.
+    pub fn fresh_buffers(&self) -> BatchBuffers {
+        let b = self.batch_size;
+        let images = if self.f16_images {
+            ImageData::F16(vec![f16::ZERO; b * self.image_len])
+        } else {
+            ImageData::F32(vec![0.0; b * self.image_len])
+        };
+        BatchBuffers {
+            images,
+            cls_targets: vec![-1; b * self.num_anchors],
+            box_targets: vec![0.0; b * self.num_anchors * 4],
+            num_positives: vec![0.0; b],
+            source_ids: vec![-1; b],
+            image_scales: vec![0.0; b],
+            gt_boxes: vec![-1.0; b * self.max_instances * 4],
+            gt_classes: vec![-1.0; b * self.max_instances],
+        }
+    }
+}
+
+/// One batch being filled.
+pub(crate) struct OpenBatch {
+    /// Not touched while the batch is open: workers write through `raw`.
+    buffers: BatchBuffers,
+    encoded: Vec<Option<EncodedImage>>,
+    raw: RawParts,
+    shape: Arc<BatchShape>,
+}
+
+/// Pointers to the storage of each buffer, taken once while the batch was exclusively owned.
+struct RawParts {
+    image_f32: *mut f32,
+    image_f16: *mut f16,
+    cls: *mut i32,
+    boxes: *mut f32,
+    num_positives: *mut f32,
+    source_ids: *mut i64,
+    image_scales: *mut f32,
+    gt_boxes: *mut f32,
+    gt_classes: *mut f32,
+    encoded: *mut Option<EncodedImage>,
+}
+
+// SAFETY: workers reach the storage only through `slot`, whose contract makes the regions they
+// write disjoint; the Vecs themselves are neither read nor resized until `into_parts`, which
+// needs sole ownership (`Arc::try_unwrap`).
+unsafe impl Sync for OpenBatch {}
+unsafe impl Send for OpenBatch {}
+
+/// The image region of one slot.
+pub(crate) enum SlotImage<'a> {
+    F32(&'a mut [f32]),
+    F16(&'a mut [f16]),
+}
+
+/// Mutable views of everything one sample owns in its batch.
+pub(crate) struct SlotMut<'a> {
+    pub image: SlotImage<'a>,
+    /// Per level, this sample's `[H, W, A]` class targets.
+    pub cls: Vec<&'a mut [i32]>,
+    /// Per level, this sample's `[H, W, 4A]` box targets.
+    pub boxes: Vec<&'a mut [f32]>,
+    pub num_positives: &'a mut f32,
+    pub source_id: &'a mut i64,
+    pub image_scale: &'a mut f32,
+    pub gt_boxes: &'a mut [f32],
+    pub gt_classes: &'a mut [f32],
+    pub encoded: &'a mut Option<EncodedImage>,
+}
+
+impl SlotMut<'_> {
+    /// Copies per-image targets (level-major over the image's anchors) into the slot.
+    pub fn put_targets(&mut self, cls: &[i32], boxes: &[f32], levels: &[LevelLayout]) {
+        for ((lv, dst_cls), dst_boxes) in levels.iter().zip(&mut self.cls).zip(&mut self.boxes) {
+            let from = lv.anchor_offset;
+            dst_cls.copy_from_slice(&cls[from..from + dst_cls.len()]);
+            dst_boxes.copy_from_slice(&boxes[from * 4..from * 4 + dst_boxes.len()]);
+        }
+    }
+
+    /// Ground truth rows (padded with −1 up to the slot's capacity).
+    pub fn put_ground_truth(&mut self, boxes: &[[f32; 4]], classes: &[i32]) {
+        self.gt_boxes.fill(-1.0);
+        self.gt_classes.fill(-1.0);
+        let rows = self.gt_classes.len();
+        for (i, (b, &c)) in boxes.iter().zip(classes).take(rows).enumerate() {
+            self.gt_boxes[i * 4..i * 4 + 4].copy_from_slice(b);
+            self.gt_classes[i] = c as f32;
+        }
+    }
+
+    /// The state of a slot whose record produced no sample: zero pixels, every anchor ignored
+    /// (−2), no positives and no ground truth, so it adds nothing to a loss or an evaluation.
+    pub fn make_hole(&mut self) {
+        match &mut self.image {
+            SlotImage::F32(v) => v.fill(0.0),
+            SlotImage::F16(v) => v.fill(f16::ZERO),
+        }
+        self.cls.iter_mut().for_each(|c| c.fill(-2));
+        self.boxes.iter_mut().for_each(|b| b.fill(0.0));
+        *self.num_positives = 0.0;
+        *self.source_id = -1;
+        *self.image_scale = 1.0;
+        self.gt_boxes.fill(-1.0);
+        self.gt_classes.fill(-1.0);
+        *self.encoded = None;
+    }
+
+    /// The state of a slot past the end of a short last batch (as automl pads it): zero
+    /// pixels, background everywhere, no ground truth.
+    pub fn make_padding(&mut self) {
+        self.make_hole();
+        self.cls.iter_mut().for_each(|c| c.fill(-1));
+    }
+}
+
+impl OpenBatch {
+    fn new(mut buffers: BatchBuffers, shape: Arc<BatchShape>) -> OpenBatch {
+        let mut encoded = vec![None; shape.batch_size];
+        let (image_f32, image_f16) = match &mut buffers.images {
+            ImageData::F32(v) => (v.as_mut_ptr(), std::ptr::null_mut()),
+            ImageData::F16(v) => (std::ptr::null_mut(), v.as_mut_ptr()),
+        };
+        let raw = RawParts {
+            image_f32,
+            image_f16,
+            cls: buffers.cls_targets.as_mut_ptr(),
+            boxes: buffers.box_targets.as_mut_ptr(),
+            num_positives: buffers.num_positives.as_mut_ptr(),
+            source_ids: buffers.source_ids.as_mut_ptr(),
+            image_scales: buffers.image_scales.as_mut_ptr(),
+            gt_boxes: buffers.gt_boxes.as_mut_ptr(),
+            gt_classes: buffers.gt_classes.as_mut_ptr(),
+            encoded: encoded.as_mut_ptr(),
+        };
+        check_sizes(&buffers, &shape);
+        OpenBatch {
+            buffers,
+            encoded,
+            raw,
+            shape,
+        }
+    }
+
+    /// The regions of slot `slot`.
+    ///
+    /// # Safety
+    /// No other `SlotMut` of the same slot may be alive.
+    pub unsafe fn slot(&self, slot: usize) -> SlotMut<'_> {
+        let s = &*self.shape;
+        assert!(slot < s.batch_size, "slot {slot} out of range");
+        let r = &self.raw;
+        // SAFETY (all `part` calls): every range lies inside its buffer (`check_sizes` at
+        // open), and the slot contract makes it this view's alone.
+        unsafe fn part<'a, T>(base: *mut T, start: usize, len: usize) -> &'a mut [T] {
+            std::slice::from_raw_parts_mut(base.add(start), len)
+        }
+        let image = if r.image_f32.is_null() {
+            SlotImage::F16(part(r.image_f16, slot * s.image_len, s.image_len))
+        } else {
+            SlotImage::F32(part(r.image_f32, slot * s.image_len, s.image_len))
+        };
+        let (mut cls, mut boxes) = (Vec::new(), Vec::new());
+        if s.num_anchors > 0 {
+            for lv in &s.levels {
+                let n = lv.height * lv.width * s.anchors_per_cell;
+                let from = lv.anchor_offset * s.batch_size + slot * n;
+                cls.push(part(r.cls, from, n));
+                boxes.push(part(r.boxes, from * 4, n * 4));
+            }
+        }
+        let m = s.max_instances;
+        SlotMut {
+            image,
+            cls,
+            boxes,
+            num_positives: &mut *r.num_positives.add(slot),
+            source_id: &mut *r.source_ids.add(slot),
+            image_scale: &mut *r.image_scales.add(slot),
+            gt_boxes: part(r.gt_boxes, slot * m * 4, m * 4),
+            gt_classes: part(r.gt_classes, slot * m, m),
+            encoded: &mut *r.encoded.add(slot),
+        }
+    }
+
+    /// The filled buffers, once every worker has let go of the batch.
+    fn into_parts(self) -> (BatchBuffers, Vec<Option<EncodedImage>>) {
+        (self.buffers, self.encoded)
+    }
+}
+
+/// The buffers hold exactly what the shape says (the slot views rely on it).
+fn check_sizes(b: &BatchBuffers, s: &BatchShape) {
+    let n = s.batch_size;
+    let image_ok = match &b.images {
+        ImageData::F32(v) => !s.f16_images && v.len() == n * s.image_len,
+        ImageData::F16(v) => s.f16_images && v.len() == n * s.image_len,
+    };
+    assert!(
+        image_ok
+            && b.cls_targets.len() == n * s.num_anchors
+            && b.box_targets.len() == n * s.num_anchors * 4
+            && b.num_positives.len() == n
+            && b.source_ids.len() == n
+            && b.image_scales.len() == n
+            && b.gt_boxes.len() == n * s.max_instances * 4
+            && b.gt_classes.len() == n * s.max_instances,
+        "batch buffers do not match the batch shape"
+    );
+    if let Some(last) = s.levels.last() {
+        let per_image = last.anchor_offset + last.height * last.width * s.anchors_per_cell;
+        assert!(
+            s.num_anchors == 0 || s.num_anchors == per_image,
+            "level layout does not cover the anchors"
+        );
+    }
+}
+
+struct OpenState {
+    open: BTreeMap<u64, Arc<OpenBatch>>,
+    /// Batches below this number have been handed out.
+    next_out: u64,
+}
+
+/// The open batches of a run, shared by the workers and the assembler.
+pub(crate) struct BatchSlots {
+    shape: Arc<BatchShape>,
+    state: Mutex<OpenState>,
+    moved_on: Condvar,
+    /// Batches that may be open at once (bounds memory when the consumer is slow).
+    max_open: u64,
+    recycled: Receiver<BatchBuffers>,
+}
+
+impl BatchSlots {
+    pub fn new(shape: BatchShape, max_open: usize, recycled: Receiver<BatchBuffers>) -> Self {
+        BatchSlots {
+            shape: Arc::new(shape),
+            state: Mutex::new(OpenState {
+                open: BTreeMap::new(),
+                next_out: 0,
+            }),
+            moved_on: Condvar::new(),
+            max_open: max_open.max(1) as u64,
+            recycled,
+        }
+    }
+
+    pub fn shape(&self) -> &BatchShape {
+        &self.shape
+    }
+
+    /// Batch `number`, opened on first use; waits while it lies `max_open` or more batches
+    /// ahead of the next one to be handed out. `None` when `stop` is raised while waiting.
+    pub fn batch(&self, number: u64, stop: &AtomicBool) -> Option<Arc<OpenBatch>> {
+        let mut st = self.state.lock().expect("batch slots lock");
+        while number >= st.next_out + self.max_open {
+            if stop.load(Ordering::Relaxed) {
+                return None;
+            }
+            st = self
+                .moved_on
+                .wait_timeout(st, Duration::from_millis(50))
+                .expect("batch slots lock")
+                .0;
+        }
+        let shape = &self.shape;
+        let recycled = &self.recycled;
+        let batch = st.open.entry(number).or_insert_with(|| {
+            let buffers = recycled
+                .try_recv()
+                .unwrap_or_else(|_| shape.fresh_buffers());
+            Arc::new(OpenBatch::new(buffers, shape.clone()))
+        });
+        Some(batch.clone())
+    }
+
+    /// Closes batch `number`, whose slots are all written and whose workers have all dropped
+    /// their handles, and returns its buffers. Opens it first if no worker did (a short batch
+    /// whose slots the caller pads).
+    pub fn close(&self, number: u64) -> (BatchBuffers, Vec<Option<EncodedImage>>) {
+        let mut st = self.state.lock().expect("batch slots lock");
+        let batch = st.open.remove(&number).unwrap_or_else(|| {
+            let buffers = self
+                .recycled
+                .try_recv()
+                .unwrap_or_else(|_| self.shape.fresh_buffers());
+            Arc::new(OpenBatch::new(buffers, self.shape.clone()))
+        });
+        st.next_out = st.next_out.max(number + 1);
+        drop(st);
+        self.moved_on.notify_all();
+        let batch = Arc::try_unwrap(batch)
+            .unwrap_or_else(|_| panic!("batch {number} closed while a worker still holds it"));
+        batch.into_parts()
+    }
+}
