@@ -99,6 +99,15 @@ fn train_batches_are_identical_for_1_2_and_4_threads() {
     assert_eq!(one.len(), 10);
     assert_eq!(run(&files, config(Mode::Train, 2), 10), one);
     assert_eq!(run(&files, config(Mode::Train, 4), 10), one);
+    // Small batches and many workers: several batches open at once, workers held back by the
+    // bound on open batches, and the loader dropped while they wait.
+    let small = |threads| {
+        let mut c = config(Mode::Train, threads);
+        c.batch_size = 1;
+        c.prefetch = 1;
+        run(&files, c, 25)
+    };
+    assert_eq!(small(8), small(1));
     let mut other_seed = config(Mode::Train, 2);
     other_seed.seed = 6;
     assert_ne!(run(&files, other_seed, 10), one);
@@ -239,7 +248,7 @@ fn targets_are_level_major_then_batch() {
 }
 
 #[test]
-fn corrupt_jpeg_in_a_shard_is_skipped_and_counted() {
+fn corrupt_jpeg_in_a_shard_leaves_a_counted_hole() {
     let dir = tempfile::tempdir().unwrap();
     let files = make_shards(dir.path(), 6, 1);
     // Append a record whose image bytes are not a JPEG, then a good record again.
