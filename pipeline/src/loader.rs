@@ -282,6 +282,8 @@ pub struct StageTimes {
     /// because the GPU decoder cannot take them.
     pub deferred_images: AtomicU64,
     pub cpu_fallback_images: AtomicU64,
+    /// Batch buffer sets allocated (the pool's size; it should stop growing after start-up).
+    pub buffer_sets: AtomicU64,
 }
 
 impl StageTimes {
@@ -302,6 +304,7 @@ impl StageTimes {
             "batch": s(&self.batch_ns),
             "deferred_images": self.deferred_images.load(Ordering::Relaxed),
             "cpu_fallback_images": self.cpu_fallback_images.load(Ordering::Relaxed),
+            "buffer_sets": self.buffer_sets.load(Ordering::Relaxed),
         })
     }
 }
@@ -399,8 +402,12 @@ impl Loader {
         // workers seldom wait; beyond that a slow consumer holds them back.
         let job_queue = threads * 2;
         let max_open = ((threads + job_queue).div_ceil(cfg.batch_size) + 1).max(2);
-        let (recycle_tx, recycle_rx) = bounded::<BatchBuffers>(cfg.prefetch.max(1) + max_open);
-        let slots = Arc::new(BatchSlots::new(shape, max_open, recycle_rx));
+        // Every buffer set comes back to the pool: the pool grows to the most sets ever in use
+        // at once (open, queued, held by the consumer) and no further. A bounded pool would
+        // drop sets when the consumer hands several back at once and allocate them again later
+        // (header-only runs then grew their RSS batch after batch through heap fragmentation).
+        let (recycle_tx, recycle_rx) = unbounded::<BatchBuffers>();
+        let slots = Arc::new(BatchSlots::new(shape, max_open, recycle_rx, stats.clone()));
         let (job_tx, job_rx) = bounded::<Job>(job_queue);
         let (done_tx, done_rx) = unbounded::<Done>();
         let (batch_tx, batch_rx) = bounded::<anyhow::Result<Batch>>(cfg.prefetch.max(1));

@@ -16,7 +16,7 @@ use std::time::Duration;
 use crossbeam_channel::Receiver;
 use half::f16;
 
-use crate::loader::{BatchBuffers, EncodedImage, ImageData, LevelLayout};
+use crate::loader::{BatchBuffers, EncodedImage, ImageData, LevelLayout, StageTimes};
 
 /// The geometry of every batch in a run.
 #[derive(Debug, Clone)]
@@ -266,10 +266,16 @@ pub(crate) struct BatchSlots {
     /// Batches that may be open at once (bounds memory when the consumer is slow).
     max_open: u64,
     recycled: Receiver<BatchBuffers>,
+    stats: Arc<StageTimes>,
 }
 
 impl BatchSlots {
-    pub fn new(shape: BatchShape, max_open: usize, recycled: Receiver<BatchBuffers>) -> Self {
+    pub fn new(
+        shape: BatchShape,
+        max_open: usize,
+        recycled: Receiver<BatchBuffers>,
+        stats: Arc<StageTimes>,
+    ) -> Self {
         BatchSlots {
             shape: Arc::new(shape),
             state: Mutex::new(OpenState {
@@ -279,6 +285,7 @@ impl BatchSlots {
             moved_on: Condvar::new(),
             max_open: max_open.max(1) as u64,
             recycled,
+            stats,
         }
     }
 
@@ -300,15 +307,17 @@ impl BatchSlots {
                 .expect("batch slots lock")
                 .0;
         }
-        let shape = &self.shape;
-        let recycled = &self.recycled;
-        let batch = st.open.entry(number).or_insert_with(|| {
-            let buffers = recycled
-                .try_recv()
-                .unwrap_or_else(|_| shape.fresh_buffers());
-            Arc::new(OpenBatch::new(buffers, shape.clone()))
-        });
+        let batch = st.open.entry(number).or_insert_with(|| self.open_batch());
         Some(batch.clone())
+    }
+
+    /// A new open batch on pooled buffers, or fresh ones when the pool is empty.
+    fn open_batch(&self) -> Arc<OpenBatch> {
+        let buffers = self.recycled.try_recv().unwrap_or_else(|_| {
+            self.stats.buffer_sets.fetch_add(1, Ordering::Relaxed);
+            self.shape.fresh_buffers()
+        });
+        Arc::new(OpenBatch::new(buffers, self.shape.clone()))
     }
 
     /// Closes batch `number`, whose slots are all written and whose workers have all dropped
@@ -316,13 +325,7 @@ impl BatchSlots {
     /// whose slots the caller pads).
     pub fn close(&self, number: u64) -> (BatchBuffers, Vec<Option<EncodedImage>>) {
         let mut st = self.state.lock().expect("batch slots lock");
-        let batch = st.open.remove(&number).unwrap_or_else(|| {
-            let buffers = self
-                .recycled
-                .try_recv()
-                .unwrap_or_else(|_| self.shape.fresh_buffers());
-            Arc::new(OpenBatch::new(buffers, self.shape.clone()))
-        });
+        let batch = st.open.remove(&number).unwrap_or_else(|| self.open_batch());
         st.next_out = st.next_out.max(number + 1);
         drop(st);
         self.moved_on.notify_all();

@@ -444,3 +444,20 @@ fn ignore_slot_neutralizes_one_sample() {
     assert!(bufs.gt_classes[100..200].iter().all(|&c| c == -1.0));
     assert_eq!(bufs.cls_targets.len(), per_image * b.batch_size);
 }
+
+/// The batch buffer pool stops growing once it covers what is in use at once, however fast
+/// batches are handed back (a consumer that drops each batch at once, workers that only label).
+#[test]
+fn the_buffer_pool_stays_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = make_shards(dir.path(), 12, 2);
+    let mut cfg = config(Mode::Train, 2);
+    cfg.defer_jpeg_decode = true;
+    let loader = Loader::start(cfg, files, labeler(128), Arc::new(CpuDecoder)).unwrap();
+    let stats = loader.stats.clone();
+    assert_eq!(loader.take(600).filter(|b| b.is_ok()).count(), 600);
+    // At most: open batches (3 here: 6 records in flight over batches of 4, plus one), the
+    // prefetch queue (2), the batch the assembler is handing out and the consumer's.
+    let sets = stats.buffer_sets.load(std::sync::atomic::Ordering::Relaxed);
+    assert!((2..=7).contains(&sets), "{sets} buffer sets allocated");
+}
