@@ -744,7 +744,7 @@ impl Worker {
             ));
         }
         let t = StageTimes::add(&self.stats.label_ns, t);
-        slot.put_targets(self.targets.cls(), self.targets.boxes(), levels);
+        slot.put_targets(&self.targets, levels);
         *slot.num_positives = self.targets.num_positives();
         // Ground truth for evaluation: boxes back in original pixels (automl multiplies the
         // clipped boxes by 1 / image_scale).
