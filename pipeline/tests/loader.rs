@@ -135,29 +135,39 @@ fn train_batches_are_identical_for_1_2_and_4_threads() {
     }
 }
 
+/// One shard of `images` synthetic records with, before record `bad_at`, one whose image
+/// bytes start like a JPEG but are not one (source id 999).
+fn shard_with_bad_record(dir: &Path, images: usize, bad_at: usize) -> PathBuf {
+    let good = make_shards(dir, images, 1);
+    let mixed = dir.join("mixed.tfrecord");
+    let mut w = AtomicRecordWriter::create(&mixed).unwrap();
+    let mut f = BTreeMap::new();
+    f.insert(
+        "image/encoded".to_string(),
+        Feature::bytes([Bytes::from_static(b"\xff\xd8not a jpeg")]),
+    );
+    f.insert(
+        "image/source_id".to_string(),
+        Feature::bytes([Bytes::from_static(b"999")]),
+    );
+    let bad = Example::from_features(f).encode_to_vec();
+    let reader = effdet_pipeline::tfrecord::RecordReader::open(&good[0]).unwrap();
+    for (i, rec) in reader.enumerate() {
+        if i == bad_at {
+            w.write(&bad).unwrap();
+        }
+        w.write(&rec.unwrap().payload).unwrap();
+    }
+    w.finish().unwrap();
+    mixed
+}
+
 /// A record that cannot be decoded leaves a hole in its slot, at the same place whatever the
 /// thread count, and the records after it keep their slots.
 #[test]
 fn a_bad_record_leaves_the_same_hole_for_any_thread_count() {
     let dir = tempfile::tempdir().unwrap();
-    let good = make_shards(dir.path(), 7, 1);
-    let mixed = dir.path().join("mixed.tfrecord");
-    let mut w = AtomicRecordWriter::create(&mixed).unwrap();
-    for (i, rec) in effdet_pipeline::tfrecord::RecordReader::open(&good[0])
-        .unwrap()
-        .enumerate()
-    {
-        if i == 2 {
-            let mut f = BTreeMap::new();
-            f.insert(
-                "image/encoded".to_string(),
-                Feature::bytes([Bytes::from_static(b"\xff\xd8not a jpeg")]),
-            );
-            w.write(&Example::from_features(f).encode_to_vec()).unwrap();
-        }
-        w.write(&rec.unwrap().payload).unwrap();
-    }
-    w.finish().unwrap();
+    let mixed = shard_with_bad_record(dir.path(), 7, 2);
     let files = vec![mixed];
     // Eight records, batch 4: six batches span three epochs.
     let one = run(&files, config(Mode::Train, 1), 6);
@@ -250,24 +260,8 @@ fn targets_are_level_major_then_batch() {
 #[test]
 fn corrupt_jpeg_in_a_shard_leaves_a_counted_hole() {
     let dir = tempfile::tempdir().unwrap();
-    let files = make_shards(dir.path(), 6, 1);
-    // Append a record whose image bytes are not a JPEG, then a good record again.
-    let bad = dir.path().join("bad.tfrecord");
-    let mut w = AtomicRecordWriter::create(&bad).unwrap();
-    let mut f = BTreeMap::new();
-    f.insert(
-        "image/encoded".to_string(),
-        Feature::bytes([Bytes::from_static(b"\xff\xd8garbage")]),
-    );
-    f.insert(
-        "image/source_id".to_string(),
-        Feature::bytes([Bytes::from_static(b"999")]),
-    );
-    w.write(&Example::from_features(f).encode_to_vec()).unwrap();
-    for rec in effdet_pipeline::tfrecord::RecordReader::open(&files[0]).unwrap() {
-        w.write(&rec.unwrap().payload).unwrap();
-    }
-    w.finish().unwrap();
+    // A record whose image bytes are not a JPEG, then six good ones.
+    let bad = shard_with_bad_record(dir.path(), 6, 0);
     let loader = Loader::start(
         config(Mode::Eval, 2),
         vec![bad],
@@ -415,14 +409,19 @@ fn deferred_decode_defers_jpegs_and_keeps_every_target() {
     assert!(stats.deferred_images.load(Relaxed) >= 14);
 }
 
+/// A train loader whose workers leave the JPEGs encoded (deferred decode) over fresh shards.
+fn header_only_loader(dir: &Path, images: usize, shards: usize, threads: usize) -> Loader {
+    let files = make_shards(dir, images, shards);
+    let mut cfg = config(Mode::Train, threads);
+    cfg.defer_jpeg_decode = true;
+    Loader::start(cfg, files, labeler(128), Arc::new(CpuDecoder)).unwrap()
+}
+
 /// A slot blanked after labelling contributes nothing: all anchors ignored, no positives.
 #[test]
 fn ignore_slot_neutralizes_one_sample() {
     let dir = tempfile::tempdir().unwrap();
-    let files = make_shards(dir.path(), 8, 1);
-    let mut cfg = config(Mode::Train, 1);
-    cfg.defer_jpeg_decode = true;
-    let mut loader = Loader::start(cfg, files, labeler(128), Arc::new(CpuDecoder)).unwrap();
+    let mut loader = header_only_loader(dir.path(), 8, 1, 1);
     let mut b = loader.next_batch().unwrap().unwrap();
     let before = b.buffers().cls_targets.clone();
     assert!(b.buffers().num_positives[1] > 0.0);
@@ -450,10 +449,7 @@ fn ignore_slot_neutralizes_one_sample() {
 #[test]
 fn the_buffer_pool_stays_bounded() {
     let dir = tempfile::tempdir().unwrap();
-    let files = make_shards(dir.path(), 12, 2);
-    let mut cfg = config(Mode::Train, 2);
-    cfg.defer_jpeg_decode = true;
-    let loader = Loader::start(cfg, files, labeler(128), Arc::new(CpuDecoder)).unwrap();
+    let loader = header_only_loader(dir.path(), 12, 2, 2);
     let stats = loader.stats.clone();
     assert_eq!(loader.take(600).filter(|b| b.is_ok()).count(), 600);
     // At most: open batches (3 here: 6 records in flight over batches of 4, plus one), the
