@@ -477,6 +477,8 @@ impl Loader {
                     skipped,
                 };
                 asm.run(done_rx, batch_tx, &stop);
+                // Workers waiting for a batch that will never open must not wait forever.
+                asm.slots.shut();
             }));
         }
         Ok(Loader {
@@ -758,6 +760,9 @@ impl Worker {
     }
 }
 
+/// The loader fails when this many records (or a batch's worth, if more) have all been holes.
+const UNUSABLE_INPUT_RECORDS: u64 = 100;
+
 /// Hands out batches in order as their slots fill.
 struct Assembler {
     cfg: Arc<LoaderConfig>,
@@ -807,8 +812,18 @@ impl Assembler {
                         info.offset,
                         info.reason
                     );
-                    self.stats.skipped_images.fetch_add(1, Ordering::Relaxed);
+                    let holes = self.stats.skipped_images.fetch_add(1, Ordering::Relaxed) + 1;
+                    let reason = info.reason.clone();
                     self.skipped.lock().expect("skip log").push(info);
+                    // Input where nothing decodes would otherwise train on empty batches forever.
+                    if self.stats.images.load(Ordering::Relaxed) == 0
+                        && holes >= UNUSABLE_INPUT_RECORDS.max(bsz as u64)
+                    {
+                        let _ = batches.send(Err(anyhow::anyhow!(
+                            "{holes} records failed before any gave a sample; is this image data? (the last: {reason})"
+                        )));
+                        return;
+                    }
                 }
             }
             while filling.get(&next).is_some_and(|f| f.written == bsz) {

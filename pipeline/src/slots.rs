@@ -271,6 +271,8 @@ pub(crate) struct BatchSlots {
     max_open: u64,
     recycled: Receiver<BatchBuffers>,
     stats: Arc<StageTimes>,
+    /// Set when the assembler has stopped: no batch will be handed out again.
+    shut: AtomicBool,
 }
 
 impl BatchSlots {
@@ -290,6 +292,7 @@ impl BatchSlots {
             max_open: max_open.max(1) as u64,
             recycled,
             stats,
+            shut: AtomicBool::new(false),
         }
     }
 
@@ -298,11 +301,12 @@ impl BatchSlots {
     }
 
     /// Batch `number`, opened on first use; waits while it lies `max_open` or more batches
-    /// ahead of the next one to be handed out. `None` when `stop` is raised while waiting.
+    /// ahead of the next one to be handed out. `None` when `stop` is raised while waiting or
+    /// the assembler has shut the slots.
     pub fn batch(&self, number: u64, stop: &AtomicBool) -> Option<Arc<OpenBatch>> {
         let mut st = self.state.lock().expect("batch slots lock");
         while number >= st.next_out + self.max_open {
-            if stop.load(Ordering::Relaxed) {
+            if stop.load(Ordering::Relaxed) || self.shut.load(Ordering::Relaxed) {
                 return None;
             }
             st = self
@@ -313,6 +317,13 @@ impl BatchSlots {
         }
         let batch = st.open.entry(number).or_insert_with(|| self.open_batch());
         Some(batch.clone())
+    }
+
+    /// Releases every worker waiting for a batch: the assembler has stopped handing them out.
+    pub fn shut(&self) {
+        self.shut.store(true, Ordering::Relaxed);
+        let _guard = self.state.lock().expect("batch slots lock");
+        self.moved_on.notify_all();
     }
 
     /// A new open batch on pooled buffers, or fresh ones when the pool is empty.

@@ -457,3 +457,37 @@ fn the_buffer_pool_stays_bounded() {
     let sets = stats.buffer_sets.load(std::sync::atomic::Ordering::Relaxed);
     assert!((2..=7).contains(&sets), "{sets} buffer sets allocated");
 }
+
+/// Input in which nothing decodes is an error, not an endless run of empty batches.
+#[test]
+fn input_where_nothing_decodes_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.tfrecord");
+    let mut w = AtomicRecordWriter::create(&bad).unwrap();
+    let mut f = BTreeMap::new();
+    f.insert(
+        "image/encoded".to_string(),
+        Feature::bytes([Bytes::from_static(b"\xff\xd8not a jpeg")]),
+    );
+    w.write(&Example::from_features(f).encode_to_vec()).unwrap();
+    w.finish().unwrap();
+    let loader = Loader::start(
+        config(Mode::Train, 2),
+        vec![bad],
+        labeler(128),
+        Arc::new(CpuDecoder),
+    )
+    .unwrap();
+    let results: Vec<_> = loader.take(100).collect();
+    // Batches of holes come first (25 batches of 4 = the first 100 records), then the error.
+    let err = results
+        .iter()
+        .find_map(|r| r.as_ref().err())
+        .expect("an error");
+    assert!(
+        err.to_string()
+            .contains("100 records failed before any gave a sample"),
+        "{err}"
+    );
+    assert!(results.iter().filter(|r| r.is_ok()).count() <= 25);
+}
