@@ -85,8 +85,13 @@ fn digest(b: &Batch) -> String {
     )
 }
 
+/// A CPU-decoding loader at 128².
+fn start(cfg: LoaderConfig, files: Vec<PathBuf>) -> Loader {
+    Loader::start(cfg, files, labeler(128), Arc::new(CpuDecoder)).unwrap()
+}
+
 fn run(files: &[PathBuf], cfg: LoaderConfig, batches: usize) -> Vec<String> {
-    let loader = Loader::start(cfg, files.to_vec(), labeler(128), Arc::new(CpuDecoder)).unwrap();
+    let loader = start(cfg, files.to_vec());
     loader.take(batches).map(|b| digest(&b.unwrap())).collect()
 }
 
@@ -135,12 +140,8 @@ fn train_batches_are_identical_for_1_2_and_4_threads() {
     }
 }
 
-/// One shard of `images` synthetic records with, before record `bad_at`, one whose image
-/// bytes start like a JPEG but are not one (source id 999).
-fn shard_with_bad_record(dir: &Path, images: usize, bad_at: usize) -> PathBuf {
-    let good = make_shards(dir, images, 1);
-    let mixed = dir.join("mixed.tfrecord");
-    let mut w = AtomicRecordWriter::create(&mixed).unwrap();
+/// An Example whose image bytes start like a JPEG but are not one (source id 999).
+fn bad_record() -> Vec<u8> {
     let mut f = BTreeMap::new();
     f.insert(
         "image/encoded".to_string(),
@@ -150,7 +151,15 @@ fn shard_with_bad_record(dir: &Path, images: usize, bad_at: usize) -> PathBuf {
         "image/source_id".to_string(),
         Feature::bytes([Bytes::from_static(b"999")]),
     );
-    let bad = Example::from_features(f).encode_to_vec();
+    Example::from_features(f).encode_to_vec()
+}
+
+/// One shard of `images` synthetic records with a [`bad_record`] before record `bad_at`.
+fn shard_with_bad_record(dir: &Path, images: usize, bad_at: usize) -> PathBuf {
+    let good = make_shards(dir, images, 1);
+    let mixed = dir.join("mixed.tfrecord");
+    let mut w = AtomicRecordWriter::create(&mixed).unwrap();
+    let bad = bad_record();
     let reader = effdet_pipeline::tfrecord::RecordReader::open(&good[0]).unwrap();
     for (i, rec) in reader.enumerate() {
         if i == bad_at {
@@ -262,13 +271,7 @@ fn corrupt_jpeg_in_a_shard_leaves_a_counted_hole() {
     let dir = tempfile::tempdir().unwrap();
     // A record whose image bytes are not a JPEG, then six good ones.
     let bad = shard_with_bad_record(dir.path(), 6, 0);
-    let loader = Loader::start(
-        config(Mode::Eval, 2),
-        vec![bad],
-        labeler(128),
-        Arc::new(CpuDecoder),
-    )
-    .unwrap();
+    let loader = start(config(Mode::Eval, 2), vec![bad]);
     let stats = loader.stats.clone();
     let skipped = loader.skipped.clone();
     let batches: Vec<Batch> = loader.map(|b| b.unwrap()).collect();
@@ -464,20 +467,9 @@ fn input_where_nothing_decodes_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.tfrecord");
     let mut w = AtomicRecordWriter::create(&bad).unwrap();
-    let mut f = BTreeMap::new();
-    f.insert(
-        "image/encoded".to_string(),
-        Feature::bytes([Bytes::from_static(b"\xff\xd8not a jpeg")]),
-    );
-    w.write(&Example::from_features(f).encode_to_vec()).unwrap();
+    w.write(&bad_record()).unwrap();
     w.finish().unwrap();
-    let loader = Loader::start(
-        config(Mode::Train, 2),
-        vec![bad],
-        labeler(128),
-        Arc::new(CpuDecoder),
-    )
-    .unwrap();
+    let loader = start(config(Mode::Train, 2), vec![bad]);
     let results: Vec<_> = loader.take(100).collect();
     // Batches of holes come first (25 batches of 4 = the first 100 records), then the error.
     let err = results
