@@ -106,6 +106,23 @@ fn gpu_flags_explain_themselves_on_a_cpu_build() {
     assert!(err.contains("--features cuda"), "{err}");
 }
 
+/// `bench-train` arguments for two steps at 64², batch 2, after `warmup` warm-up steps.
+fn short_bench_train<'a>(data: &'a str, warmup: &'a str) -> Vec<&'a str> {
+    vec![
+        "bench-train",
+        "--data",
+        data,
+        "--image-size",
+        "64",
+        "--batch-size",
+        "2",
+        "--steps",
+        "2",
+        "--warmup",
+        warmup,
+    ]
+}
+
 /// Mixed precision runs on a CPU build too (16-bit activations, f32 master weights): a few
 /// `bench-train` steps per precision give a finite loss close to the fp32 one from the same
 /// initialization and data.
@@ -114,21 +131,9 @@ fn mixed_precision_training_steps_run_on_the_cpu() {
     let dir = tempfile::tempdir().unwrap();
     let data = shards(dir.path());
     let report = |precision: &str| -> Value {
-        let (ok, out, err) = run(&[
-            "bench-train",
-            "--data",
-            &data,
-            "--image-size",
-            "64",
-            "--batch-size",
-            "2",
-            "--steps",
-            "2",
-            "--warmup",
-            "0",
-            "--precision",
-            precision,
-        ]);
+        let mut args = short_bench_train(&data, "0");
+        args.extend(["--precision", precision]);
+        let (ok, out, err) = run(&args);
         assert!(ok, "{precision}: {err}");
         serde_json::from_str(out.trim()).unwrap()
     };
@@ -160,19 +165,7 @@ fn op_profile_reports_every_recorded_op() {
     let data = shards(dir.path());
     let report = |profile: Option<&str>| -> Value {
         let mut cmd = Command::new(common::effdet_bin());
-        cmd.args([
-            "bench-train",
-            "--data",
-            &data,
-            "--image-size",
-            "64",
-            "--batch-size",
-            "2",
-            "--steps",
-            "2",
-            "--warmup",
-            "1",
-        ]);
+        cmd.args(short_bench_train(&data, "1"));
         match profile {
             Some(p) => cmd.env("EFFDET_OP_PROFILE", p),
             None => cmd.env_remove("EFFDET_OP_PROFILE"),
