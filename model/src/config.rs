@@ -114,6 +114,11 @@ impl HeadConfig {
     }
 }
 
+/// automl's `mean_rgb` (ImageNet, 0–255 scale), the only one the input pipeline applies.
+pub const IMAGENET_MEAN_RGB: [f64; 3] = [123.675, 116.28, 103.53];
+/// automl's `stddev_rgb`.
+pub const IMAGENET_STDDEV_RGB: [f64; 3] = [58.395, 57.12, 57.375];
+
 /// Input and augmentation values of the recipe.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -283,6 +288,17 @@ impl Config {
         if self.input.image_size == 0 || self.input.jitter_min > self.input.jitter_max {
             return bad("image_size > 0 and jitter_min <= jitter_max required".into());
         }
+        // The input pipeline (CPU normalize and the GPU render kernel) bakes these in.
+        let near = |a: [f64; 3], b: [f64; 3]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-3);
+        if !near(self.input.mean_rgb, IMAGENET_MEAN_RGB)
+            || !near(self.input.stddev_rgb, IMAGENET_STDDEV_RGB)
+        {
+            return bad(format!(
+                "input.mean_rgb {:?} / stddev_rgb {:?}: only automl's ImageNet statistics \
+                 {IMAGENET_MEAN_RGB:?} / {IMAGENET_STDDEV_RGB:?} are supported",
+                self.input.mean_rgb, self.input.stddev_rgb
+            ));
+        }
         Ok(())
     }
 
@@ -386,5 +402,12 @@ mod tests {
             Config::from_toml_str(&bad),
             Err(ConfigError::Invalid(_))
         ));
+        // Normalization statistics the pipeline does not apply are refused, not ignored.
+        let other_mean = src.replace("123.675", "127.5");
+        assert!(src.contains("123.675"));
+        match Config::from_toml_str(&other_mean) {
+            Err(ConfigError::Invalid(m)) => assert!(m.contains("mean_rgb"), "{m}"),
+            r => panic!("expected an invalid config, got {r:?}"),
+        }
     }
 }

@@ -47,6 +47,15 @@ pub enum LabelError {
     BadBox { index: usize, coords: [f32; 4] },
     #[error("box {index} has class id {class}; class ids start at 1")]
     BadClass { index: usize, class: i32 },
+    #[error(
+        "box {index} has class id {class}, but the model predicts {num_classes} classes \
+         (ids 1..={num_classes}); set head.num_classes to at least the largest category id"
+    )]
+    ClassOutOfRange {
+        index: usize,
+        class: i32,
+        num_classes: usize,
+    },
     #[error("match threshold must be in (0, 1], got {0}")]
     BadThreshold(f32),
     #[error("more than {0} boxes")]
@@ -159,6 +168,8 @@ impl Scratch {
 pub struct Labeler {
     anchors: Anchors,
     threshold: f32,
+    /// Largest class id accepted, when set ([`Labeler::with_num_classes`]).
+    num_classes: Option<usize>,
 }
 
 /// The reference IoU of a GT box (with its precomputed area) and an anchor, op for op in f32.
@@ -309,7 +320,15 @@ impl Labeler {
         Labeler {
             anchors,
             threshold: 0.5,
+            num_classes: None,
         }
+    }
+
+    /// Rejects class ids above `num_classes` ([`LabelError::ClassOutOfRange`]). Without it
+    /// any id ≥ 1 is labeled, and an id the model has no logit for would only fail in the loss.
+    pub fn with_num_classes(mut self, num_classes: usize) -> Self {
+        self.num_classes = Some(num_classes);
+        self
     }
 
     /// Labeler with another match threshold (used as both matched and unmatched threshold).
@@ -317,7 +336,11 @@ impl Labeler {
         if !(threshold > 0.0 && threshold <= 1.0) {
             return Err(LabelError::BadThreshold(threshold));
         }
-        Ok(Labeler { anchors, threshold })
+        Ok(Labeler {
+            anchors,
+            threshold,
+            num_classes: None,
+        })
     }
 
     pub fn anchors(&self) -> &Anchors {
@@ -332,7 +355,7 @@ impl Labeler {
         Targets::new(&self.anchors)
     }
 
-    fn validate(boxes: &[[f32; 4]], classes: &[i32]) -> Result<(), LabelError> {
+    fn validate(&self, boxes: &[[f32; 4]], classes: &[i32]) -> Result<(), LabelError> {
         if boxes.len() != classes.len() {
             return Err(LabelError::LengthMismatch {
                 boxes: boxes.len(),
@@ -351,6 +374,15 @@ impl Labeler {
             if class < 1 {
                 return Err(LabelError::BadClass { index, class });
             }
+            if let Some(num_classes) = self.num_classes {
+                if class as usize > num_classes {
+                    return Err(LabelError::ClassOutOfRange {
+                        index,
+                        class,
+                        num_classes,
+                    });
+                }
+            }
         }
         Ok(())
     }
@@ -364,7 +396,7 @@ impl Labeler {
         classes: &[i32],
         out: &mut Targets,
     ) -> Result<(), LabelError> {
-        Self::validate(boxes, classes)?;
+        self.validate(boxes, classes)?;
         let n = self.anchors.num_anchors();
         out.reset(n);
         let scratch = &mut out.scratch;

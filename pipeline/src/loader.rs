@@ -40,7 +40,7 @@ use crate::augment::{
 use crate::decode::{DecodedImage, ImageDecoder};
 use crate::example::Example;
 use crate::jpeg_header;
-use crate::labeler::{Labeler, Targets};
+use crate::labeler::{LabelError, Labeler, Targets};
 use crate::sample::Sample;
 use crate::slots::{BatchShape, BatchSlots, SlotImage, SlotMut};
 use crate::source::{mix_seed, EpochReader, SourceConfig, SourceRecord};
@@ -334,7 +334,17 @@ struct Done {
     epoch: u64,
     sequence: u64,
     /// Set when the record gave no sample (its slot holds a hole).
-    skipped: Option<SkippedSample>,
+    failure: Option<Failure>,
+}
+
+/// Why a record gave no sample.
+enum Failure {
+    /// Bad input: the slot becomes a hole, and the record is logged and counted.
+    Skip(SkippedSample),
+    /// Input that contradicts the run's settings (a class id the model has no logit for): the
+    /// loader stops with this error, since every later batch would fail the same way or train
+    /// on labels the model cannot represent.
+    Fatal(String),
 }
 
 struct Job {
@@ -444,8 +454,8 @@ impl Loader {
                     let slot = (job.index % batch_size) as usize;
                     // SAFETY: record indices are unique, so no other worker has this slot.
                     let mut view = unsafe { batch.slot(slot) };
-                    let skipped = worker.process(&job, &mut view, &slots.shape().levels).err();
-                    if skipped.is_some() {
+                    let failure = worker.process(&job, &mut view, &slots.shape().levels).err();
+                    if failure.is_some() {
                         view.make_hole();
                     }
                     drop(view);
@@ -455,7 +465,7 @@ impl Loader {
                         index: job.index,
                         epoch: job.epoch,
                         sequence: job.sequence,
-                        skipped,
+                        failure,
                     };
                     if done_tx.send(done).is_err() {
                         break;
@@ -632,12 +642,14 @@ impl Worker {
         job: &Job,
         slot: &mut SlotMut,
         levels: &[LevelLayout],
-    ) -> Result<(), SkippedSample> {
-        let skip = |reason: String, source_id| SkippedSample {
-            file: job.record.file.clone(),
-            offset: job.record.offset,
-            source_id,
-            reason,
+    ) -> Result<(), Failure> {
+        let skip = |reason: String, source_id| {
+            Failure::Skip(SkippedSample {
+                file: job.record.file.clone(),
+                offset: job.record.offset,
+                source_id,
+                reason,
+            })
         };
         let t = Instant::now();
         let sample = Example::decode_bytes(Bytes::clone(&job.record.payload))
@@ -736,14 +748,25 @@ impl Worker {
         self.kept_classes.clear();
         self.kept_classes
             .extend(self.keep.iter().map(|&i| self.classes[i]));
-        if let Err(e) =
-            self.labeler
-                .label_into(&self.out_boxes, &self.kept_classes, &mut self.targets)
+        match self
+            .labeler
+            .label_into(&self.out_boxes, &self.kept_classes, &mut self.targets)
         {
-            return Err(skip(
-                format!("cannot label anchors: {e}"),
-                Some(sample.source_id),
-            ));
+            Ok(()) => {}
+            Err(e @ LabelError::ClassOutOfRange { .. }) => {
+                return Err(Failure::Fatal(format!(
+                    "sample {} from {} at byte offset {}: {e}",
+                    sample.source_id,
+                    job.record.file.display(),
+                    job.record.offset
+                )));
+            }
+            Err(e) => {
+                return Err(skip(
+                    format!("cannot label anchors: {e}"),
+                    Some(sample.source_id),
+                ));
+            }
         }
         let t = StageTimes::add(&self.stats.label_ns, t);
         slot.put_targets(&self.targets, levels);
@@ -798,11 +821,15 @@ impl Assembler {
             if d.index % bsz as u64 == 0 {
                 f.first = Some((d.epoch, d.sequence));
             }
-            match d.skipped {
+            match d.failure {
                 None => {
                     self.stats.images.fetch_add(1, Ordering::Relaxed);
                 }
-                Some(info) => {
+                Some(Failure::Fatal(message)) => {
+                    let _ = batches.send(Err(anyhow::anyhow!(message)));
+                    return;
+                }
+                Some(Failure::Skip(info)) => {
                     eprintln!(
                         "warning: skipping sample{} from {} at byte offset {}: {}",
                         info.source_id

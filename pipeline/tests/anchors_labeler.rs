@@ -383,6 +383,31 @@ fn bad_input_is_an_error() {
     assert!(Labeler::with_threshold(anchors(128, 128), 0.0).is_err());
 }
 
+#[test]
+fn class_ids_above_the_models_classes_are_an_error_naming_the_setting() {
+    let unchecked = Labeler::new(anchors(128, 128));
+    let lab = unchecked.clone().with_num_classes(3);
+    let mut t = lab.new_targets();
+    // 3 is the last id a 3-class model has a logit for; 4 is not.
+    assert_eq!(lab.label_into(&[X, X], &[1, 3], &mut t), Ok(()));
+    let err = lab.label_into(&[X, X], &[3, 4], &mut t).unwrap_err();
+    assert_eq!(
+        err,
+        LabelError::ClassOutOfRange {
+            index: 1,
+            class: 4,
+            num_classes: 3
+        }
+    );
+    assert!(err.to_string().contains("head.num_classes"), "{err}");
+    // Without the limit any id ≥ 1 is labeled, as before.
+    assert_eq!(unchecked.label_into(&[X], &[91], &mut t), Ok(()));
+    assert_eq!(
+        t.cls().iter().filter(|&&c| c == 90).count() as f32,
+        t.num_positives()
+    );
+}
+
 /// Random boxes from several regimes: ordinary, tiny, huge, thin, off-image, grid-snapped
 /// (exact ties), duplicated and degenerate.
 fn random_boxes(rng: &mut ChaCha8Rng, h: f32, w: f32) -> Vec<[f32; 4]> {

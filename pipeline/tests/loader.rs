@@ -483,3 +483,40 @@ fn input_where_nothing_decodes_is_an_error() {
     );
     assert!(results.iter().filter(|r| r.is_ok()).count() <= 25);
 }
+
+/// A class id the model has no logit for stops the loader with an error naming the record,
+/// instead of failing later in the loss (or, as in automl, training the anchor as background).
+#[test]
+fn a_class_id_beyond_the_models_classes_stops_the_loader() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = make_shards(dir.path(), 12, 2); // category ids 1..=3
+    let with_classes = |k| {
+        let anchors = Anchors::new(&AnchorConfig::efficientdet(128, 128)).unwrap();
+        Arc::new(Labeler::new(anchors).with_num_classes(k))
+    };
+    let loader = |k| {
+        let labeler = with_classes(k);
+        Loader::start(
+            config(Mode::Train, 2),
+            files.clone(),
+            labeler,
+            Arc::new(CpuDecoder),
+        )
+        .unwrap()
+    };
+    // Three classes cover the data: a whole epoch's batches and more.
+    assert!(loader(3).take(5).all(|b| b.is_ok()));
+    // Two do not: the first sample with a class-3 box ends the run with its file and offset.
+    let results: Vec<_> = loader(2).take(5).collect();
+    let err = results
+        .iter()
+        .find_map(|r| r.as_ref().err())
+        .expect("an error")
+        .to_string();
+    assert!(err.contains("class id 3"), "{err}");
+    assert!(err.contains("head.num_classes"), "{err}");
+    assert!(err.contains(".tfrecord at byte offset"), "{err}");
+    // Nothing follows the error.
+    let first_err = results.iter().position(|r| r.is_err()).unwrap();
+    assert_eq!(results.len(), first_err + 1);
+}

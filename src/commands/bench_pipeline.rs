@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use super::data::{cpu_seconds, peak_rss_mb, start_loader, DataArgs, ModeArg};
+use super::data::{cpu_seconds, peak_rss_mb, start_loader, DataArgs, LabelSpec, ModeArg};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -113,14 +113,14 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     cfg.defer_jpeg_decode = a.header_only;
     let mut gpu = if a.gpu_decode {
         cfg.defer_for_gpu();
-        Some(GpuStage::new(a.data.image_size)?)
+        Some(GpuStage::new(a.data.image_size())?)
     } else {
         None
     };
     if a.mode == ModeArg::Eval {
         cfg.epochs = None; // repeat so any batch count can be timed
     }
-    let mut loader = start_loader(cfg, files)?;
+    let mut loader = start_loader(cfg, files, &LabelSpec::default_anchors(a.data.image_size()))?;
     let threads = loader.worker_threads;
     let bar = effdet_tools::progress_bar(a.batches as u64, "batches");
     for _ in 0..a.warmup {
@@ -161,7 +161,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             "decode_only": a.decode_only,
             "gpu_decode": gpu.as_ref().map(|g| g.report(images)),
             "header_only": a.header_only,
-            "image_size": a.data.image_size,
+            "image_size": a.data.image_size(),
             "batch_size": a.batch_size,
             "batches": a.batches,
             "images": images,

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use effdet_model::Precision;
 
-use super::data::{peak_rss_mb, start_loader, DataArgs};
+use super::data::{peak_rss_mb, start_loader, DataArgs, LabelSpec};
 use super::step::{BatchTensors, DeviceFeeder, Trainer};
 use super::train::load_config;
 
@@ -253,18 +253,27 @@ pub fn bench(a: &Args) -> anyhow::Result<Report> {
         "--steps and --batch-size must be > 0"
     );
     let cfg = load_config(&a.config, &a.set)?;
+    let data = a.data.sized_for(cfg.input.image_size as u32);
     let dev = device(a.device)?;
     let tf32 = dev.is_cuda() && !a.no_tf32;
     candle_core::cuda::set_gemm_reduced_precision_f32(tf32);
-    let mut trainer = Trainer::new(&cfg, &dev, a.data.seed, a.precision)?;
+    let mut trainer = Trainer::new(&cfg, &dev, data.seed, a.precision)?;
 
-    let mut lcfg = a.data.loader_config(Mode::Train, a.batch_size);
+    let mut lcfg = data.loader_config(Mode::Train, a.batch_size);
     lcfg.augment.jitter_min = cfg.input.jitter_min as f32;
     lcfg.augment.jitter_max = cfg.input.jitter_max as f32;
     lcfg.augment.hflip = cfg.input.input_rand_hflip;
     // Batches reach the device through the background feed, two ahead (as in `train`).
     let feed = a.feed.apply(&mut lcfg, 2);
-    let feeder = DeviceFeeder::start(start_loader(lcfg, a.data.files()?)?, dev.clone(), feed)?;
+    let feeder = DeviceFeeder::start(
+        start_loader(
+            lcfg,
+            data.files()?,
+            &LabelSpec::for_model(&cfg, data.image_size()),
+        )?,
+        dev.clone(),
+        feed,
+    )?;
     let next = || -> anyhow::Result<BatchTensors> {
         Ok(feeder
             .next_batch()
@@ -333,7 +342,7 @@ pub fn bench(a: &Args) -> anyhow::Result<Report> {
         skipped_steps,
         tf32,
         batch_size: a.batch_size,
-        image_size: a.data.image_size,
+        image_size: data.image_size(),
         steps: a.steps,
         warmup: a.warmup,
         feed: if a.reuse_batch {

@@ -10,7 +10,7 @@ use effdet_pipeline::augment::Mode;
 use serde::Serialize;
 
 use super::bench_train::device_info;
-use super::data::{start_loader, DataArgs};
+use super::data::{start_loader, DataArgs, LabelSpec};
 use super::step::{BatchTensors, Trainer};
 use super::train::load_config;
 
@@ -559,7 +559,8 @@ fn half_op_checks(gpu: &Device) -> anyhow::Result<Vec<Check>> {
 fn model_check(a: &Args, gpu: &Device) -> anyhow::Result<Check> {
     let cfg = load_config(&a.config, &[])?;
     let lcfg = a.data.loader_config(Mode::Train, a.batch_size);
-    let mut loader = start_loader(lcfg, a.data.files()?)?;
+    let spec = LabelSpec::for_model(&cfg, a.data.image_size());
+    let mut loader = start_loader(lcfg, a.data.files()?, &spec)?;
     let b = loader
         .next_batch()
         .ok_or_else(|| anyhow::anyhow!("the input pipeline gave no batch"))??;
@@ -657,7 +658,7 @@ fn model_check(a: &Args, gpu: &Device) -> anyhow::Result<Check> {
             "model loss+gradients ({} vars, batch {}, {}²; vs the CPU's own spread)",
             names.len(),
             a.batch_size,
-            a.data.image_size
+            a.data.image_size()
         ),
         output,
         gradients: worst,
@@ -681,10 +682,11 @@ fn spread_scaled_error(d: f64, spread: f64, norm: f64, floor: f64, tol: f64) -> 
 fn feed_check(a: &Args, gpu: &Device) -> anyhow::Result<Check> {
     use super::step::{DeviceFeeder, FeedMode, FeedOptions};
     let mut got = Vec::new();
+    let spec = LabelSpec::default_anchors(a.data.image_size());
     for mode in [FeedMode::Simple, FeedMode::CopyStream] {
         let lcfg = a.data.loader_config(Mode::Train, a.batch_size);
         let feeder = DeviceFeeder::start(
-            start_loader(lcfg, a.data.files()?)?,
+            start_loader(lcfg, a.data.files()?, &spec)?,
             gpu.clone(),
             FeedOptions {
                 mode,
@@ -730,14 +732,15 @@ fn nvjpeg_checks(a: &Args, gpu: &Device) -> anyhow::Result<Vec<Check>> {
     use effdet_pipeline::nvjpeg::stage::NvjpegStage;
 
     let stream = gpu.as_cuda_device()?.cuda_stream();
-    let size = a.data.image_size;
+    let size = a.data.image_size();
     let image_len = 3 * (size * size) as usize;
     let mut cpu_cfg = a.data.loader_config(Mode::Train, a.batch_size);
     let mut gpu_cfg = cpu_cfg.clone();
     gpu_cfg.defer_for_gpu();
     cpu_cfg.image_dtype = gpu_cfg.image_dtype;
-    let mut cpu_loader = start_loader(cpu_cfg, a.data.files()?)?;
-    let mut gpu_loader = start_loader(gpu_cfg, a.data.files()?)?;
+    let spec = LabelSpec::default_anchors(size);
+    let mut cpu_loader = start_loader(cpu_cfg, a.data.files()?, &spec)?;
+    let mut gpu_loader = start_loader(gpu_cfg, a.data.files()?, &spec)?;
     let aug = AugmentConfig {
         image_size: (size, size),
         ..AugmentConfig::d0(size)

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use effdet_model::config::Config;
 use effdet_pipeline::anchors::{AnchorConfig, Anchors};
 use effdet_pipeline::augment::Mode;
 use effdet_pipeline::decode::CpuDecoder;
@@ -10,14 +11,18 @@ use effdet_pipeline::labeler::Labeler;
 use effdet_pipeline::loader::{ImageDtype, Loader, LoaderConfig};
 use effdet_pipeline::tfrecord::expand_paths;
 
+/// Image size of the commands that run no model (D0's).
+pub const DEFAULT_IMAGE_SIZE: u32 = 512;
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct DataArgs {
     /// Shard directory, file or glob (repeatable).
     #[arg(long = "data", required = true)]
     pub data: Vec<String>,
-    /// Output image size (square).
-    #[arg(long, default_value_t = 512)]
-    pub image_size: u32,
+    /// Output image size (square). Default: the model's own (the config's `input.image_size`,
+    /// a checkpoint's training size), or 512 where no model is involved.
+    #[arg(long)]
+    pub image_size: Option<u32>,
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -67,7 +72,7 @@ impl DataArgs {
     pub fn for_paths(data: Vec<String>, image_size: u32) -> DataArgs {
         DataArgs {
             data,
-            image_size,
+            image_size: Some(image_size),
             threads: None,
             seed: 0,
             prefetch: 2,
@@ -78,6 +83,19 @@ impl DataArgs {
         }
     }
 
+    /// The image size: `--image-size`, or the default set by [`DataArgs::sized_for`], or 512.
+    pub fn image_size(&self) -> u32 {
+        self.image_size.unwrap_or(DEFAULT_IMAGE_SIZE)
+    }
+
+    /// These options with `model_size` as the image size unless `--image-size` was given.
+    pub fn sized_for(&self, model_size: u32) -> DataArgs {
+        DataArgs {
+            image_size: Some(self.image_size.unwrap_or(model_size)),
+            ..self.clone()
+        }
+    }
+
     pub fn files(&self) -> anyhow::Result<Vec<PathBuf>> {
         let files = expand_paths(&self.data)?;
         anyhow::ensure!(!files.is_empty(), "no shard files in {:?}", self.data);
@@ -85,7 +103,7 @@ impl DataArgs {
     }
 
     pub fn loader_config(&self, mode: Mode, batch_size: usize) -> LoaderConfig {
-        let mut cfg = LoaderConfig::new(mode, self.image_size, batch_size);
+        let mut cfg = LoaderConfig::new(mode, self.image_size(), batch_size);
         cfg.threads = self.threads.unwrap_or(0);
         cfg.seed = self.seed;
         cfg.prefetch = self.prefetch;
@@ -102,18 +120,80 @@ impl DataArgs {
     }
 }
 
-/// The automl labeler for a square image size.
-pub fn labeler(image_size: u32) -> anyhow::Result<Arc<Labeler>> {
-    let size = image_size as usize;
-    Ok(Arc::new(Labeler::new(Anchors::new(
-        &AnchorConfig::efficientdet(size, size),
-    )?)))
+/// What the loader's labels must agree with: the anchors the model predicts for (its levels,
+/// octave scales, aspect ratios and anchor scale at the image size) and, in training, its
+/// number of classes.
+#[derive(Debug, Clone)]
+pub struct LabelSpec {
+    pub anchors: AnchorConfig,
+    /// Class ids above this stop the loader with an error naming the record.
+    pub num_classes: Option<usize>,
 }
 
-/// Starts a CPU-decoding loader.
-pub fn start_loader(cfg: LoaderConfig, files: Vec<PathBuf>) -> anyhow::Result<Loader> {
-    let labeler = labeler(cfg.augment.image_size.0)?;
-    Loader::start(cfg, files, labeler, Arc::new(CpuDecoder))
+impl LabelSpec {
+    /// The anchors of model `cfg` at a square `image_size`, and its classes.
+    pub fn for_model(cfg: &Config, image_size: u32) -> LabelSpec {
+        LabelSpec {
+            anchors: model_anchors(cfg, image_size),
+            num_classes: Some(cfg.head.num_classes),
+        }
+    }
+
+    /// automl's default anchors (D0–D6) with any class id: for the commands that run the
+    /// pipeline without a model (bench-pipeline, dump-batch).
+    pub fn default_anchors(image_size: u32) -> LabelSpec {
+        let size = image_size as usize;
+        LabelSpec {
+            anchors: AnchorConfig::efficientdet(size, size),
+            num_classes: None,
+        }
+    }
+
+    /// The same anchors without the class check (evaluation reads ground truth it never
+    /// trains on).
+    pub fn any_class(mut self) -> LabelSpec {
+        self.num_classes = None;
+        self
+    }
+
+    /// The labeler for these anchors and classes.
+    pub fn labeler(&self) -> anyhow::Result<Arc<Labeler>> {
+        let labeler = Labeler::new(Anchors::new(&self.anchors)?);
+        Ok(Arc::new(match self.num_classes {
+            Some(k) => labeler.with_num_classes(k),
+            None => labeler,
+        }))
+    }
+}
+
+/// The anchor set model `cfg` predicts for at a square `image_size` (D7's anchor scale is 5).
+pub fn model_anchors(cfg: &Config, image_size: u32) -> AnchorConfig {
+    let size = image_size as usize;
+    AnchorConfig {
+        min_level: cfg.fpn.min_level as u32,
+        max_level: cfg.fpn.max_level as u32,
+        num_scales: cfg.head.num_scales as u32,
+        aspect_ratios: cfg.head.aspect_ratios.clone(),
+        anchor_scale: cfg.head.anchor_scale,
+        image_height: size,
+        image_width: size,
+    }
+}
+
+/// Starts a CPU-decoding loader whose labels follow `spec`.
+pub fn start_loader(
+    cfg: LoaderConfig,
+    files: Vec<PathBuf>,
+    spec: &LabelSpec,
+) -> anyhow::Result<Loader> {
+    let (h, w) = cfg.augment.image_size;
+    anyhow::ensure!(
+        (spec.anchors.image_height, spec.anchors.image_width) == (h as usize, w as usize),
+        "anchors for {}x{} but images of {h}x{w}",
+        spec.anchors.image_height,
+        spec.anchors.image_width
+    );
+    Loader::start(cfg, files, spec.labeler()?, Arc::new(CpuDecoder))
 }
 
 /// Peak resident set size of this process in MB (Linux; 0 elsewhere).
@@ -177,5 +257,54 @@ impl FeedArgs {
             mode: self.feed,
             gpu_decode: self.gpu_decode,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::commands::train::load_config;
+
+    #[test]
+    fn labels_follow_the_models_anchors_and_classes() -> anyhow::Result<()> {
+        // D0–D6 use automl's default anchors; D7's anchor scale is 5.
+        let d0 = load_config("efficientdet-d0", &[])?;
+        let spec = LabelSpec::for_model(&d0, 512);
+        assert_eq!(spec.anchors, AnchorConfig::efficientdet(512, 512));
+        assert_eq!(spec.num_classes, Some(90));
+        assert_eq!(spec.clone().any_class().num_classes, None);
+        let d7 = LabelSpec::for_model(&load_config("efficientdet-d7", &[])?, 1536);
+        assert_eq!(d7.anchors.anchor_scale, 5.0);
+        assert_eq!(
+            (d7.anchors.image_height, d7.anchors.image_width),
+            (1536, 1536)
+        );
+        // Overrides reach the labels: two aspect ratios and 3 classes.
+        let sets = [
+            "head.aspect_ratios=[1.0, 2.0]".to_string(),
+            "head.num_classes=3".to_string(),
+        ];
+        let custom = LabelSpec::for_model(&load_config("efficientdet-d0", &sets)?, 256);
+        let labeler = custom.labeler()?;
+        assert_eq!(labeler.anchors().per_location(), 6);
+        assert_eq!(custom.num_classes, Some(3));
+        // A loader whose images and anchors disagree in size is refused.
+        let cfg = LoaderConfig::new(Mode::Train, 256, 2);
+        let err = start_loader(cfg, vec![], &spec).err().expect("refused");
+        assert!(err.to_string().contains("512x512"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn the_image_size_defaults_to_the_models() {
+        let mut d = DataArgs::for_paths(vec!["x".into()], 256);
+        // --image-size given: it wins.
+        assert_eq!(d.sized_for(896).image_size(), 256);
+        // Not given: the model's size (D3: 896), or 512 without a model.
+        d.image_size = None;
+        assert_eq!(d.sized_for(896).image_size(), 896);
+        assert_eq!(d.image_size(), DEFAULT_IMAGE_SIZE);
+        let lcfg = d.sized_for(896).loader_config(Mode::Train, 2);
+        assert_eq!(lcfg.augment.image_size, (896, 896));
     }
 }

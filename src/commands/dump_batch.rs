@@ -8,7 +8,7 @@ use effdet_pipeline::augment::Mode;
 use effdet_pipeline::loader::ImageData;
 use safetensors::tensor::{Dtype, TensorView};
 
-use super::data::{start_loader, DataArgs, ModeArg};
+use super::data::{start_loader, DataArgs, LabelSpec, ModeArg};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -47,7 +47,7 @@ pub fn dump(data: &DataArgs, mode: Mode, batch_size: usize, out: &Path) -> anyho
     // The first B examples in file order, whatever the mode.
     cfg.shuffle_buffer = 0;
     cfg.cycle_length = 1;
-    let mut loader = start_loader(cfg, files)?;
+    let mut loader = start_loader(cfg, files, &LabelSpec::default_anchors(data.image_size()))?;
     let batch = loader
         .next_batch()
         .ok_or_else(|| anyhow::anyhow!("no batch: the input holds no usable example"))??;

@@ -10,12 +10,12 @@ use anyhow::Context;
 use candle_core::{DType, Tensor};
 use effdet_model::postprocess::{postprocess_image, BoxYxyx, PostprocessConfig};
 use effdet_model::{EfficientDet, ModelVars};
-use effdet_pipeline::anchors::{AnchorConfig, Anchors};
+use effdet_pipeline::anchors::Anchors;
 use effdet_pipeline::augment::Mode;
 use effdet_pipeline::coco::eval::{evaluate, CocoStats, Detection};
 use effdet_pipeline::coco::{load_json, InstancesFile};
 
-use super::data::{start_loader, DataArgs};
+use super::data::{start_loader, DataArgs, LabelSpec};
 use super::step::BatchTensors;
 use super::tensorboard::EventWriter;
 use super::train::{load_ema_weights, CheckpointMeta};
@@ -51,6 +51,8 @@ pub struct EvalSummary {
     pub images: usize,
     pub detections: usize,
     pub images_per_sec: f64,
+    /// The size the images were evaluated at (by default the checkpoint's training size).
+    pub image_size: u32,
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
@@ -75,8 +77,12 @@ pub fn eval(a: &Args) -> anyhow::Result<EvalSummary> {
     let model = EfficientDet::new(&cfg, &vars)?;
     load_ema_weights(&a.checkpoint, &vars, &dev)?;
 
-    let size = a.data.image_size as usize;
-    let anchors = Anchors::new(&AnchorConfig::efficientdet(size, size))?;
+    // The model's own anchors (D7's anchor scale differs); the ground truth is never trained
+    // on, so any class id passes.
+    // The checkpoint's training size unless --image-size asks for another.
+    let data = a.data.sized_for(meta.image_size);
+    let spec = LabelSpec::for_model(&cfg, data.image_size()).any_class();
+    let anchors = Anchors::new(&spec.anchors)?;
     let anchor_boxes: Vec<BoxYxyx> = anchors
         .boxes()
         .chunks_exact(4)
@@ -85,8 +91,8 @@ pub fn eval(a: &Args) -> anyhow::Result<EvalSummary> {
     let k = cfg.head.num_classes;
     let pp = PostprocessConfig::automl_eval(k);
 
-    let lcfg = a.data.loader_config(Mode::Eval, a.batch_size);
-    let mut loader = start_loader(lcfg, a.data.files()?)?;
+    let lcfg = data.loader_config(Mode::Eval, a.batch_size);
+    let mut loader = start_loader(lcfg, data.files()?, &spec)?;
     let mut dets = Vec::new();
     let mut images = 0;
     let t = Instant::now();
@@ -163,6 +169,7 @@ pub fn eval(a: &Args) -> anyhow::Result<EvalSummary> {
         images,
         detections: dets.len(),
         images_per_sec: images as f64 / secs,
+        image_size: data.image_size(),
     })
 }
 
@@ -190,6 +197,8 @@ mod tests {
         let out = dir.path().join("dets.json");
         let mut d = DataArgs::for_paths(vec![data.to_string_lossy().into_owned()], 64);
         d.threads = Some(1);
+        // Without --image-size the checkpoint's training size (64) is used, not 512.
+        d.image_size = None;
         let e = eval(&Args {
             checkpoint: ckpt.clone(),
             data: d,
@@ -200,6 +209,7 @@ mod tests {
             device: crate::commands::bench_train::DeviceArg::Cpu,
         })?;
         assert_eq!(e.images, 8);
+        assert_eq!(e.image_size, 64);
         // The stats were appended as TensorBoard scalars at the checkpoint's step (a second
         // event file beside the training run's, whose events are untouched).
         let events: Vec<_> = std::fs::read_dir(dir.path().join("run"))?

@@ -17,7 +17,7 @@ use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use effdet_model::postprocess::{postprocess_image, BoxYxyx, Detection, PostprocessConfig};
 use effdet_model::{EfficientDet, ModelVars};
-use effdet_pipeline::anchors::{AnchorConfig, Anchors};
+use effdet_pipeline::anchors::Anchors;
 use effdet_pipeline::augment::{render_image, AugmentConfig, ImageWorkspace, ScaleParams};
 use effdet_pipeline::decode::{CpuDecoder, DecodedImage, ImageDecoder};
 use image::{Rgb, RgbImage};
@@ -135,7 +135,7 @@ impl Predictor {
         load_ema_weights(checkpoint, &vars, &dev)?;
         let size = meta.image_size;
         let s = size as usize;
-        let anchors = Anchors::new(&AnchorConfig::efficientdet(s, s))?
+        let anchors = Anchors::new(&super::data::model_anchors(&meta.config, size))?
             .boxes()
             .chunks_exact(4)
             .map(|c| [c[0], c[1], c[2], c[3]])

@@ -12,7 +12,7 @@ use effdet_pipeline::coco::convert::{convert, ConvertOptions};
 use effdet_pipeline::coco::synth::{generate, SynthOptions};
 use effdet_pipeline::tfrecord::RecordReader;
 
-use super::data::{cpu_seconds, peak_rss_mb, start_loader};
+use super::data::{cpu_seconds, peak_rss_mb, start_loader, LabelSpec};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -133,7 +133,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     let mut cfg = effdet_pipeline::loader::LoaderConfig::new(Mode::Train, a.image_size, 8);
     cfg.seed = a.seed;
     let files = effdet_pipeline::tfrecord::expand_paths(&[shards.join("train").to_string_lossy()])?;
-    let mut loader = start_loader(cfg, files)?;
+    let mut loader = start_loader(cfg, files, &LabelSpec::default_anchors(a.image_size))?;
     loader
         .next_batch()
         .ok_or_else(|| anyhow::anyhow!("pipeline produced no batch"))??;

@@ -645,7 +645,11 @@ impl DeviceFeeder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::commands::data::{start_loader, DataArgs, DtypeArg};
+    use crate::commands::data::{start_loader, DataArgs, DtypeArg, LabelSpec};
+
+    fn spec(d: &DataArgs) -> LabelSpec {
+        LabelSpec::default_anchors(d.image_size())
+    }
     use crate::commands::train::tests as t;
     use effdet_pipeline::augment::Mode;
 
@@ -656,7 +660,7 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let data = t::shards(dir.path(), 4)?;
         let d = DataArgs::for_paths(vec![data.to_string_lossy().into_owned()], 64);
-        let mut loader = start_loader(d.loader_config(Mode::Train, 2), d.files()?)?;
+        let mut loader = start_loader(d.loader_config(Mode::Train, 2), d.files()?, &spec(&d))?;
         let b = loader.next_batch().expect("a batch")?;
         let t = BatchTensors::from_batch(&b, &Device::Cpu)?;
         let mut cfg = Config::builtin("efficientdet-d0")?;
@@ -812,7 +816,13 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let data = t::shards(dir.path(), 4)?;
         let d = DataArgs::for_paths(vec![data.to_string_lossy().into_owned()], 64);
-        let loader = || start_loader(d.loader_config(Mode::Train, 2), d.files().unwrap());
+        let loader = || {
+            start_loader(
+                d.loader_config(Mode::Train, 2),
+                d.files().unwrap(),
+                &spec(&d),
+            )
+        };
         let simple_gpu = FeedOptions {
             mode: FeedMode::Simple,
             gpu_decode: true,
@@ -858,7 +868,7 @@ mod tests {
             let mut d = DataArgs::for_paths(vec![data.to_string_lossy().into_owned()], 64);
             d.threads = Some(2);
             d.image_dtype = dtype;
-            let loader = start_loader(d.loader_config(Mode::Train, 2), d.files()?)?;
+            let loader = start_loader(d.loader_config(Mode::Train, 2), d.files()?, &spec(&d))?;
             if feeder {
                 let f = DeviceFeeder::start(loader, Device::Cpu, FeedOptions::new(2))?;
                 (0..3)

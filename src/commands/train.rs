@@ -15,7 +15,7 @@ use effdet_model::{DynamicLossScaler, ModelVars, Precision};
 use effdet_pipeline::augment::Mode;
 use effdet_pipeline::tfrecord::RecordReader;
 
-use super::data::{start_loader, DataArgs};
+use super::data::{start_loader, DataArgs, LabelSpec};
 use super::step::{DeviceFeeder, StepStats, Trainer};
 use super::tensorboard::EventWriter;
 
@@ -202,9 +202,9 @@ pub fn train(a: &Args) -> anyhow::Result<TrainSummary> {
         .map(|m| m.batch_size)
         .or(a.batch_size)
         .unwrap_or(cfg.train.batch_size);
-    let mut data = a.data.clone();
+    let mut data = a.data.sized_for(cfg.input.image_size as u32);
     if let Some(m) = &resume_meta {
-        data.image_size = m.image_size;
+        data.image_size = Some(m.image_size);
         data.seed = m.seed;
     }
     // Resume positions and the epoch length are counted for one process reading every shard.
@@ -264,7 +264,11 @@ pub fn train(a: &Args) -> anyhow::Result<TrainSummary> {
     lcfg.start_epoch = next_epoch;
     lcfg.skip_samples = next_seq;
     let feed = a.feed.apply(&mut lcfg, 2);
-    let feeder = DeviceFeeder::start(start_loader(lcfg, files)?, dev.clone(), feed)?;
+    let feeder = DeviceFeeder::start(
+        start_loader(lcfg, files, &LabelSpec::for_model(&cfg, data.image_size()))?,
+        dev.clone(),
+        feed,
+    )?;
     let mut events = EventWriter::create(&a.out)?;
 
     let end = schedule.total_steps.min(
@@ -287,7 +291,7 @@ pub fn train(a: &Args) -> anyhow::Result<TrainSummary> {
         samples_seen: step * batch_size as u64,
         epoch_size,
         batch_size,
-        image_size: data.image_size,
+        image_size: data.image_size(),
         seed: data.seed,
         schedule_total_steps: schedule.total_steps,
         schedule_warmup_steps: schedule.warmup_steps,

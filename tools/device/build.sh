@@ -51,6 +51,8 @@ STUB=$CU/stub
 if [[ ! -f $STUB/libcuda.so.1 ]]; then
   echo "== generating libcuda stub"
   mkdir -p "$STUB"
+  # On a fresh machine cudarc's source is not in the registry yet (only the cuda feature needs it).
+  cargo fetch -q
   CUDARC=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* | tail -1)
   grep -ohE "fn cu[A-Za-z0-9_]+\(" "$CUDARC/src/driver/sys/mod.rs" | sed 's/^fn //; s/($//' | sort -u |
     awk '{print "int " $1 "(void) { return 999; /* CUDA_ERROR_UNKNOWN */ }"}' > "$STUB/cuda_stub.c"

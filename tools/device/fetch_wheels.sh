@@ -10,7 +10,7 @@
 #                                   as an sdist, so a wheel is built here
 #   pycocotools             2.0.11  cp312-abi3 manylinux; effdet imports it at import time
 #                                   (effdet/evaluator.py), matplotlib only lazily
-# Output: .whl/ at the repository root (git-ignored through .git/info/exclude), about 0.8 MB.
+# Output: .whl/ at the repository root (git-ignored), about 0.8 MB.
 # On the GPU machine:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 #     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
