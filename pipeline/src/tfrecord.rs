@@ -463,6 +463,89 @@ impl Drop for AtomicRecordWriter {
 /// Expands files, directories (their `*.tfrecord*` files, and any other regular file when
 /// none match) and glob patterns into a sorted, de-duplicated list of files.
 pub fn expand_paths<S: AsRef<str>>(inputs: &[S]) -> anyhow::Result<Vec<PathBuf>> {
+    expand(inputs, |_, _| Ok(()))
+}
+
+/// [`expand_paths`] for the input of a training or evaluation run: a directory must hold one
+/// shard set. automl names shards `PREFIX-00000-of-00004.tfrecord`, and its converter is run
+/// once per split, often into one folder: reading `train-*` and `val-*` together would train
+/// on the validation images. A directory with several sets is an error naming them (pass a
+/// glob such as `DIR/train-*`, or the files, to choose); a set with shards missing is reported
+/// through `warn`.
+pub fn expand_shard_paths<S: AsRef<str>>(
+    inputs: &[S],
+    warn: &mut dyn FnMut(String),
+) -> anyhow::Result<Vec<PathBuf>> {
+    expand(inputs, |dir, files| {
+        let sets = shard_sets(files);
+        if sets.len() > 1 {
+            let names: Vec<String> = sets
+                .iter()
+                .map(|(prefix, s)| format!("{prefix} ({} files)", s.found))
+                .collect();
+            let first = sets.keys().next().map(String::as_str).unwrap_or("train");
+            anyhow::bail!(
+                "{} holds {} shard sets: {}; pass one set, e.g. --data '{}'",
+                dir.display(),
+                sets.len(),
+                names.join(", "),
+                dir.join(format!("{first}-*")).display()
+            );
+        }
+        for (prefix, s) in &sets {
+            if s.found != s.total {
+                warn(format!(
+                    "{}: shard set {prefix} has {} of its {} files",
+                    dir.display(),
+                    s.found,
+                    s.total
+                ));
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Files of one automl shard set found in a directory.
+#[derive(Debug, PartialEq)]
+struct ShardSet {
+    found: usize,
+    /// The `-of-N` count in the names (the largest seen, should they disagree).
+    total: usize,
+}
+
+/// Groups file names of the form `PREFIX-iiiii-of-nnnnn.tfrecord` by prefix; other names form
+/// one set of their own (`""`), counted as complete.
+fn shard_sets(files: &[PathBuf]) -> std::collections::BTreeMap<String, ShardSet> {
+    let mut sets = std::collections::BTreeMap::<String, ShardSet>::new();
+    for f in files {
+        let name = f.file_name().unwrap_or_default().to_string_lossy();
+        let stem = name.split(".tfrecord").next().unwrap_or(&name);
+        let parsed = stem.rsplit_once("-of-").and_then(|(head, total)| {
+            let (prefix, index) = head.rsplit_once('-')?;
+            let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+            (digits(index) && digits(total)).then(|| (prefix.to_string(), total.parse().ok()))
+        });
+        let (prefix, total) = match parsed {
+            Some((prefix, Some(total))) => (prefix, total),
+            _ => (String::new(), 0),
+        };
+        let set = sets
+            .entry(prefix)
+            .or_insert(ShardSet { found: 0, total: 0 });
+        set.found += 1;
+        set.total = set.total.max(total);
+    }
+    if let Some(other) = sets.get_mut("") {
+        other.total = other.found;
+    }
+    sets
+}
+
+fn expand<S: AsRef<str>>(
+    inputs: &[S],
+    mut check_dir: impl FnMut(&Path, &[PathBuf]) -> anyhow::Result<()>,
+) -> anyhow::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for input in inputs {
         let input = input.as_ref();
@@ -486,6 +569,7 @@ pub fn expand_paths<S: AsRef<str>>(inputs: &[S]) -> anyhow::Result<Vec<PathBuf>>
             }
             let mut chosen = if tf.is_empty() { all } else { tf };
             chosen.sort();
+            check_dir(p, &chosen)?;
             out.extend(chosen);
         } else if p.is_file() {
             out.push(p.to_path_buf());
@@ -632,5 +716,49 @@ mod tests {
             .map(|r| r.unwrap())
             .collect();
         assert_eq!(&got[0].payload[..], b"payload");
+    }
+
+    #[test]
+    fn a_run_reads_one_shard_set_per_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let touch = |name: &str| std::fs::write(dir.path().join(name), b"").unwrap();
+        for i in 0..3 {
+            touch(&format!("train-{i:05}-of-00004.tfrecord"));
+        }
+        let d = dir.path().to_string_lossy().into_owned();
+        // One set, one shard missing: the files, and a warning.
+        let mut warnings = Vec::new();
+        let files = expand_shard_paths(&[&d], &mut |w| warnings.push(w)).unwrap();
+        assert_eq!(files.len(), 3);
+        assert_eq!(warnings.len(), 1);
+        assert!(
+            warnings[0].contains("train has 3 of its 4 files"),
+            "{warnings:?}"
+        );
+        // The validation split converted into the same folder: refused, both sets named.
+        touch("val-00000-of-00002.tfrecord");
+        touch("val-00001-of-00002.tfrecord");
+        let err = expand_shard_paths(&[&d], &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("2 shard sets"), "{err}");
+        assert!(
+            err.contains("train (3 files)") && err.contains("val (2 files)"),
+            "{err}"
+        );
+        assert!(err.contains("train-*"), "{err}");
+        // A glob picks one set; plain expansion (inspect) still takes everything.
+        let glob = format!("{d}/val-*");
+        let mut warnings = Vec::new();
+        let files = expand_shard_paths(&[&glob], &mut |w| warnings.push(w)).unwrap();
+        assert_eq!((files.len(), warnings.len()), (2, 0));
+        assert_eq!(expand_paths(&[&d]).unwrap().len(), 5);
+        // Names outside automl's pattern form one set of their own.
+        let other = tempfile::tempdir().unwrap();
+        for name in ["a.tfrecord", "b.tfrecord", "x-1-of-2b.tfrecord"] {
+            std::fs::write(other.path().join(name), b"").unwrap();
+        }
+        let o = other.path().to_string_lossy().into_owned();
+        assert_eq!(expand_shard_paths(&[&o], &mut |_| {}).unwrap().len(), 3);
     }
 }

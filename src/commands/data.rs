@@ -9,7 +9,7 @@ use effdet_pipeline::augment::Mode;
 use effdet_pipeline::decode::CpuDecoder;
 use effdet_pipeline::labeler::Labeler;
 use effdet_pipeline::loader::{ImageDtype, Loader, LoaderConfig};
-use effdet_pipeline::tfrecord::expand_paths;
+use effdet_pipeline::tfrecord::expand_shard_paths;
 
 /// Image size of the commands that run no model (D0's).
 pub const DEFAULT_IMAGE_SIZE: u32 = 512;
@@ -97,7 +97,7 @@ impl DataArgs {
     }
 
     pub fn files(&self) -> anyhow::Result<Vec<PathBuf>> {
-        let files = expand_paths(&self.data)?;
+        let files = expand_shard_paths(&self.data, &mut |w| eprintln!("warning: {w}"))?;
         anyhow::ensure!(!files.is_empty(), "no shard files in {:?}", self.data);
         Ok(files)
     }

@@ -191,6 +191,17 @@ pub fn train(a: &Args) -> anyhow::Result<TrainSummary> {
             .with_context(|| format!("reading {}", meta_path.display()))?;
         Some(serde_json::from_str(&text).with_context(|| format!("{}", meta_path.display()))?)
     } else {
+        // A fresh run would overwrite the checkpoints and `latest` of the one already there
+        // (TensorFlow's estimator would silently continue it instead): make the user choose.
+        let latest = a.out.join("latest");
+        if let Ok(name) = std::fs::read_to_string(&latest) {
+            anyhow::bail!(
+                "{} already holds a training run (latest checkpoint {}); pass --resume to continue \
+                 it, or choose another --out",
+                a.out.display(),
+                name.trim()
+            );
+        }
         None
     };
     let cfg = match &resume_meta {
@@ -538,6 +549,12 @@ pub(crate) mod tests {
         first.max_steps_this_run = Some(2);
         let part1 = train(&first)?;
         let mut second = args(&data, &dir.path().join("b"), 4);
+        // Without --resume the run already there is not overwritten.
+        let err = train(&second).unwrap_err().to_string();
+        assert!(
+            err.contains("already holds a training run") && err.contains("--resume"),
+            "{err}"
+        );
         second.resume = true;
         let part2 = train(&second)?;
         assert_eq!(part2.first_step, 2);

@@ -45,7 +45,7 @@ if ! ls "$DEV"/data/train-*-of-00004.tfrecord > /dev/null 2>&1; then
     echo "coco_tiny not found at $COCO (set COCO_TINY_DIR)" >&2
     exit 1
   fi
-  cargo build --release -q --bin create_coco_tfrecord
+  cargo build --release -q -p effdet-tools --bin create_coco_tfrecord
   mkdir -p "$DEV/data"
   target/release/create_coco_tfrecord --image_dir "$COCO/train2017" \
     --object_annotations_file "$COCO/annotations/instances_train2017.json" \
