@@ -16,6 +16,9 @@ pub fn upsample_nearest(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor
     let dev = x.device().clone();
     tape.push("upsample", &[x], &y, move |g| {
         if out_h == 2 * h && out_w == 2 * w {
+            if let Some(gx) = block_sums_2x2_cpu(g, (b, h, w, c))? {
+                return Ok(vec![Some(gx)]);
+            }
             let gx = g
                 .reshape((b, h, 2, w, 2, c))?
                 .sum_keepdim(4)?
@@ -38,6 +41,42 @@ pub fn upsample_nearest(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor
         Ok(vec![Some(rows)])
     });
     Ok(y)
+}
+
+/// The 2× upsample's gradient on the CPU for f32: each source pixel's four copies summed in
+/// the order of the reshape-and-sum composition (the two columns of each row, then the two
+/// rows), so the bits are the same, in one pass instead of two strided reductions (those took
+/// ~5 ns per element, 8 ms of a D0 step at 512²). `None` elsewhere.
+fn block_sums_2x2_cpu(
+    g: &Tensor,
+    (b, h, w, c): (usize, usize, usize, usize),
+) -> Result<Option<Tensor>> {
+    if !g.device().is_cpu() || g.dtype() != candle_core::DType::F32 {
+        return Ok(None);
+    }
+    let g = g.contiguous()?;
+    let (storage, layout) = g.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Ok(None);
+    };
+    let src = &cpu.as_slice::<f32>()?[layout.start_offset()..][..b * 4 * h * w * c];
+    let row_out = w * c;
+    // SAFETY: every output row is written whole below.
+    let out = unsafe {
+        super::par_filled::<f32>(b * h * row_out, row_out, |r, out_row| {
+            let top = &src[2 * r * 2 * row_out..][..2 * row_out];
+            let bottom = &src[(2 * r + 1) * 2 * row_out..][..2 * row_out];
+            for (x, o) in out_row.chunks_exact_mut(c).enumerate() {
+                let (t0, t1) = (&top[2 * x * c..][..c], &top[(2 * x + 1) * c..][..c]);
+                let (b0, b1) = (&bottom[2 * x * c..][..c], &bottom[(2 * x + 1) * c..][..c]);
+                for i in 0..c {
+                    o[i].write((t0[i] + t1[i]) + (b0[i] + b1[i]));
+                }
+            }
+        })
+    };
+    drop(storage);
+    Ok(Some(Tensor::from_vec(out, (b, h, w, c), g.device())?))
 }
 
 /// Source index of each of `n_out` positions resized from `n_in`.
@@ -101,6 +140,30 @@ mod tests {
             .flatten_all()?
             .to_vec1::<f32>()?;
         assert_eq!(y, vec![10., 10., 20., 20., 30.]);
+        Ok(())
+    }
+
+    #[test]
+    fn cpu_block_sums_equal_the_composition_bit_for_bit() -> Result<()> {
+        let (b, h, w, c) = (2, 5, 3, 7);
+        let g = rand_tensor(&[b, 2 * h, 2 * w, c], 52)?.to_dtype(candle_core::DType::F32)?;
+        let fast = block_sums_2x2_cpu(&g, (b, h, w, c))?.expect("f32 on the CPU");
+        let composed = g
+            .reshape((b, h, 2, w, 2, c))?
+            .sum_keepdim(4)?
+            .sum_keepdim(2)?
+            .reshape((b, h, w, c))?;
+        let bits = |t: &Tensor| -> Result<Vec<u32>> {
+            Ok(t.flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|v| v.to_bits())
+                .collect())
+        };
+        assert_eq!(bits(&fast)?, bits(&composed)?);
+        // Other dtypes take the composition.
+        let g64 = g.to_dtype(candle_core::DType::F64)?;
+        assert!(block_sums_2x2_cpu(&g64, (b, h, w, c))?.is_none());
         Ok(())
     }
 
