@@ -38,7 +38,8 @@ pub struct Args {
     /// Stop after this many steps in this invocation (the schedule still spans `--steps`).
     #[arg(long)]
     pub max_steps_this_run: Option<u64>,
-    /// Global batch size (default: the config's).
+    /// Global batch size (default: the config's, 64 for D0; on the CPU at most 8 at 512² and
+    /// fewer for larger images, as the config's would not fit in memory).
     #[arg(long)]
     pub batch_size: Option<usize>,
     /// Peak learning rate for this batch size (default: config lr scaled by batch size).
@@ -208,16 +209,26 @@ pub fn train(a: &Args) -> anyhow::Result<TrainSummary> {
         Some(m) => m.config.clone(),
         None => load_config(&a.config, &a.set)?,
     };
-    let batch_size = resume_meta
-        .as_ref()
-        .map(|m| m.batch_size)
-        .or(a.batch_size)
-        .unwrap_or(cfg.train.batch_size);
     let mut data = a.data.sized_for(cfg.input.image_size as u32);
     if let Some(m) = &resume_meta {
         data.image_size = Some(m.image_size);
         data.seed = m.seed;
     }
+    let batch_size = match resume_meta.as_ref().map(|m| m.batch_size).or(a.batch_size) {
+        Some(b) => b,
+        None => {
+            let b = default_batch_size(&cfg, dev.is_cpu(), data.image_size());
+            if b < cfg.train.batch_size {
+                eprintln!(
+                    "note: batch size {b} on the CPU (the config's {} would need ~{:.0} GB here); \
+                     --batch-size sets it, and the learning rate follows it",
+                    cfg.train.batch_size,
+                    cfg.train.batch_size as f64 * cpu_gb_per_image(data.image_size())
+                );
+            }
+            b
+        }
+    };
     // Resume positions and the epoch length are counted for one process reading every shard.
     anyhow::ensure!(
         data.world_size == 1,
@@ -396,6 +407,24 @@ pub fn train(a: &Args) -> anyhow::Result<TrainSummary> {
     })
 }
 
+/// Host memory a D0 training step keeps per image on the CPU at `image_size`², in GB: ~1.0 GB
+/// peak at batch 2 and 512² (BENCHMARKS.md), ~0.45 GB of it per image, scaling with the area.
+fn cpu_gb_per_image(image_size: u32) -> f64 {
+    0.45 * (image_size as f64 / 512.0).powi(2)
+}
+
+/// The batch size when `--batch-size` is not given: the config's (the recipe's global batch) on
+/// a GPU; on the CPU at most what keeps a step near 4 GB (8 at 512², 1 at 1536²), because the
+/// recipe's 64 would need ~29 GB at 512² and the process would be killed for memory.
+fn default_batch_size(cfg: &Config, on_cpu: bool, image_size: u32) -> usize {
+    let recipe = cfg.train.batch_size;
+    if !on_cpu {
+        return recipe;
+    }
+    let fits = (3.6 / cpu_gb_per_image(image_size)).floor() as usize;
+    recipe.min(fits.max(1))
+}
+
 /// Writes `ckpt-STEP.safetensors` + `ckpt-STEP.json` (temp + rename each) and then `latest`.
 fn save_checkpoint(
     dir: &Path,
@@ -534,6 +563,18 @@ pub(crate) mod tests {
         assert_eq!(c.head.num_classes, 3);
         assert!(load_config("efficientdet-d0", &["head.nope=3".into()]).is_err());
         assert!(load_config("efficientdet-d0", &["nope".into()]).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn the_cpu_default_batch_fits_in_memory() -> anyhow::Result<()> {
+        let d0 = load_config("efficientdet-d0", &[])?;
+        assert_eq!(default_batch_size(&d0, false, 512), 64);
+        assert_eq!(default_batch_size(&d0, true, 512), 8);
+        assert_eq!(default_batch_size(&d0, true, 128), 64);
+        assert_eq!(default_batch_size(&d0, true, 1536), 1);
+        let small = load_config("efficientdet-d0", &["train.batch_size=4".into()])?;
+        assert_eq!(default_batch_size(&small, true, 512), 4);
         Ok(())
     }
 
