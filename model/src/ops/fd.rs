@@ -4,6 +4,15 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+/// An f32 tensor's values as bit patterns, for bit-for-bit comparisons.
+pub(crate) fn f32_bits(t: &Tensor) -> Result<Vec<u32>> {
+    Ok(t.flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .map(|v| v.to_bits())
+        .collect())
+}
+
 /// An f64 tensor with entries uniform in [-1, 1), reproducible from `seed`.
 pub(crate) fn rand_tensor(dims: &[usize], seed: u64) -> Result<Tensor> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);

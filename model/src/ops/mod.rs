@@ -463,13 +463,7 @@ mod wide_simd_tests {
         let gamma = Var::from_tensor(&super::fd::rand_tensor(&[37], 4)?.to_dtype(DType::F32)?)?;
         let beta = Var::from_tensor(&super::fd::rand_tensor(&[37], 5)?.to_dtype(DType::F32)?)?;
         let up = super::fd::rand_tensor(&[2, 5, 7, 37], 6)?.to_dtype(DType::F32)?;
-        let bits = |t: &Tensor| -> Result<Vec<u32>> {
-            Ok(t.flatten_all()?
-                .to_vec1::<f32>()?
-                .iter()
-                .map(|v| v.to_bits())
-                .collect())
-        };
+        let bits = crate::ops::fd::f32_bits;
         let mut out = Vec::new();
         for act in [Activation::None, Activation::Swish] {
             let (y, _) = batch_norm_train(

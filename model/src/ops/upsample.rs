@@ -153,13 +153,7 @@ mod tests {
             .sum_keepdim(4)?
             .sum_keepdim(2)?
             .reshape((b, h, w, c))?;
-        let bits = |t: &Tensor| -> Result<Vec<u32>> {
-            Ok(t.flatten_all()?
-                .to_vec1::<f32>()?
-                .iter()
-                .map(|v| v.to_bits())
-                .collect())
-        };
+        let bits = crate::ops::fd::f32_bits;
         assert_eq!(bits(&fast)?, bits(&composed)?);
         // Other dtypes take the composition.
         let g64 = g.to_dtype(candle_core::DType::F64)?;
