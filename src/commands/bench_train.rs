@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use candle_core::Device;
 use clap::ValueEnum;
-use effdet_pipeline::augment::Mode;
 use serde::Serialize;
 
 use effdet_model::Precision;
@@ -259,10 +258,7 @@ pub fn bench(a: &Args) -> anyhow::Result<Report> {
     candle_core::cuda::set_gemm_reduced_precision_f32(tf32);
     let mut trainer = Trainer::new(&cfg, &dev, data.seed, a.precision)?;
 
-    let mut lcfg = data.loader_config(Mode::Train, a.batch_size);
-    lcfg.augment.jitter_min = cfg.input.jitter_min as f32;
-    lcfg.augment.jitter_max = cfg.input.jitter_max as f32;
-    lcfg.augment.hflip = cfg.input.input_rand_hflip;
+    let mut lcfg = data.train_loader_config(&cfg, a.batch_size);
     // Batches reach the device through the background feed, two ahead (as in `train`).
     let feed = a.feed.apply(&mut lcfg, 2);
     let feeder = DeviceFeeder::start(

@@ -83,6 +83,16 @@ impl DataArgs {
         }
     }
 
+    /// Train-mode loader settings for model `cfg`: the config's `[input]` section drives the
+    /// augmentation (jitter range, flips).
+    pub fn train_loader_config(&self, cfg: &Config, batch_size: usize) -> LoaderConfig {
+        let mut lcfg = self.loader_config(Mode::Train, batch_size);
+        lcfg.augment.jitter_min = cfg.input.jitter_min as f32;
+        lcfg.augment.jitter_max = cfg.input.jitter_max as f32;
+        lcfg.augment.hflip = cfg.input.input_rand_hflip;
+        lcfg
+    }
+
     /// The image size: `--image-size`, or the default set by [`DataArgs::sized_for`], or 512.
     pub fn image_size(&self) -> u32 {
         self.image_size.unwrap_or(DEFAULT_IMAGE_SIZE)

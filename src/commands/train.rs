@@ -12,7 +12,6 @@ use candle_core::Device;
 use effdet_model::config::Config;
 use effdet_model::optim::{CosineSchedule, Ema, Sgd};
 use effdet_model::{DynamicLossScaler, ModelVars, Precision};
-use effdet_pipeline::augment::Mode;
 use effdet_pipeline::tfrecord::RecordReader;
 
 use super::data::{start_loader, DataArgs, LabelSpec};
@@ -278,11 +277,7 @@ pub fn train(a: &Args) -> anyhow::Result<TrainSummary> {
         next_seq = m.next_sequence;
     }
 
-    let mut lcfg = data.loader_config(Mode::Train, batch_size);
-    // The config's [input] section drives augmentation.
-    lcfg.augment.jitter_min = cfg.input.jitter_min as f32;
-    lcfg.augment.jitter_max = cfg.input.jitter_max as f32;
-    lcfg.augment.hflip = cfg.input.input_rand_hflip;
+    let mut lcfg = data.train_loader_config(&cfg, batch_size);
     lcfg.start_epoch = next_epoch;
     lcfg.skip_samples = next_seq;
     let feed = a.feed.apply(&mut lcfg, 2);
