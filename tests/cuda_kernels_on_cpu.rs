@@ -180,7 +180,8 @@ fn depthwise_specializations_equal_the_generic_kernels() {
     // 40 channels: one full and one partial 32-channel block.
     for (k, s) in [(3, 1), (3, 2), (5, 1), (5, 2)] {
         // (8, 9) and (10, 7) pad top and left differently at stride 2.
-        for (h, w) in [(9, 11), (8, 9), (10, 7), (1, 3)] {
+        // (5, 23): blocked row kernels with windows entirely inside the row at stride 2 too.
+        for (h, w) in [(9, 11), (8, 9), (10, 7), (1, 3), (5, 23)] {
             let g = Geom::new(2, h, w, 40, k, s);
             let x = random(&mut rng, g.b * g.h * g.w * g.c);
             let wt = random(&mut rng, k * k * g.c);
@@ -227,20 +228,24 @@ fn depthwise_specializations_equal_the_generic_kernels() {
                 &mut want,
                 &g,
             );
-            call(
-                lib,
-                &format!("dw_grad_weight_k{k}"),
-                (2, 1, 3, 32, 8, 1),
-                &x,
-                &gy,
-                &mut got,
-                &g,
-            );
-            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (a - b).abs() <= 1e-12 * b.abs().max(1.0),
-                    "kernel gradient {ctx} [{i}]: {a} vs {b}"
+            // Grid z 3: one round, some thread rows past the last row; z 1: several rounds.
+            for chunks in [3, 1] {
+                got.fill(0.0);
+                call(
+                    lib,
+                    &format!("dw_grad_weight_k{k}"),
+                    (2, 1, chunks, 32, 8, 1),
+                    &x,
+                    &gy,
+                    &mut got,
+                    &g,
                 );
+                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-12 * b.abs().max(1.0),
+                        "kernel gradient {ctx} z {chunks} [{i}]: {a} vs {b}"
+                    );
+                }
             }
             assert!(want.iter().any(|&v| v != 0.0));
         }
@@ -622,6 +627,25 @@ fn elementwise_and_optimizer_kernels_equal_the_cpu_ops() {
     assert_eq!(yb, want_bias, "bias add");
     assert_eq!(yg, want_gate, "channel gate");
     assert_eq!(ax, want_axpby, "axpby");
+    // x + v[b, c]: the spatial mean's gradient added to another (the CPU op is tested against
+    // candle's add in ops::channel).
+    let mut ya = vec![f32::NAN; n];
+    run!(
+        lib,
+        "channel_add",
+        g,
+        (*const f32, *const f32, *mut f32, i64, i64, i32),
+        x.as_ptr(),
+        gate.as_ptr(),
+        ya.as_mut_ptr(),
+        nn,
+        hw as i64,
+        c as i32
+    );
+    let want_add: Vec<f32> = (0..n)
+        .map(|i| x[i] + gate[i / (hw * c) * c + i % c])
+        .collect();
+    assert_eq!(ya, want_add, "channel add");
 }
 
 fn close(a: &[f64], b: &[f64], tol: f64, what: &str) {
@@ -1449,6 +1473,33 @@ fn elementwise_16<T: Act16>(lib: &libloading::Library) {
         c as i32
     );
     assert_rounded(&got, &want, true, "channel_gate");
+
+    let (mut want, mut got) = (vec![f32::NAN; n], nans::<T>(n));
+    run!(
+        lib,
+        "channel_add",
+        grid,
+        (*const f32, *const f32, *mut f32, i64, i64, i32),
+        xw.as_ptr(),
+        gatew.as_ptr(),
+        want.as_mut_ptr(),
+        nn,
+        hw as i64,
+        c as i32
+    );
+    run!(
+        lib,
+        format!("channel_add{sfx}"),
+        grid,
+        (*const T, *const f32, *mut T, i64, i64, i32),
+        x.as_ptr(),
+        gatew.as_ptr(),
+        got.as_mut_ptr(),
+        nn,
+        hw as i64,
+        c as i32
+    );
+    assert_rounded(&got, &want, true, "channel_add");
 }
 
 #[test]
@@ -2388,5 +2439,86 @@ fn fusion_kernels_equal_the_cpu_op() {
         assert_eq!(gw[k - 1] == 0.0, w[k - 1] < 0.0, "relu cut-off: {gw:?}");
         fusion_16::<half::f16>(lib, &xs, &g, &w);
         fusion_16::<half::bf16>(lib, &xs, &g, &w);
+    }
+}
+
+/// The stem's im2col kernel equals the CPU op bit for bit (odd and even sizes: "same" pads
+/// before the image or not), in f32 and f16.
+#[test]
+fn stem_patches_kernel_equals_the_cpu_op() {
+    let Some(lib) = library() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(13);
+    for (h, w) in [(9, 8), (8, 9), (5, 5)] {
+        let (b, c) = (2usize, 3usize);
+        let (oh, pt, _) = effdet_model::ops::same_padding(h, 3, 2);
+        let (ow, pl, _) = effdet_model::ops::same_padding(w, 3, 2);
+        let x = random(&mut rng, b * c * h * w);
+        let images = Tensor::from_vec(x.clone(), (b, c, h, w), &Device::Cpu).unwrap();
+        let want = effdet_model::ops::stem_patches(&images, (oh, ow), pt, pl).unwrap();
+        let i = [b, c, h, w, oh, ow, pt, pl].map(|v| v as i32);
+        let n = b * oh * ow * c * 9;
+        let mut got = vec![f32::NAN; n];
+        run!(
+            lib,
+            "stem_patches",
+            (3, 1, 1, 32, 1, 1),
+            (*const f32, *mut f32, i32, i32, i32, i32, i32, i32, i32, i32),
+            x.as_ptr(),
+            got.as_mut_ptr(),
+            i[0],
+            i[1],
+            i[2],
+            i[3],
+            i[4],
+            i[5],
+            i[6],
+            i[7]
+        );
+        assert_bits_eq(&got, &vec_of(&want), &format!("stem_patches {h}x{w}"));
+        assert!(got.contains(&0.0) && got.iter().any(|&v| v != 0.0));
+
+        let (x16, _) = narrow::<half::f16>(&x);
+        let want16 = effdet_model::ops::stem_patches(
+            &images.to_dtype(candle_core::DType::F16).unwrap(),
+            (oh, ow),
+            pt,
+            pl,
+        )
+        .unwrap();
+        let mut got16 = vec![half::f16::NAN; n];
+        run!(
+            lib,
+            "stem_patches_f16",
+            (3, 1, 1, 32, 1, 1),
+            (
+                *const half::f16,
+                *mut half::f16,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32
+            ),
+            x16.as_ptr(),
+            got16.as_mut_ptr(),
+            i[0],
+            i[1],
+            i[2],
+            i[3],
+            i[4],
+            i[5],
+            i[6],
+            i[7]
+        );
+        let want16 = want16
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<half::f16>()
+            .unwrap();
+        let bits = |v: &[half::f16]| v.iter().map(|x| x.to_bits()).collect::<Vec<u16>>();
+        assert_eq!(bits(&got16), bits(&want16), "stem_patches_f16 {h}x{w}");
     }
 }

@@ -137,6 +137,10 @@ impl Tape {
             };
             let label = entry.label;
             let started = profile_ops().then(Instant::now);
+            // Gradients may arrive as views (a broadcast, see `SpatialMean`); the rules and the
+            // kernels they launch take contiguous tensors. A copy only for a view that was an
+            // input's sole gradient: sums with another gradient are already contiguous.
+            let g = g.contiguous()?;
             let input_grads = (entry.backward)(&g)?;
             if let Some(t) = started {
                 profile_add(
@@ -209,7 +213,7 @@ fn accumulate(grads: &mut HashMap<TensorId, Tensor>, id: TensorId, g: Tensor) ->
             Ok(false)
         }
         std::collections::hash_map::Entry::Occupied(mut e) => {
-            let sum = (e.get() + &g)?;
+            let sum = crate::ops::add_gradients(e.get(), &g)?;
             *e.get_mut() = sum;
             Ok(true)
         }

@@ -121,8 +121,22 @@ FOR_EACH_ACT(POOL_RUNNERS)
     extern "C" void run_channel_gate##SFX(GRID, const T* x, const float* g, T* y, i64 n, i64 hw, \
                                           int C) {                                              \
         launch(gx, gy, gz, bx, by, bz, false, [&] { channel_gate##SFX(x, g, y, n, hw, C); });   \
+    }                                                                                           \
+    extern "C" void channel_add##SFX(const T*, const float*, T*, i64, i64, int);                \
+    extern "C" void run_channel_add##SFX(GRID, const T* x, const float* v, T* y, i64 n, i64 hw,  \
+                                         int C) {                                               \
+        launch(gx, gy, gz, bx, by, bz, false, [&] { channel_add##SFX(x, v, y, n, hw, C); });    \
     }
 FOR_EACH_ACT(ELEMENTWISE_RUNNERS)
+
+#define STEM_RUNNERS(T, SFX)                                                                   \
+    extern "C" void stem_patches##SFX(const T*, T*, int, int, int, int, int, int, int, int);   \
+    extern "C" void run_stem_patches##SFX(GRID, const T* x, T* out, int B, int C, int H, int W, \
+                                          int OH, int OW, int PT, int PL) {                    \
+        launch(gx, gy, gz, bx, by, bz, false,                                                  \
+               [&] { stem_patches##SFX(x, out, B, C, H, W, OH, OW, PT, PL); });                \
+    }
+FOR_EACH_ACT(STEM_RUNNERS)
 
 extern "C" void axpby_f32(float*, const float*, float, float, i64);
 extern "C" void run_axpby_f32(GRID, float* x, const float* y, float a, float b, i64 n) {

@@ -26,23 +26,39 @@ pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, stride: usize) -> Result<Te
     crate::tape::op2(x, weight, DepthwiseConv { k: kh, stride })
 }
 
-/// Rows a row-walking kernel spans: output rows for the forward, input rows for the input
-/// gradient.
-type RowCount = fn(&Geom) -> usize;
+/// How a row-walking kernel covers its output: the rows it spans (output rows for the forward,
+/// input rows for the input gradient) and the elements each thread takes along a row.
+#[derive(Clone, Copy)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct RowWalk {
+    rows: fn(&Geom) -> usize,
+    per_thread: usize,
+}
+
+/// Elements along a row per thread of the blocked row kernels (`DW_R` in kernels.cu).
+const DW_ROW_BLOCK: usize = 4;
 
 /// The CUDA kernel for `base` at kernel size `k` and stride `s`: the unrolled specialization for
-/// D0's shapes (row-walking for the forward and the input gradient, with the rows it spans), or
-/// the generic kernel.
+/// D0's shapes (row-walking for the forward and the input gradient, blocked along the row except
+/// the input gradient at stride 2), or the generic kernel.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-fn specialized(base: &str, k: usize, s: usize) -> (String, Option<RowCount>) {
+fn specialized(base: &str, k: usize, s: usize) -> (String, Option<RowWalk>) {
     let d0 = matches!(k, 3 | 5);
     match base {
-        "dw_fwd" if d0 && matches!(s, 1 | 2) => {
-            (format!("{base}_k{k}s{s}"), Some(|g: &Geom| g.b * g.oh))
-        }
-        "dw_grad_input" if d0 && matches!(s, 1 | 2) => {
-            (format!("{base}_k{k}s{s}"), Some(|g: &Geom| g.b * g.h))
-        }
+        "dw_fwd" if d0 && matches!(s, 1 | 2) => (
+            format!("{base}_k{k}s{s}"),
+            Some(RowWalk {
+                rows: |g| g.b * g.oh,
+                per_thread: DW_ROW_BLOCK,
+            }),
+        ),
+        "dw_grad_input" if d0 && matches!(s, 1 | 2) => (
+            format!("{base}_k{k}s{s}"),
+            Some(RowWalk {
+                rows: |g| g.b * g.h,
+                per_thread: if s == 1 { DW_ROW_BLOCK } else { 1 },
+            }),
+        ),
         "dw_grad_weight" if d0 => (format!("{base}_k{k}"), None),
         _ => (base.to_string(), None),
     }
@@ -129,8 +145,13 @@ impl Geom {
             b.arg(v);
         }
         let shape = match rows {
-            // Output rows (forward) or input rows (input gradient) of W·C elements each.
-            Some(rows) => cuda::rows(rows(self), n / rows(self)),
+            // Output rows (forward) or input rows (input gradient) of W·C elements each, a
+            // thread per `per_thread` positions and channel.
+            Some(walk) => {
+                let rows = (walk.rows)(self);
+                let width = n / rows / self.c;
+                cuda::rows(rows, width.div_ceil(walk.per_thread) * self.c)
+            }
             None => cuda::elementwise(n),
         };
         cuda::launch(b, shape)?;
@@ -482,16 +503,23 @@ mod tests {
     #[test]
     fn kernel_choice_specializes_d0_shapes_only() {
         let g = Geom::new(2, 9, 7, 4, 5, 2);
+        let walk = |w: Option<RowWalk>| w.map(|w| ((w.rows)(&g), w.per_thread));
         let (name, rows) = specialized("dw_fwd", 5, 2);
         assert_eq!(
-            (name.as_str(), rows.map(|f| f(&g))),
-            ("dw_fwd_k5s2", Some(2 * 5))
+            (name.as_str(), walk(rows)),
+            ("dw_fwd_k5s2", Some((2 * 5, DW_ROW_BLOCK)))
         );
         let (name, rows) = specialized("dw_grad_input", 3, 1);
         assert_eq!(
-            (name.as_str(), rows.map(|f| f(&g))),
-            ("dw_grad_input_k3s1", Some(2 * 9))
+            (name.as_str(), walk(rows)),
+            ("dw_grad_input_k3s1", Some((2 * 9, DW_ROW_BLOCK)))
         );
+        let (name, rows) = specialized("dw_grad_input", 5, 2);
+        assert_eq!(
+            (name.as_str(), walk(rows)),
+            ("dw_grad_input_k5s2", Some((2 * 9, 1)))
+        );
+        assert!(include_str!("kernels.cu").contains(&format!("#define DW_R {DW_ROW_BLOCK}\n")));
         assert_eq!(specialized("dw_grad_weight", 3, 2).0, "dw_grad_weight_k3");
         for (base, k, s) in [
             ("dw_fwd", 7, 1),

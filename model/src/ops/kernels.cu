@@ -218,39 +218,9 @@ FOR_EACH_ACT(DW_GENERIC)
 // Specializations for D0's depthwise shapes (k 3 or 5, stride 1 or 2): the taps unroll, the
 // stride tests become shifts, and threads walk rows — grid y over output (or input) rows, grid x
 // over one row's positions × channels — so the (b, y) split happens once per row instead of
-// per element. Same sums in the same tap order as the generic kernels above.
-
-template <class T, int K, int S>
-__device__ __forceinline__ void dw_fwd_rows(const T* __restrict__ x, const float* __restrict__ w,
-                                            T* __restrict__ y, int B, int H, int W, int C,
-                                            int OH, int OW, int PT, int PL) {
-    const u32 row_len = (u32)OW * (u32)C;
-    const u32 rows = (u32)B * (u32)OH;
-    for (u32 row = blockIdx.y; row < rows; row += gridDim.y) {
-        const int oy = (int)(row % (u32)OH), b = (int)(row / (u32)OH);
-        const int iy0 = oy * S - PT;
-        T* yr = y + (i64)row * row_len;
-        for (u32 j = blockIdx.x * blockDim.x + threadIdx.x; j < row_len;
-             j += gridDim.x * blockDim.x) {
-            const int c = (int)(j % (u32)C), ox = (int)(j / (u32)C);
-            const int ix0 = ox * S - PL;
-            float acc = 0.0f;
-#pragma unroll
-            for (int ky = 0; ky < K; ++ky) {
-                const int iy = iy0 + ky;
-                if ((unsigned)iy >= (unsigned)H) continue;
-                const T* xr = x + ((i64)b * H + iy) * W * C + c;
-#pragma unroll
-                for (int kx = 0; kx < K; ++kx) {
-                    const int ix = ix0 + kx;
-                    if ((unsigned)ix >= (unsigned)W) continue;
-                    acc += to_f32(xr[(i64)ix * C]) * w[(ky * K + kx) * C + c];
-                }
-            }
-            yr[j] = from_f32<T>(acc);
-        }
-    }
-}
+// per element. Same sums in the same tap order as the generic kernels above. This one, the
+// input gradient at stride 2, takes one element per thread; the blocked kernels below take
+// DW_R.
 
 template <class T, int K, int S>
 __device__ __forceinline__ void dw_grad_input_rows(const T* __restrict__ g,
@@ -287,10 +257,224 @@ __device__ __forceinline__ void dw_grad_input_rows(const T* __restrict__ g,
     }
 }
 
-// Kernel gradient with every tap in registers: each thread owns one channel and a set of output
-// rows, reads each gradient value once and the K×K input values it meets (cached), instead of
-// one launch-wide pass per tap. grid (ceil(C/32), 1, chunks), block (32, RED_Y); gw (f64,
-// zeroed) [K, K, C].
+// Outputs per thread of the blocked row kernels below (`DW_ROW_BLOCK` in depthwise.rs).
+#define DW_R 4
+
+// One kernel row's products for DW_R outputs: acc[r] += v[r·S + kx] · w[kx] over the taps whose
+// value column (col0 + r·S + kx) lies in [0, n), kx ascending. v[m] is the value at column
+// col0 + m (m < NV), read from row[(col0 + m)·C]; out-of-range columns are not read. With EDGE
+// false the caller has checked that every column is in range: no tests at all (most of a row).
+template <class T, int K, int S, int NV, bool EDGE>
+__device__ __forceinline__ void dw_block_taps(const T* __restrict__ row,
+                                              const float* __restrict__ wrow, int C, int col0,
+                                              int n, float (&acc)[DW_R]) {
+    float v[NV], wk[K];
+    int off = col0 * C;
+#pragma unroll
+    for (int m = 0; m < NV; ++m, off += C) {
+        v[m] = !EDGE || (unsigned)(col0 + m) < (unsigned)n ? to_f32(row[off]) : 0.0f;
+    }
+#pragma unroll
+    for (int kx = 0; kx < K; ++kx) wk[kx] = wrow[kx * C];
+#pragma unroll
+    for (int r = 0; r < DW_R; ++r) {
+#pragma unroll
+        for (int kx = 0; kx < K; ++kx) {
+            if (EDGE && (unsigned)(col0 + r * S + kx) >= (unsigned)n) continue;
+            acc[r] += v[r * S + kx] * wk[kx];
+        }
+    }
+}
+
+// The forward, DW_R outputs along the row per thread: each kernel row's (DW_R − 1)·S + K input
+// values and K weights are loaded once for the DW_R outputs, and addresses are 32-bit offsets
+// from per-row bases. Per output the one-output kernels spent ~500 PTX instructions on 25
+// products at K = 5, most of them 64-bit index arithmetic: they were instruction-bound.
+// Same sums in the same tap order (ky, then kx) as the generic kernel.
+template <class T, int K, int S>
+__device__ __forceinline__ void dw_fwd_block(const T* __restrict__ x, const float* __restrict__ w,
+                                             T* __restrict__ y, int B, int H, int W, int C,
+                                             int OH, int OW, int PT, int PL) {
+    constexpr int NV = (DW_R - 1) * S + K;
+    const u32 items = ((u32)OW + DW_R - 1) / DW_R * (u32)C;
+    const u32 rows = (u32)B * (u32)OH;
+    for (u32 row = blockIdx.y; row < rows; row += gridDim.y) {
+        const int oy = (int)(row % (u32)OH), b = (int)(row / (u32)OH);
+        const T* xb = x + (i64)b * H * W * C;
+        T* yr = y + (i64)row * OW * C;
+        for (u32 j = blockIdx.x * blockDim.x + threadIdx.x; j < items;
+             j += gridDim.x * blockDim.x) {
+            const int c = (int)(j % (u32)C), ox0 = (int)(j / (u32)C) * DW_R;
+            const int ix0 = ox0 * S - PL;
+            const bool inside = ix0 >= 0 && ix0 + NV <= W;
+            float acc[DW_R];
+#pragma unroll
+            for (int r = 0; r < DW_R; ++r) acc[r] = 0.0f;
+#pragma unroll
+            for (int ky = 0; ky < K; ++ky) {
+                const int iy = oy * S - PT + ky;
+                if ((unsigned)iy >= (unsigned)H) continue;
+                const T* xr = xb + (u32)iy * (u32)W * (u32)C + c;
+                const float* wr = w + ky * K * C + c;
+                if (inside) {
+                    dw_block_taps<T, K, S, NV, false>(xr, wr, C, ix0, W, acc);
+                } else {
+                    dw_block_taps<T, K, S, NV, true>(xr, wr, C, ix0, W, acc);
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < DW_R; ++r) {
+                if (ox0 + r < OW) yr[(u32)(ox0 + r) * (u32)C + c] = from_f32<T>(acc[r]);
+            }
+        }
+    }
+}
+
+// The input gradient at stride 1, blocked like dw_fwd_block: DW_R inputs along the row share
+// each kernel row's DW_R + K − 1 gradient values. Input ix takes g at ox = ix + PL − kx, so
+// with the kernel row reversed (wk[K − 1 − kx]) it is a forward over ox from ix0 + PL − K + 1;
+// the loop below keeps kx ascending, the generic kernel's order.
+template <class T, int K>
+__device__ __forceinline__ void dw_grad_input_block(const T* __restrict__ g,
+                                                    const float* __restrict__ w,
+                                                    T* __restrict__ gx, int B, int H, int W,
+                                                    int C, int OH, int OW, int PT, int PL) {
+    constexpr int NV = DW_R + K - 1;
+    const u32 items = ((u32)W + DW_R - 1) / DW_R * (u32)C;
+    const u32 rows = (u32)B * (u32)H;
+    for (u32 row = blockIdx.y; row < rows; row += gridDim.y) {
+        const int iy = (int)(row % (u32)H), b = (int)(row / (u32)H);
+        const T* gb = g + (i64)b * OH * OW * C;
+        T* gr = gx + (i64)row * W * C;
+        for (u32 j = blockIdx.x * blockDim.x + threadIdx.x; j < items;
+             j += gridDim.x * blockDim.x) {
+            const int c = (int)(j % (u32)C), ix0 = (int)(j / (u32)C) * DW_R;
+            const int ox0 = ix0 + PL - (K - 1);
+            const bool inside = ox0 >= 0 && ox0 + NV <= OW;
+            float acc[DW_R];
+#pragma unroll
+            for (int r = 0; r < DW_R; ++r) acc[r] = 0.0f;
+#pragma unroll
+            for (int ky = 0; ky < K; ++ky) {
+                const int oy = iy + PT - ky;
+                if (oy < 0 || oy >= OH) continue;
+                const T* grow = gb + (u32)oy * (u32)OW * (u32)C + c;
+                float v[NV], wk[K];
+                int off = ox0 * C;
+#pragma unroll
+                for (int m = 0; m < NV; ++m, off += C) {
+                    v[m] = inside || (unsigned)(ox0 + m) < (unsigned)OW ? to_f32(grow[off]) : 0.0f;
+                }
+#pragma unroll
+                for (int kx = 0; kx < K; ++kx) wk[kx] = w[(ky * K + kx) * C + c];
+#pragma unroll
+                for (int r = 0; r < DW_R; ++r) {
+#pragma unroll
+                    for (int kx = 0; kx < K; ++kx) {
+                        const int m = r - kx + K - 1;
+                        if (!inside && (unsigned)(ox0 + m) >= (unsigned)OW) continue;
+                        acc[r] += v[m] * wk[kx];
+                    }
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < DW_R; ++r) {
+                if (ix0 + r < W) gr[(u32)(ix0 + r) * (u32)C + c] = from_f32<T>(acc[r]);
+            }
+        }
+    }
+}
+
+// One output row's kernel-gradient partial sums, every tap: part[ky·K + kx] += x(iy, ix) · g(ox)
+// over the in-range taps (iy = oy·S + ky − PT, ix = ox·S + kx − PL), ox ascending.
+template <class T, int K>
+__device__ __forceinline__ void dw_row_taps(const T* __restrict__ xb, const T* __restrict__ gr,
+                                            float (&part)[K * K], int oy, int H, int W, int C,
+                                            int S, int OW, int PT, int PL) {
+    for (int ox = 0; ox < OW; ++ox) {
+        const float gv = to_f32(gr[(i64)ox * C]);
+#pragma unroll
+        for (int ky = 0; ky < K; ++ky) {
+            const int iy = oy * S + ky - PT;
+            if ((unsigned)iy >= (unsigned)H) continue;
+            const T* xr = xb + (i64)iy * W * C;
+#pragma unroll
+            for (int kx = 0; kx < K; ++kx) {
+                const int ix = ox * S + kx - PL;
+                if ((unsigned)ix >= (unsigned)W) continue;
+                part[ky * K + kx] += to_f32(xr[(i64)ix * C]) * gv;
+            }
+        }
+    }
+}
+
+// The same sums in the same order for a stride known at compile time: the K×K input values a
+// position meets are a window that slides S columns per position, so each position loads S new
+// values per kernel row instead of K, and loads them one position ahead (in flight during the
+// products). Out-of-range values load as 0 and their taps are skipped as above.
+template <class T, int K, int S>
+__device__ __forceinline__ void dw_row_taps_window(const T* __restrict__ xb,
+                                                   const T* __restrict__ gr,
+                                                   float (&part)[K * K], int oy, int H, int W,
+                                                   int C, int OW, int PT, int PL) {
+    if (OW <= 0) return;
+    const T* xr[K];
+    bool row_in[K];
+#pragma unroll
+    for (int ky = 0; ky < K; ++ky) {
+        const int iy = oy * S + ky - PT;
+        row_in[ky] = (unsigned)iy < (unsigned)H;
+        xr[ky] = xb + (i64)(row_in[ky] ? iy : 0) * W * C;
+    }
+    auto load = [&](int ky, int ix) -> float {
+        return row_in[ky] && (unsigned)ix < (unsigned)W ? to_f32(xr[ky][(i64)ix * C]) : 0.0f;
+    };
+    float win[K][K];
+#pragma unroll
+    for (int ky = 0; ky < K; ++ky) {
+#pragma unroll
+        for (int kx = 0; kx < K; ++kx) win[ky][kx] = load(ky, kx - PL);
+    }
+    float gv = to_f32(gr[0]);
+    for (int ox = 0; ox < OW; ++ox) {
+        // Position ox + 1's new columns (ix = (ox + 1)·S + K − S − PL + j) and gradient.
+        float next[K][S];
+        float g_next = 0.0f;
+        const bool more = ox + 1 < OW;
+        const int ix_next = (ox + 1) * S + K - S - PL;
+#pragma unroll
+        for (int ky = 0; ky < K; ++ky) {
+#pragma unroll
+            for (int j = 0; j < S; ++j) next[ky][j] = more ? load(ky, ix_next + j) : 0.0f;
+        }
+        if (more) g_next = to_f32(gr[(i64)(ox + 1) * C]);
+#pragma unroll
+        for (int ky = 0; ky < K; ++ky) {
+            if (!row_in[ky]) continue;
+#pragma unroll
+            for (int kx = 0; kx < K; ++kx) {
+                const int ix = ox * S + kx - PL;
+                if ((unsigned)ix >= (unsigned)W) continue;
+                part[ky * K + kx] += win[ky][kx] * gv;
+            }
+        }
+#pragma unroll
+        for (int ky = 0; ky < K; ++ky) {
+#pragma unroll
+            for (int kx = 0; kx < K - S; ++kx) win[ky][kx] = win[ky][kx + S];
+#pragma unroll
+            for (int j = 0; j < S; ++j) win[ky][K - S + j] = next[ky][j];
+        }
+        gv = g_next;
+    }
+}
+
+// Kernel gradient with every tap in registers: each thread owns one channel and one output row
+// per round, reads each gradient value once and each input value it meets about once per kernel
+// row (the sliding window, strides 1 and 2), instead of one launch-wide pass per tap. Each round
+// the block sums its rows' partials in f64 and adds them to gw: no per-thread f64 accumulators
+// (50 registers at K = 5), so more warps fit per SM. grid (ceil(C/32), 1, chunks), block
+// (32, RED_Y); gw (f64, zeroed) [K, K, C].
 template <class T, int K>
 __device__ __forceinline__ void dw_grad_weight_taps(const T* __restrict__ x,
                                                     const T* __restrict__ g,
@@ -300,40 +484,29 @@ __device__ __forceinline__ void dw_grad_weight_taps(const T* __restrict__ x,
     __shared__ double sh[RED_Y][33];
     const int c = blockIdx.x * 32 + threadIdx.x;
     const int rows = B * OH;
-    double acc[K * K];
+    // Every thread of the block takes the same number of rounds (block_col_sum synchronizes).
+    for (int first = blockIdx.z * RED_Y; first < rows; first += gridDim.z * RED_Y) {
+        const int row = first + threadIdx.y;
+        float part[K * K];
 #pragma unroll
-    for (int t = 0; t < K * K; ++t) acc[t] = 0.0;
-    if (c < C) {
-        for (int row = blockIdx.z * RED_Y + threadIdx.y; row < rows; row += gridDim.z * RED_Y) {
+        for (int t = 0; t < K * K; ++t) part[t] = 0.0f;
+        if (c < C && row < rows) {
             const int oy = row % OH, b = row / OH;
             const T* gr = g + (i64)row * OW * C + c;
             const T* xb = x + (i64)b * H * W * C + c;
-            float part[K * K];
-#pragma unroll
-            for (int t = 0; t < K * K; ++t) part[t] = 0.0f;
-            for (int ox = 0; ox < OW; ++ox) {
-                const float gv = to_f32(gr[(i64)ox * C]);
-#pragma unroll
-                for (int ky = 0; ky < K; ++ky) {
-                    const int iy = oy * S + ky - PT;
-                    if ((unsigned)iy >= (unsigned)H) continue;
-                    const T* xr = xb + (i64)iy * W * C;
-#pragma unroll
-                    for (int kx = 0; kx < K; ++kx) {
-                        const int ix = ox * S + kx - PL;
-                        if ((unsigned)ix >= (unsigned)W) continue;
-                        part[ky * K + kx] += to_f32(xr[(i64)ix * C]) * gv;
-                    }
-                }
+            if (S == 1) {
+                dw_row_taps_window<T, K, 1>(xb, gr, part, oy, H, W, C, OW, PT, PL);
+            } else if (S == 2) {
+                dw_row_taps_window<T, K, 2>(xb, gr, part, oy, H, W, C, OW, PT, PL);
+            } else {
+                dw_row_taps<T, K>(xb, gr, part, oy, H, W, C, S, OW, PT, PL);
             }
-#pragma unroll
-            for (int t = 0; t < K * K; ++t) acc[t] += (double)part[t];
         }
-    }
 #pragma unroll
-    for (int t = 0; t < K * K; ++t) {
-        const double total = block_col_sum(acc[t], sh);
-        if (threadIdx.y == 0 && c < C) atomicAdd(&gw[(i64)t * C + c], total);
+        for (int t = 0; t < K * K; ++t) {
+            const double total = block_col_sum((double)part[t], sh);
+            if (threadIdx.y == 0 && c < C) atomicAdd(&gw[(i64)t * C + c], total);
+        }
     }
 }
 
@@ -342,12 +515,16 @@ __device__ __forceinline__ void dw_grad_weight_taps(const T* __restrict__ x,
     extern "C" __global__ void dw_fwd_k##K##s##S##SFX(                                           \
         const T* __restrict__ x, const float* __restrict__ w, T* __restrict__ y, int B, int H,   \
         int W, int C, int K_, int S_, int OH, int OW, int PT, int PL) {                          \
-        dw_fwd_rows<T, K, S>(x, w, y, B, H, W, C, OH, OW, PT, PL);                               \
+        dw_fwd_block<T, K, S>(x, w, y, B, H, W, C, OH, OW, PT, PL);                              \
     }                                                                                            \
     extern "C" __global__ void dw_grad_input_k##K##s##S##SFX(                                    \
         const T* __restrict__ g, const float* __restrict__ w, T* __restrict__ gx, int B, int H,  \
         int W, int C, int K_, int S_, int OH, int OW, int PT, int PL) {                          \
-        dw_grad_input_rows<T, K, S>(g, w, gx, B, H, W, C, OH, OW, PT, PL);                       \
+        if (S == 1) {                                                                            \
+            dw_grad_input_block<T, K>(g, w, gx, B, H, W, C, OH, OW, PT, PL);                     \
+        } else {                                                                                 \
+            dw_grad_input_rows<T, K, S>(g, w, gx, B, H, W, C, OH, OW, PT, PL);                   \
+        }                                                                                        \
     }
 #define DW_ROWS(K, S)                  \
     DW_ROWS_T(K, S, float, )           \
@@ -370,6 +547,40 @@ DW_ROWS(5, 2)
     DW_GRAD_WEIGHT_T(K, __nv_bfloat16, _bf16)
 DW_GRAD_WEIGHT(3)
 DW_GRAD_WEIGHT(5)
+
+// ---------------------------------------------------------------- stem patches
+
+// The stem's 3×3 stride-2 "same" convolution as a product: x [B, C, H, W] (the NCHW images) →
+// out [B, OH, OW, C·9], columns (c, ky, kx) like the OIHW kernel's, 0 outside the image. One
+// thread per output element, so the writes are contiguous; the reads gather (cached).
+template <class T>
+__device__ __forceinline__ void stem_patches_t(const T* __restrict__ x, T* __restrict__ out,
+                                               int B, int C, int H, int W, int OH, int OW,
+                                               int PT, int PL) {
+    const u32 cols = (u32)C * 9;
+    const i64 n = (i64)B * OH * OW * cols;
+    GRID_STRIDE(i, n) {
+        u32 r = (u32)i;
+        const u32 col = r % cols;
+        r /= cols;
+        const int ox = (int)(r % (u32)OW);
+        r /= (u32)OW;
+        const int oy = (int)(r % (u32)OH);
+        const int b = (int)(r / (u32)OH);
+        const int c = (int)(col / 9), tap = (int)(col % 9);
+        const int iy = oy * 2 + tap / 3 - PT, ix = ox * 2 + tap % 3 - PL;
+        const bool inside = (unsigned)iy < (unsigned)H && (unsigned)ix < (unsigned)W;
+        out[i] = inside ? x[(((i64)b * C + c) * H + iy) * W + ix] : from_f32<T>(0.0f);
+    }
+}
+
+#define STEM_KERNELS(T, SFX)                                                                      \
+    extern "C" __global__ void stem_patches##SFX(const T* __restrict__ x, T* __restrict__ out,   \
+                                                 int B, int C, int H, int W, int OH, int OW,      \
+                                                 int PT, int PL) {                                \
+        stem_patches_t<T>(x, out, B, C, H, W, OH, OW, PT, PL);                                    \
+    }
+FOR_EACH_ACT(STEM_KERNELS)
 
 // ---------------------------------------------------------------- "same" max-pool
 
@@ -725,9 +936,12 @@ __device__ __forceinline__ void bias_add_t(const T* __restrict__ x, const float*
 }
 
 // y[b, p, c] = x[b, p, c] · gate[b, c] for x [B, HW, C] (the gate in f32 for every T).
-template <class T>
-__device__ __forceinline__ void channel_gate_t(const T* __restrict__ x, const float* __restrict__ gate,
-                                               T* __restrict__ y, i64 n, i64 hw, int C) {
+// y = x · v[b, c] (the squeeze-and-excitation gate) or, with ADD, x + v[b, c] (a spatial mean's
+// gradient added to x's other gradient): v [B, C] f32, broadcast over H and W.
+template <class T, bool ADD>
+__device__ __forceinline__ void channel_bcast_t(const T* __restrict__ x,
+                                                const float* __restrict__ v_bc,
+                                                T* __restrict__ y, i64 n, i64 hw, int C) {
     ILP_ROUNDS(base, n) {
         float v[ILP], gv[ILP];
         ilp_load(x, base, n, v);
@@ -735,12 +949,12 @@ __device__ __forceinline__ void channel_gate_t(const T* __restrict__ x, const fl
         for (int k = 0; k < ILP; ++k) {
             const i64 i = ILP_AT(base, k);
             const u32 b = (u32)i / ((u32)hw * (u32)C);
-            gv[k] = i < n ? to_f32(gate[(i64)b * C + (u32)i % (u32)C]) : 0.0f;
+            gv[k] = i < n ? to_f32(v_bc[(i64)b * C + (u32)i % (u32)C]) : 0.0f;
         }
 #pragma unroll
         for (int k = 0; k < ILP; ++k) {
             const i64 i = ILP_AT(base, k);
-            if (i < n) y[i] = from_f32<T>(v[k] * gv[k]);
+            if (i < n) y[i] = from_f32<T>(ADD ? v[k] + gv[k] : v[k] * gv[k]);
         }
     }
 }
@@ -784,7 +998,13 @@ __device__ __forceinline__ void swish_grad_t(const T* __restrict__ x, const T* _
                                                  const float* __restrict__ gate,                 \
                                                  T* __restrict__ y,                              \
                                                  i64 n, i64 hw, int C) {                         \
-        channel_gate_t<T>(x, gate, y, n, hw, C);                                                 \
+        channel_bcast_t<T, false>(x, gate, y, n, hw, C);                                         \
+    }                                                                                            \
+    extern "C" __global__ void channel_add##SFX(const T* __restrict__ x,                         \
+                                                const float* __restrict__ v,                     \
+                                                T* __restrict__ y,                               \
+                                                i64 n, i64 hw, int C) {                          \
+        channel_bcast_t<T, true>(x, v, y, n, hw, C);                                             \
     }                                                                                            \
     extern "C" __global__ void swish_fwd##SFX(const T* __restrict__ x, T* __restrict__ y,        \
                                               i64 n) {                                           \

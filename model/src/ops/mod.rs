@@ -29,6 +29,7 @@
 //!   input plus one for the weights;
 //! - [`linear`]: the 1×1 convolution (cast, product, bias) as one node, so candle's backward
 //!   does not materialize zero-filled gradients for each of its five stock ops;
+//! - [`stem_patches`]: the stem convolution's 3×3 stride-2 windows (im2col) in one pass;
 //! - [`upsample_nearest`]: nearest-neighbour resize (TensorFlow `resize_nearest_neighbor`
 //!   semantics) built from broadcast/index ops, so its gradient accumulates.
 
@@ -45,6 +46,7 @@ mod launch;
 mod linear;
 pub mod marker;
 pub mod multi_tensor;
+mod patches;
 mod pool;
 mod swish;
 mod upsample;
@@ -59,11 +61,13 @@ pub use batch_norm::{
     batch_norm_eval, batch_norm_eval_resident, batch_norm_train, batch_norm_train_resident,
     batch_norm_update_running, Activation, BatchStats,
 };
+pub(crate) use channel::add_gradients;
 pub use channel::{add_channel_bias, channel_gate, reduced_dtype, scale_samples, spatial_mean};
 pub use depthwise::depthwise_conv2d;
 pub use focal::{focal_loss_grad, focal_loss_sum, FocalParams};
 pub use fusion::{fast_fusion, MAX_FUSION_INPUTS};
 pub use linear::{linear, linear_unfused};
+pub use patches::stem_patches;
 pub use pool::max_pool2d_same;
 pub use swish::swish;
 pub use upsample::upsample_nearest;
