@@ -1447,59 +1447,35 @@ fn elementwise_16<T: Act16>(lib: &libloading::Library) {
     );
     assert_rounded(&got, &want, true, "bias_add");
 
-    let (mut want, mut got) = (vec![f32::NAN; n], nans::<T>(n));
-    run!(
-        lib,
-        "channel_gate",
-        grid,
-        (*const f32, *const f32, *mut f32, i64, i64, i32),
-        xw.as_ptr(),
-        gatew.as_ptr(),
-        want.as_mut_ptr(),
-        nn,
-        hw as i64,
-        c as i32
-    );
-    run!(
-        lib,
-        format!("channel_gate{sfx}"),
-        grid,
-        (*const T, *const f32, *mut T, i64, i64, i32),
-        x.as_ptr(),
-        gatew.as_ptr(),
-        got.as_mut_ptr(),
-        nn,
-        hw as i64,
-        c as i32
-    );
-    assert_rounded(&got, &want, true, "channel_gate");
-
-    let (mut want, mut got) = (vec![f32::NAN; n], nans::<T>(n));
-    run!(
-        lib,
-        "channel_add",
-        grid,
-        (*const f32, *const f32, *mut f32, i64, i64, i32),
-        xw.as_ptr(),
-        gatew.as_ptr(),
-        want.as_mut_ptr(),
-        nn,
-        hw as i64,
-        c as i32
-    );
-    run!(
-        lib,
-        format!("channel_add{sfx}"),
-        grid,
-        (*const T, *const f32, *mut T, i64, i64, i32),
-        x.as_ptr(),
-        gatew.as_ptr(),
-        got.as_mut_ptr(),
-        nn,
-        hw as i64,
-        c as i32
-    );
-    assert_rounded(&got, &want, true, "channel_add");
+    // x · v[b, c] and x + v[b, c].
+    for name in ["channel_gate", "channel_add"] {
+        let (mut want, mut got) = (vec![f32::NAN; n], nans::<T>(n));
+        run!(
+            lib,
+            name,
+            grid,
+            (*const f32, *const f32, *mut f32, i64, i64, i32),
+            xw.as_ptr(),
+            gatew.as_ptr(),
+            want.as_mut_ptr(),
+            nn,
+            hw as i64,
+            c as i32
+        );
+        run!(
+            lib,
+            format!("{name}{sfx}"),
+            grid,
+            (*const T, *const f32, *mut T, i64, i64, i32),
+            x.as_ptr(),
+            gatew.as_ptr(),
+            got.as_mut_ptr(),
+            nn,
+            hw as i64,
+            c as i32
+        );
+        assert_rounded(&got, &want, true, name);
+    }
 }
 
 #[test]

@@ -241,6 +241,21 @@ fn cuda_broadcast(
     Ok(out.wrap(dev))
 }
 
+/// `kernel` (`channel_gate` or `channel_add`) over x `[B, H, W, C]` with its `[B, C]` values.
+#[cfg(feature = "cuda")]
+fn cuda_per_sample(
+    op: &str,
+    kernel: &str,
+    x: (&candle_core::CudaStorage, &Layout),
+    values: (&candle_core::CudaStorage, &Layout),
+) -> Result<(candle_core::CudaStorage, Shape)> {
+    let shape = x.1.shape().clone();
+    let d = shape.dims();
+    let (hw, c) = (d[1] * d[2], d[3]);
+    let out = cuda_broadcast(op, kernel, x, values, shape.elem_count(), Some(hw), c)?;
+    Ok((out, shape))
+}
+
 pub(crate) struct BiasAdd;
 
 impl CustomOp2 for BiasAdd {
@@ -448,18 +463,7 @@ impl CustomOp2 for SampleAdd {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let d = l1.dims();
-        let n = l1.shape().elem_count();
-        let out = cuda_broadcast(
-            self.name(),
-            "channel_add",
-            (s1, l1),
-            (s2, l2),
-            n,
-            Some(d[1] * d[2]),
-            d[3],
-        )?;
-        Ok((out, l1.shape().clone()))
+        cuda_per_sample(self.name(), "channel_add", (s1, l1), (s2, l2))
     }
 }
 
@@ -497,19 +501,7 @@ impl CustomOp2 for Gate {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let d = l1.dims();
-        let (hw, c) = (d[1] * d[2], d[3]);
-        let n = l1.shape().elem_count();
-        let out = cuda_broadcast(
-            self.name(),
-            "channel_gate",
-            (s1, l1),
-            (s2, l2),
-            n,
-            Some(hw),
-            c,
-        )?;
-        Ok((out, l1.shape().clone()))
+        cuda_per_sample(self.name(), "channel_gate", (s1, l1), (s2, l2))
     }
 
     fn bwd(

@@ -260,11 +260,13 @@ __device__ __forceinline__ void dw_grad_input_rows(const T* __restrict__ g,
 // Outputs per thread of the blocked row kernels below (`DW_ROW_BLOCK` in depthwise.rs).
 #define DW_R 4
 
-// One kernel row's products for DW_R outputs: acc[r] += v[r·S + kx] · w[kx] over the taps whose
-// value column (col0 + r·S + kx) lies in [0, n), kx ascending. v[m] is the value at column
-// col0 + m (m < NV), read from row[(col0 + m)·C]; out-of-range columns are not read. With EDGE
-// false the caller has checked that every column is in range: no tests at all (most of a row).
-template <class T, int K, int S, int NV, bool EDGE>
+// One kernel row's products for DW_R outputs, kx ascending: acc[r] += v[m] · w[kx] with
+// m = r·S + kx (the forward), or m = r − kx + K − 1 with REVERSED (the input gradient at
+// stride 1, whose input r meets the gradient at ox = ix + PL − kx), over the taps whose value
+// column col0 + m lies in [0, n). v[m] is the value at column col0 + m (m < NV), read from
+// row[(col0 + m)·C]; out-of-range columns are not read. With EDGE false the caller has checked
+// that every column is in range: no tests at all (most of a row).
+template <class T, int K, int S, int NV, bool REVERSED, bool EDGE>
 __device__ __forceinline__ void dw_block_taps(const T* __restrict__ row,
                                               const float* __restrict__ wrow, int C, int col0,
                                               int n, float (&acc)[DW_R]) {
@@ -280,8 +282,9 @@ __device__ __forceinline__ void dw_block_taps(const T* __restrict__ row,
     for (int r = 0; r < DW_R; ++r) {
 #pragma unroll
         for (int kx = 0; kx < K; ++kx) {
-            if (EDGE && (unsigned)(col0 + r * S + kx) >= (unsigned)n) continue;
-            acc[r] += v[r * S + kx] * wk[kx];
+            const int m = REVERSED ? r - kx + K - 1 : r * S + kx;
+            if (EDGE && (unsigned)(col0 + m) >= (unsigned)n) continue;
+            acc[r] += v[m] * wk[kx];
         }
     }
 }
@@ -317,9 +320,9 @@ __device__ __forceinline__ void dw_fwd_block(const T* __restrict__ x, const floa
                 const T* xr = xb + (u32)iy * (u32)W * (u32)C + c;
                 const float* wr = w + ky * K * C + c;
                 if (inside) {
-                    dw_block_taps<T, K, S, NV, false>(xr, wr, C, ix0, W, acc);
+                    dw_block_taps<T, K, S, NV, false, false>(xr, wr, C, ix0, W, acc);
                 } else {
-                    dw_block_taps<T, K, S, NV, true>(xr, wr, C, ix0, W, acc);
+                    dw_block_taps<T, K, S, NV, false, true>(xr, wr, C, ix0, W, acc);
                 }
             }
 #pragma unroll
@@ -331,9 +334,7 @@ __device__ __forceinline__ void dw_fwd_block(const T* __restrict__ x, const floa
 }
 
 // The input gradient at stride 1, blocked like dw_fwd_block: DW_R inputs along the row share
-// each kernel row's DW_R + K − 1 gradient values. Input ix takes g at ox = ix + PL − kx, so
-// with the kernel row reversed (wk[K − 1 − kx]) it is a forward over ox from ix0 + PL − K + 1;
-// the loop below keeps kx ascending, the generic kernel's order.
+// each kernel row's DW_R + K − 1 gradient values, from ox0 = ix0 + PL − K + 1 on.
 template <class T, int K>
 __device__ __forceinline__ void dw_grad_input_block(const T* __restrict__ g,
                                                     const float* __restrict__ w,
@@ -359,22 +360,11 @@ __device__ __forceinline__ void dw_grad_input_block(const T* __restrict__ g,
                 const int oy = iy + PT - ky;
                 if (oy < 0 || oy >= OH) continue;
                 const T* grow = gb + (u32)oy * (u32)OW * (u32)C + c;
-                float v[NV], wk[K];
-                int off = ox0 * C;
-#pragma unroll
-                for (int m = 0; m < NV; ++m, off += C) {
-                    v[m] = inside || (unsigned)(ox0 + m) < (unsigned)OW ? to_f32(grow[off]) : 0.0f;
-                }
-#pragma unroll
-                for (int kx = 0; kx < K; ++kx) wk[kx] = w[(ky * K + kx) * C + c];
-#pragma unroll
-                for (int r = 0; r < DW_R; ++r) {
-#pragma unroll
-                    for (int kx = 0; kx < K; ++kx) {
-                        const int m = r - kx + K - 1;
-                        if (!inside && (unsigned)(ox0 + m) >= (unsigned)OW) continue;
-                        acc[r] += v[m] * wk[kx];
-                    }
+                const float* wr = w + ky * K * C + c;
+                if (inside) {
+                    dw_block_taps<T, K, 1, NV, true, false>(grow, wr, C, ox0, OW, acc);
+                } else {
+                    dw_block_taps<T, K, 1, NV, true, true>(grow, wr, C, ox0, OW, acc);
                 }
             }
 #pragma unroll
