@@ -2418,6 +2418,35 @@ fn fusion_kernels_equal_the_cpu_op() {
     }
 }
 
+/// Runs `stem_patches{suffix}` over images `x` ([B, C, H, W] in the kernel's storage type) with
+/// the kernel's integer arguments; every output starts as `fill`.
+fn stem_run<T: Copy>(
+    lib: &libloading::Library,
+    name: &str,
+    x: &[T],
+    i: [i32; 8],
+    fill: T,
+) -> Vec<T> {
+    let mut out = vec![fill; (i[0] * i[4] * i[5] * i[1] * 9) as usize];
+    run!(
+        lib,
+        name,
+        (3, 1, 1, 32, 1, 1),
+        (*const T, *mut T, i32, i32, i32, i32, i32, i32, i32, i32),
+        x.as_ptr(),
+        out.as_mut_ptr(),
+        i[0],
+        i[1],
+        i[2],
+        i[3],
+        i[4],
+        i[5],
+        i[6],
+        i[7]
+    );
+    out
+}
+
 /// The stem's im2col kernel equals the CPU op bit for bit (odd and even sizes: "same" pads
 /// before the image or not), in f32 and f16.
 #[test]
@@ -2430,66 +2459,20 @@ fn stem_patches_kernel_equals_the_cpu_op() {
         let (ow, pl, _) = effdet_model::ops::same_padding(w, 3, 2);
         let x = random(&mut rng, b * c * h * w);
         let images = Tensor::from_vec(x.clone(), (b, c, h, w), &Device::Cpu).unwrap();
-        let want = effdet_model::ops::stem_patches(&images, (oh, ow), pt, pl).unwrap();
         let i = [b, c, h, w, oh, ow, pt, pl].map(|v| v as i32);
-        let n = b * oh * ow * c * 9;
-        let mut got = vec![f32::NAN; n];
-        run!(
-            lib,
-            "stem_patches",
-            (3, 1, 1, 32, 1, 1),
-            (*const f32, *mut f32, i32, i32, i32, i32, i32, i32, i32, i32),
-            x.as_ptr(),
-            got.as_mut_ptr(),
-            i[0],
-            i[1],
-            i[2],
-            i[3],
-            i[4],
-            i[5],
-            i[6],
-            i[7]
+        let cpu = |t: &Tensor| effdet_model::ops::stem_patches(t, (oh, ow), pt, pl).unwrap();
+
+        let got = stem_run(lib, "stem_patches", &x, i, f32::NAN);
+        assert_bits_eq(
+            &got,
+            &vec_of(&cpu(&images)),
+            &format!("stem_patches {h}x{w}"),
         );
-        assert_bits_eq(&got, &vec_of(&want), &format!("stem_patches {h}x{w}"));
         assert!(got.contains(&0.0) && got.iter().any(|&v| v != 0.0));
 
         let (x16, _) = narrow::<half::f16>(&x);
-        let want16 = effdet_model::ops::stem_patches(
-            &images.to_dtype(candle_core::DType::F16).unwrap(),
-            (oh, ow),
-            pt,
-            pl,
-        )
-        .unwrap();
-        let mut got16 = vec![half::f16::NAN; n];
-        run!(
-            lib,
-            "stem_patches_f16",
-            (3, 1, 1, 32, 1, 1),
-            (
-                *const half::f16,
-                *mut half::f16,
-                i32,
-                i32,
-                i32,
-                i32,
-                i32,
-                i32,
-                i32,
-                i32
-            ),
-            x16.as_ptr(),
-            got16.as_mut_ptr(),
-            i[0],
-            i[1],
-            i[2],
-            i[3],
-            i[4],
-            i[5],
-            i[6],
-            i[7]
-        );
-        let want16 = want16
+        let got16 = stem_run(lib, "stem_patches_f16", &x16, i, half::f16::NAN);
+        let want16 = cpu(&images.to_dtype(candle_core::DType::F16).unwrap())
             .flatten_all()
             .unwrap()
             .to_vec1::<half::f16>()
