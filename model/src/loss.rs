@@ -38,85 +38,20 @@ pub fn detection_loss(
     l2_kernels: &[Tensor],
     cfg: &LossConfig,
 ) -> Result<LossParts> {
-    let outputs = (cls_out, box_out, cls_targets, box_targets, num_positives);
-    Ok(loss_and_class_grads(outputs, l2_kernels, cfg, None)?.0)
-}
-
-/// [`detection_loss`], and the class outputs' gradients of `upstream · total` (the `cls` of
-/// [`detection_loss_grads`], equal bit for bit) from the same pass over the class outputs: the
-/// focal loss and its derivative share their transcendental work. Pass them to
-/// [`tape_gradients_with`].
-#[allow(clippy::too_many_arguments)]
-pub fn detection_loss_with_class_grads(
-    cls_out: &[Tensor],
-    box_out: &[Tensor],
-    cls_targets: &[Tensor],
-    box_targets: &[Tensor],
-    num_positives: &Tensor,
-    l2_kernels: &[Tensor],
-    cfg: &LossConfig,
-    upstream: f64,
-) -> Result<(LossParts, Vec<Tensor>)> {
-    let outputs = (cls_out, box_out, cls_targets, box_targets, num_positives);
-    let (parts, grads) = loss_and_class_grads(outputs, l2_kernels, cfg, Some(upstream))?;
-    Ok((parts, grads.unwrap_or_default()))
-}
-
-/// Class outputs, box outputs, class targets, box targets, positives per image.
-pub type LossInputs<'a> = (
-    &'a [Tensor],
-    &'a [Tensor],
-    &'a [Tensor],
-    &'a [Tensor],
-    &'a Tensor,
-);
-
-fn focal_params(cfg: &LossConfig) -> FocalParams {
-    FocalParams {
-        alpha: cfg.alpha,
-        gamma: cfg.gamma,
-        label_smoothing: cfg.label_smoothing,
-    }
-}
-
-/// The class gradients' scalar factor `upstream / normalizer`, rounded as candle's backward
-/// forms it.
-fn class_grad_scale(upstream: f64, normalizer: &Tensor) -> Result<Tensor> {
-    Tensor::new(upstream, normalizer.device())?
-        .to_dtype(normalizer.dtype())?
-        .div(normalizer)
-}
-
-fn loss_and_class_grads(
-    (cls_out, box_out, cls_targets, box_targets, num_positives): LossInputs,
-    l2_kernels: &[Tensor],
-    cfg: &LossConfig,
-    upstream: Option<f64>,
-) -> Result<(LossParts, Option<Vec<Tensor>>)> {
     let n = level_count(cls_out, box_out, cls_targets, box_targets)?;
     let dtype = cls_out[0].dtype();
     let normalizer = (num_positives.to_dtype(dtype)?.sum_all()? + 1.0)?;
-    let params = focal_params(cfg);
-    let cls_scale = upstream
-        .map(|up| class_grad_scale(up, &normalizer))
-        .transpose()?;
-    let mut class_grads = cls_scale.as_ref().map(|_| Vec::with_capacity(n));
+    let params = FocalParams {
+        alpha: cfg.alpha,
+        gamma: cfg.gamma,
+        label_smoothing: cfg.label_smoothing,
+    };
 
     let mut cls_sum: Option<Tensor> = None;
     let mut box_sum: Option<Tensor> = None;
     for l in 0..n {
-        let c = match (&cls_scale, class_grads.as_mut()) {
-            (Some(scale), Some(grads)) => {
-                ops::focal_loss_sum_and_grad(&cls_out[l], &cls_targets[l], params, scale).map(
-                    |(c, g)| {
-                        grads.push(g);
-                        c
-                    },
-                )
-            }
-            _ => ops::focal_loss_sum(&cls_out[l], &cls_targets[l], params),
-        }
-        .map_err(|e| candle_core::Error::Msg(format!("level {l}: {e}")))?;
+        let c = ops::focal_loss_sum(&cls_out[l], &cls_targets[l], params)
+            .map_err(|e| candle_core::Error::Msg(format!("level {l}: {e}")))?;
         cls_sum = Some(match cls_sum {
             Some(s) => (s + c)?,
             None => c,
@@ -133,13 +68,12 @@ fn loss_and_class_grads(
     let box_loss = box_sum.map_or_else(zero, Ok)?.div(&(&normalizer * 4.0)?)?;
     let reg = l2_regularization(l2_kernels, cfg.weight_decay, dtype, normalizer.device())?;
     let total = ((&cls + (&box_loss * cfg.box_loss_weight)?)? + &reg)?;
-    let parts = LossParts {
+    Ok(LossParts {
         total,
         cls,
         box_loss,
         reg,
-    };
-    Ok((parts, class_grads))
+    })
 }
 
 /// Σ Huber(pred − target) over entries whose target is non-zero (Keras Huber: ½d² for |d| ≤ δ,
@@ -165,42 +99,27 @@ pub fn detection_loss_grads(
     cfg: &LossConfig,
     upstream: f64,
 ) -> Result<LossGrads> {
-    let outputs = (cls_out, box_out, cls_targets, box_targets, num_positives);
-    output_grads(outputs, l2_kernels, cfg, upstream, None)
-}
-
-/// [`detection_loss_grads`], taking the class gradients from `class_grads` when given (from
-/// [`detection_loss_with_class_grads`] with the same `upstream`).
-fn output_grads(
-    (cls_out, box_out, cls_targets, box_targets, num_positives): LossInputs,
-    l2_kernels: &[Tensor],
-    cfg: &LossConfig,
-    upstream: f64,
-    class_grads: Option<Vec<Tensor>>,
-) -> Result<LossGrads> {
     let n = level_count(cls_out, box_out, cls_targets, box_targets)?;
-    if class_grads.as_ref().is_some_and(|g| g.len() != n) {
-        candle_core::bail!("loss gradients: class gradients for a different level count");
-    }
     let dtype = cls_out[0].dtype();
     let dev = num_positives.device();
     let normalizer = (num_positives.to_dtype(dtype)?.sum_all()? + 1.0)?;
     let up = Tensor::new(upstream, dev)?.to_dtype(dtype)?;
-    let params = focal_params(cfg);
-    let cls_scale = class_grad_scale(upstream, &normalizer)?;
+    let params = FocalParams {
+        alpha: cfg.alpha,
+        gamma: cfg.gamma,
+        label_smoothing: cfg.label_smoothing,
+    };
+    let cls_scale = up.div(&normalizer)?;
     let box_scale = (&up * cfg.box_loss_weight)?.div(&(&normalizer * 4.0)?)?;
-    let computed = class_grads.is_none();
-    let mut cls = class_grads.unwrap_or_else(|| Vec::with_capacity(n));
+    let mut cls = Vec::with_capacity(n);
     let mut boxes = Vec::with_capacity(n);
     for l in 0..n {
-        if computed {
-            cls.push(ops::focal_loss_grad(
-                &cls_out[l],
-                &cls_targets[l],
-                params,
-                &cls_scale,
-            )?);
-        }
+        cls.push(ops::focal_loss_grad(
+            &cls_out[l],
+            &cls_targets[l],
+            params,
+            &cls_scale,
+        )?);
         let (p, t) = (box_out[l].detach(), box_targets[l].to_dtype(dtype)?);
         if p.dims() != t.dims() {
             candle_core::bail!("box loss: outputs {:?} vs targets {:?}", p.dims(), t.dims());
@@ -236,23 +155,17 @@ pub fn tape_gradients(
     cfg: &LossConfig,
     upstream: f64,
 ) -> Result<std::collections::HashMap<candle_core::TensorId, Tensor>> {
-    let outputs = (cls_out, box_out, cls_targets, box_targets, num_positives);
-    tape_gradients_with(tape, outputs, l2_kernels, cfg, upstream, None)
-}
-
-/// [`tape_gradients`] with the class outputs' gradients already computed, when `class_grads`
-/// holds [`detection_loss_with_class_grads`]' (same `upstream`).
-pub fn tape_gradients_with(
-    tape: crate::tape::Tape,
-    outputs: LossInputs,
-    l2_kernels: &[Tensor],
-    cfg: &LossConfig,
-    upstream: f64,
-    class_grads: Option<Vec<Tensor>>,
-) -> Result<std::collections::HashMap<candle_core::TensorId, Tensor>> {
-    let (cls_out, box_out, ..) = outputs;
     let lg = crate::tape::profile_section("loss gradient", crate::tape::Phase::Backward, || {
-        output_grads(outputs, l2_kernels, cfg, upstream, class_grads)
+        detection_loss_grads(
+            cls_out,
+            box_out,
+            cls_targets,
+            box_targets,
+            num_positives,
+            l2_kernels,
+            cfg,
+            upstream,
+        )
     })?;
     let seeds = cls_out
         .iter()
@@ -419,74 +332,6 @@ mod tests {
         check(&parts.box_loss, box_loss)?;
         check(&parts.reg, reg)?;
         check(&parts.total, cls + 50.0 * box_loss + reg)?;
-        Ok(())
-    }
-
-    /// The loss with its class gradients equals `detection_loss` and `detection_loss_grads`
-    /// bit for bit, and `tape_gradients_with` given them equals `tape_gradients`.
-    #[test]
-    fn loss_with_class_gradients_equals_the_separate_passes() -> Result<()> {
-        let dev = Device::Cpu;
-        let cls: Vec<Tensor> = [(2, 4), (1, 2)]
-            .iter()
-            .enumerate()
-            .map(|(i, &(h, w))| crate::ops::fd::rand_tensor(&[2, h, w, 2 * 3], 10 + i as u64))
-            .collect::<Result<_>>()?;
-        let boxes: Vec<Tensor> = [(2, 4), (1, 2)]
-            .iter()
-            .enumerate()
-            .map(|(i, &(h, w))| crate::ops::fd::rand_tensor(&[2, h, w, 2 * 4], 20 + i as u64))
-            .collect::<Result<_>>()?;
-        let ids = |n: usize, seed: i64| -> Vec<i64> {
-            (0..n as i64).map(|i| (i * 5 + seed) % 5 - 2).collect()
-        };
-        let cls_t = vec![
-            Tensor::from_vec(ids(2 * 2 * 4 * 2, 1), (2, 2, 4, 2), &dev)?,
-            Tensor::from_vec(ids(2 * 2 * 2, 3), (2, 1, 2, 2), &dev)?,
-        ];
-        let box_t: Vec<Tensor> = boxes
-            .iter()
-            .map(|b| (b * 0.5)?.relu())
-            .collect::<Result<_>>()?;
-        let num_pos = Tensor::new(&[3f32, 2.0], &dev)?;
-        let kernel = Tensor::new(&[2f64, -1.0], &dev)?;
-        let l2 = [kernel];
-        let up = 512.0;
-        let want = detection_loss(&cls, &boxes, &cls_t, &box_t, &num_pos, &l2, &cfg())?;
-        let want_g = detection_loss_grads(&cls, &boxes, &cls_t, &box_t, &num_pos, &l2, &cfg(), up)?;
-        let (got, got_g) = detection_loss_with_class_grads(
-            &cls,
-            &boxes,
-            &cls_t,
-            &box_t,
-            &num_pos,
-            &l2,
-            &cfg(),
-            up,
-        )?;
-        let bits = |t: &Tensor| -> Result<Vec<u64>> {
-            let v = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-            Ok(v.into_iter().map(f64::to_bits).collect())
-        };
-        for (a, b) in [
-            (&got.total, &want.total),
-            (&got.cls, &want.cls),
-            (&got.box_loss, &want.box_loss),
-            (&got.reg, &want.reg),
-        ] {
-            assert_eq!(bits(a)?, bits(b)?);
-        }
-        assert_eq!(got_g.len(), 2);
-        for (a, b) in got_g.iter().zip(&want_g.cls) {
-            assert_eq!(bits(a)?, bits(b)?);
-        }
-        // Given them, the output gradients are the computed ones.
-        let outputs = (&cls[..], &boxes[..], &cls_t[..], &box_t[..], &num_pos);
-        let given = output_grads(outputs, &l2, &cfg(), up, Some(got_g))?;
-        for (a, b) in given.cls.iter().zip(&want_g.cls) {
-            assert_eq!(bits(a)?, bits(b)?);
-        }
-        assert!(output_grads(outputs, &l2, &cfg(), up, Some(vec![])).is_err());
         Ok(())
     }
 

@@ -8,7 +8,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use effdet_model::config::Config;
-use effdet_model::loss::{detection_loss, detection_loss_with_class_grads, tape_gradients_with};
+use effdet_model::loss::{detection_loss, tape_gradients};
 use effdet_model::ops::marker::{phase_end, Phase};
 use effdet_model::ops::{multi_tensor, tensors_created};
 use effdet_model::optim::{clip_factors, clip_gradients, Ema, Sgd};
@@ -50,9 +50,6 @@ struct Recorded {
     num_positives: Tensor,
     /// The total loss tensor of that forward (gradients are only for it).
     total: Tensor,
-    /// The class outputs' gradients of `upstream ·` the loss, computed with the loss when the
-    /// step knew its loss scale (`Trainer::loss_for`): (upstream, gradients).
-    class_grads: Option<(f64, Vec<Tensor>)>,
 }
 
 /// What one step measured.
@@ -224,16 +221,6 @@ impl Trainer {
 
     /// Forward and loss; returns the loss parts as tensors (no host read).
     pub fn loss(&self, t: &BatchTensors) -> anyhow::Result<effdet_model::loss::LossParts> {
-        self.loss_for(t, None)
-    }
-
-    /// [`Trainer::loss`]; on the tape path with `upstream` (the loss scale the gradients will
-    /// be taken at) the class outputs' gradients come from the same pass as the focal loss.
-    fn loss_for(
-        &self,
-        t: &BatchTensors,
-        upstream: Option<f64>,
-    ) -> anyhow::Result<effdet_model::loss::LossParts> {
         let parts_of = |cls: &[Tensor], boxes: &[Tensor]| {
             detection_loss(
                 cls,
@@ -250,27 +237,19 @@ impl Trainer {
             return Ok(parts_of(&cls, &boxes)?);
         }
         let (cls, boxes, tape) = self.model.forward_recorded(&t.images, true)?;
-        let (parts, class_grads) = effdet_model::tape::profile_section(
+        let parts = effdet_model::tape::profile_section(
             "loss",
             effdet_model::tape::Phase::Forward,
             || -> anyhow::Result<_> {
-                let (parts, class_grads) = match upstream {
-                    Some(up) => {
-                        let (parts, grads) = detection_loss_with_class_grads(
-                            &cls,
-                            &boxes,
-                            &t.cls,
-                            &t.boxes,
-                            &t.num_positives,
-                            &[],
-                            &self.cfg.loss,
-                            up,
-                        )?;
-                        (parts, Some((up, grads)))
-                    }
-                    None => (parts_of(&cls, &boxes)?, None),
-                };
-                Ok((self.with_fused_l2(parts)?, class_grads))
+                self.with_fused_l2(detection_loss(
+                    &cls,
+                    &boxes,
+                    &t.cls,
+                    &t.boxes,
+                    &t.num_positives,
+                    &[],
+                    &self.cfg.loss,
+                )?)
             },
         )?;
         *self.recorded.borrow_mut() = Some(Recorded {
@@ -281,7 +260,6 @@ impl Trainer {
             box_targets: t.boxes.clone(),
             num_positives: t.num_positives.clone(),
             total: parts.total.clone(),
-            class_grads,
         });
         Ok(parts)
     }
@@ -349,19 +327,17 @@ impl Trainer {
                 .map(|(_, v)| grads.get(v).map(|g| g.detach()))
                 .collect());
         };
-        let class_grads = r
-            .class_grads
-            .and_then(|(up, grads)| (up == scale).then_some(grads));
-        let outputs = (
-            &r.cls[..],
-            &r.boxes[..],
-            &r.cls_targets[..],
-            &r.box_targets[..],
+        let mut grads = tape_gradients(
+            r.tape,
+            &r.cls,
+            &r.boxes,
+            &r.cls_targets,
+            &r.box_targets,
             &r.num_positives,
-        );
-        let l2 = if with_l2 { &self.l2[..] } else { &[] };
-        let mut grads =
-            tape_gradients_with(r.tape, outputs, l2, &self.cfg.loss, scale, class_grads)?;
+            if with_l2 { &self.l2 } else { &[] },
+            &self.cfg.loss,
+            scale,
+        )?;
         Ok(self
             .sgd
             .vars()
@@ -375,13 +351,7 @@ impl Trainer {
     pub fn step(&mut self, t: &BatchTensors, lr: f64, step: u64) -> anyhow::Result<StepStats> {
         let t0 = Instant::now();
         let n0 = tensors_created();
-        let loss_scale = self.scaler.scale();
-        let scale = if self.scaler.is_enabled() {
-            loss_scale
-        } else {
-            1.0
-        };
-        let parts = self.loss_for(t, Some(scale))?;
+        let parts = self.loss(t)?;
         let scalars = Tensor::stack(&[&parts.total, &parts.cls, &parts.box_loss, &parts.reg], 0)?
             .to_dtype(DType::F64)?;
         phase_end(t.images.device(), Phase::Forward)?;
@@ -393,6 +363,12 @@ impl Trainer {
             loss.is_finite(),
             "non-finite loss at step {step}: total {loss}, cls {cls_l}, box {box_l}, reg {reg_l}"
         );
+        let loss_scale = self.scaler.scale();
+        let scale = if self.scaler.is_enabled() {
+            loss_scale
+        } else {
+            1.0
+        };
         let secs = |a: Instant, b: Instant| (b - a).as_secs_f64();
         let mut stats = StepStats {
             loss,

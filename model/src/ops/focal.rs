@@ -3,10 +3,7 @@
 //! (at 512² with 90 classes they would be 4.4M floats per image).
 
 use super::{contiguous, unsupported, Elem};
-use candle_core::op::BackpropOp;
-use candle_core::{
-    CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Focal-loss constants.
@@ -42,54 +39,6 @@ pub fn focal_loss_grad(
     let loss = Tensor::zeros((), logits.dtype(), logits.device())?;
     let (d, _) = op.bwd(&l, &t, &loss, upstream)?;
     d.ok_or_else(|| candle_core::Error::Msg("focal_loss: no gradient".into()))
-}
-
-/// [`focal_loss_sum`] and [`focal_loss_grad`] of the same inputs, equal to them bit for bit.
-/// On the CPU in one pass: an entry's loss and derivative share their exp, log and power, so
-/// computing them apart did that work twice (~25 ms of a 512², batch-2 training step). On other
-/// devices the two ops. Nothing is recorded on an active tape (the caller seeds it with the
-/// gradient).
-pub fn focal_loss_sum_and_grad(
-    logits: &Tensor,
-    targets: &Tensor,
-    params: FocalParams,
-    upstream: &Tensor,
-) -> Result<(Tensor, Tensor)> {
-    let (op, targets) = Focal::for_inputs(logits, targets, params)?;
-    let (l, t) = (logits.detach().contiguous()?, targets.contiguous()?);
-    if !l.device().is_cpu() {
-        let grad = focal_loss_grad(&l, &t, params, upstream)?;
-        return Ok((l.apply_op2_no_bwd(&t, &op)?, grad));
-    }
-    // The scale as the backward op receives it (an f64 copy of the upstream scalar).
-    let scale = upstream
-        .to_dtype(DType::F64)?
-        .reshape(1)?
-        .to_vec1::<f64>()?[0];
-    let (ls, ll) = l.storage_and_layout();
-    let (ts, tl) = t.storage_and_layout();
-    let (Storage::Cpu(lc), Storage::Cpu(tc)) = (&*ls, &*ts) else {
-        candle_core::bail!("focal_loss: logits and targets on different devices");
-    };
-    let ids = contiguous::<i64>(tc, tl)?;
-    let (sum, grad) = match lc {
-        CpuStorage::F32(_) => {
-            let (sum, d) = op.loss_and_grad::<f32>(contiguous(lc, ll)?, ids, scale)?;
-            (Tensor::new(sum as f32, &Device::Cpu)?, CpuStorage::F32(d))
-        }
-        CpuStorage::F64(_) => {
-            let (sum, d) = op.loss_and_grad::<f64>(contiguous(lc, ll)?, ids, scale)?;
-            (Tensor::new(sum, &Device::Cpu)?, CpuStorage::F64(d))
-        }
-        s => return Err(unsupported("focal_loss", s)),
-    };
-    let grad = Tensor::from_storage(
-        Storage::Cpu(grad),
-        l.shape().clone(),
-        BackpropOp::none(),
-        false,
-    );
-    Ok((sum, grad))
 }
 
 impl Focal {
@@ -235,60 +184,6 @@ impl Focal {
             })
             .collect();
         parts.into_iter().sum()
-    }
-
-    /// [`Focal::loss`] and [`Focal::grad`] in one pass: the same chunks, rows and entries, so
-    /// the same sum and gradient bit for bit.
-    fn loss_and_grad<T: Elem>(
-        &self,
-        x: &[T],
-        targets: &[i64],
-        scale: f64,
-    ) -> Result<(f64, Vec<T>)> {
-        match self.pow_kind() {
-            POW_1_5 => self.loss_and_grad_with::<T, POW_1_5>(x, targets, scale),
-            POW_2 => self.loss_and_grad_with::<T, POW_2>(x, targets, scale),
-            _ => self.loss_and_grad_with::<T, POW_GENERAL>(x, targets, scale),
-        }
-    }
-
-    fn loss_and_grad_with<T: Elem, const POW: u8>(
-        &self,
-        x: &[T],
-        targets: &[i64],
-        scale: f64,
-    ) -> Result<(f64, Vec<T>)> {
-        let (k, c) = (self.num_classes, self.consts::<T>());
-        let scale = T::from64(scale);
-        let mut d = vec![T::zero(); x.len()];
-        let parts: Vec<Result<f64>> = d
-            .par_chunks_mut(ROWS * k)
-            .zip(x.par_chunks(ROWS * k).zip(targets.par_chunks(ROWS)))
-            .map(|(dc, (xc, tc))| {
-                let mut losses = vec![T::zero(); k];
-                super::wide_simd(
-                    #[inline(always)]
-                    || {
-                        let mut acc = 0f64;
-                        let rows = dc.chunks_exact_mut(k).zip(xc.chunks_exact(k)).zip(tc);
-                        for ((drow, row), &id) in rows {
-                            let Some(class) = row_class(id, k)? else {
-                                continue;
-                            };
-                            let entries = losses.iter_mut().zip(drow.iter_mut()).zip(row);
-                            for (j, ((l, d), &v)) in entries.enumerate() {
-                                let (loss, dloss) = entry::<T, POW>(&c, v, j == class);
-                                *l = loss;
-                                *d = scale * dloss;
-                            }
-                            acc += lane_sum(&losses);
-                        }
-                        Ok(acc)
-                    },
-                )
-            })
-            .collect();
-        Ok((parts.into_iter().sum::<Result<f64>>()?, d))
     }
 
     fn grad<T: Elem>(&self, x: &[T], targets: &[i64], scale: f64) -> Result<Vec<T>> {
@@ -621,49 +516,6 @@ mod tests {
             (got - want).abs() < 1e-10 * want.abs().max(1.0),
             "{got} vs {want}"
         );
-        Ok(())
-    }
-
-    /// The one-pass loss + gradient equals the two ops bit for bit: f32 and f64, automl's
-    /// γ = 1.5, γ = 2 and a general γ, with smoothing, over chunk boundaries (ROWS rows) and
-    /// every kind of row (positive, background, ignored).
-    #[test]
-    fn one_pass_loss_and_gradient_equal_the_two_ops() -> Result<()> {
-        let dev = Device::Cpu;
-        let anchors = 3 * ROWS / 2 + 7;
-        let ids: Vec<i64> = (0..anchors as i64).map(|i| (i * 7) % 6 - 2).collect();
-        let targets = Tensor::from_vec(ids, (1, anchors, 1), &dev)?;
-        for (gamma, smoothing) in [(1.5, 0.0), (2.0, 0.1), (0.7, 0.0)] {
-            let p = FocalParams {
-                alpha: 0.25,
-                gamma,
-                label_smoothing: smoothing,
-            };
-            for dtype in [DType::F32, DType::F64] {
-                let logits = (rand_tensor(&[1, anchors, 4], 5)? * 4.0)?.to_dtype(dtype)?;
-                let up = Tensor::new(0.37f64, &dev)?.to_dtype(dtype)?;
-                let (sum, grad) = focal_loss_sum_and_grad(&logits, &targets, p, &up)?;
-                let want_sum = focal_loss_sum(&logits, &targets, p)?;
-                let want_grad = focal_loss_grad(&logits, &targets, p, &up)?;
-                let f64s = |t: &Tensor| -> Result<Vec<u64>> {
-                    let v = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-                    Ok(v.into_iter().map(f64::to_bits).collect())
-                };
-                assert_eq!(sum.dims(), want_sum.dims());
-                assert_eq!(f64s(&sum)?, f64s(&want_sum)?, "sum γ {gamma} {dtype:?}");
-                assert_eq!(grad.dtype(), dtype);
-                assert_eq!(
-                    f64s(&grad)?,
-                    f64s(&want_grad)?,
-                    "gradient γ {gamma} {dtype:?}"
-                );
-            }
-        }
-        // An id outside -2..K is an error, as in the two ops.
-        let bad = Tensor::from_vec(vec![4i64], (1, 1, 1), &dev)?;
-        let logits = Tensor::zeros((1, 1, 4), DType::F32, &dev)?;
-        let up = Tensor::new(1f32, &dev)?;
-        assert!(focal_loss_sum_and_grad(&logits, &bad, P, &up).is_err());
         Ok(())
     }
 

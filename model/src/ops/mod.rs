@@ -64,7 +64,7 @@ pub use batch_norm::{
 pub(crate) use channel::add_gradients;
 pub use channel::{add_channel_bias, channel_gate, reduced_dtype, scale_samples, spatial_mean};
 pub use depthwise::depthwise_conv2d;
-pub use focal::{focal_loss_grad, focal_loss_sum, focal_loss_sum_and_grad, FocalParams};
+pub use focal::{focal_loss_grad, focal_loss_sum, FocalParams};
 pub use fusion::{fast_fusion, MAX_FUSION_INPUTS};
 pub use linear::{linear, linear_unfused};
 pub use patches::stem_patches;
